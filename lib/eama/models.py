@@ -1,0 +1,330 @@
+"""Loading image-text-to-text models (hub id, local path, s3://) and building tiny ones for tests.
+
+One loader serves real checkpoints and the tiny models alike: AutoProcessor +
+AutoModelForImageTextToText, safetensors only, trust_remote_code off unless asked, bf16 on GPU and
+fp32 on CPU. Tiny models are real LLaVA / InstructBLIP classes with random weights and a tokenizer
+trained locally, saved with save_pretrained and loaded back through `load_model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from typing import Any, Iterable
+
+import torch
+
+from eama import storage
+
+log = logging.getLogger(__name__)
+
+PRESETS: dict[str, str] = {
+    "instructblip-vicuna-7b": "Salesforce/instructblip-vicuna-7b",
+    "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
+}
+TINY = ("tiny-llava", "tiny-instructblip")
+IMAGE_TOKEN = "<image>"
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: Any
+    processor: Any
+    family: str  # "llava" | "instructblip" | other model_type
+    name: str  # what the user asked for
+    fingerprint: str  # hub revision or a hash of the weights files
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def cache_dir() -> str:
+    return os.environ.get("EAMA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "eama"))
+
+
+def default_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def resolve(name: str) -> str:
+    """Map a preset or tiny-model name to a loadable location; s3:// URIs are downloaded once."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if name in TINY:
+        path = os.path.join(cache_dir(), "models", name)
+        if not os.path.exists(os.path.join(path, "config.json")):
+            build_tiny_model(name.removeprefix("tiny-"), path)
+        return path
+    if name.startswith("s3://"):
+        return _download(name)
+    return name
+
+
+def _download(uri: str) -> str:
+    local = os.path.join(cache_dir(), "s3", hashlib.sha256(uri.encode()).hexdigest()[:16])
+    marker = os.path.join(local, ".complete")
+    if not os.path.exists(marker):
+        fs = storage.filesystem(uri)
+        fs.get(storage.strip(uri).rstrip("/") + "/", local, recursive=True)
+        open(marker, "w").close()
+    return local
+
+
+def fingerprint(location: str, config: Any) -> str:
+    """The hub commit when known, else a cheap hash of the local weights files (sizes + sampled bytes)."""
+    commit = getattr(config, "_commit_hash", None)
+    if commit:
+        return commit
+    if not os.path.isdir(location):
+        return "unknown"
+    h = hashlib.sha256()
+    for fname in sorted(os.listdir(location)):
+        if not fname.endswith((".safetensors", ".json")):
+            continue
+        path = os.path.join(location, fname)
+        size = os.path.getsize(path)
+        h.update(f"{fname}:{size}".encode())
+        with open(path, "rb") as fh:
+            for offset in (0, size // 2, max(0, size - (1 << 20))):
+                fh.seek(offset)
+                h.update(fh.read(1 << 20))
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def refuse_pickle_only(location: str) -> None:
+    """Refuse a local checkpoint whose weights exist only as pickle files."""
+    if not os.path.isdir(location):
+        return
+    files = os.listdir(location)
+    has_safe = any(f.endswith(".safetensors") for f in files)
+    pickled = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
+    if pickled and not has_safe:
+        raise ValueError(
+            f"{location}: only pickle weights ({', '.join(sorted(pickled))}); eama loads safetensors only. "
+            "Convert them once in a trusted environment (save_pretrained(..., safe_serialization=True))."
+        )
+
+
+def load_model(
+    name: str,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    for_training: bool = False,
+) -> LoadedModel:
+    """Load any image-text-to-text model and its processor by preset, hub id, local path or s3:// URI."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    location = resolve(name)
+    refuse_pickle_only(location)
+    dtype = dtype or default_dtype(device)
+    processor = AutoProcessor.from_pretrained(location, trust_remote_code=trust_remote_code, revision=revision)
+    model = AutoModelForImageTextToText.from_pretrained(
+        location,
+        dtype=dtype,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        revision=revision,
+    )
+    model.to(device)
+    model.train(for_training)
+    family = model.config.model_type
+    return LoadedModel(model, processor, family, name, fingerprint(location, model.config))
+
+
+def format_prompt(family: str, instruction: str) -> str:
+    """Wrap an instruction in the chat format of the model family (the image slot included)."""
+    if family == "llava":
+        return f"USER: {IMAGE_TOKEN}\n{instruction} ASSISTANT:"
+    # InstructBLIP's processor prepends the query tokens itself.
+    return f"{instruction}\nAnswer:"
+
+
+def encode(
+    lm: LoadedModel,
+    prompts: list[str],
+    images: list[Any],
+    qformer_texts: list[str] | None = None,
+    max_length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Tokenise prompts (left-padded) and preprocess images into model inputs on the model's device."""
+    kwargs: dict[str, Any] = {"padding": True, "return_tensors": "pt"}
+    if max_length:
+        kwargs.update(truncation=True, max_length=max_length)
+    batch = lm.processor(images=images, text=prompts, **kwargs)
+    if lm.family == "instructblip":
+        # The Q-Former reads only the short instruction: its position table (512) cannot hold an article.
+        qtok = lm.processor.qformer_tokenizer
+        q = qtok(
+            qformer_texts or prompts,
+            padding=True,
+            truncation=True,
+            max_length=lm.model.config.qformer_config.max_position_embeddings,
+            return_tensors="pt",
+        )
+        batch["qformer_input_ids"] = q["input_ids"]
+        batch["qformer_attention_mask"] = q["attention_mask"]
+    dtype = next(lm.model.parameters()).dtype
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.to(lm.device)
+            if value.is_floating_point():
+                value = value.to(dtype)
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------- tiny models
+
+
+def _corpus_for_tokenizer() -> Iterable[str]:
+    from eama import demo, prompts
+
+    for sample in demo.generate_samples(num_samples=200, seed=7):
+        yield sample["article"]
+        yield sample["caption"]
+        yield sample["headline"]
+    yield from prompts.all_template_text()
+
+
+def train_tokenizer(vocab_size: int = 2048, padding_side: str = "left", image_token_attr: bool = True) -> Any:
+    """A byte-level BPE tokenizer trained on demo text, with Llama-style special tokens.
+
+    `image_token_attr` exposes `tokenizer.image_token` (LLaVA's processor reads it; InstructBLIP's
+    processor registers the token itself)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus_for_tokenizer(), trainer)
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN} if image_token_attr else {},
+        padding_side=padding_side,
+        model_max_length=4096,
+    )
+
+
+def _tiny_text_config(tokenizer: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_model(family: str, path: str, seed: int = 0) -> str:
+    """Build a tiny `family` ('llava' | 'instructblip') model with random weights and save it to `path`."""
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(image_token_attr=family == "llava")
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    text_config = _tiny_text_config(tokenizer)
+    if family == "llava":
+        from transformers import (
+            CLIPImageProcessorPil,
+            CLIPVisionConfig,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+            LlavaProcessor,
+        )
+
+        vision = CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=32, patch_size=8, projection_dim=32,
+        )
+        config = LlavaConfig(
+            vision_config=vision, text_config=text_config, image_token_index=image_token_id,
+            vision_feature_select_strategy="default", vision_feature_layer=-1,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = LlavaForConditionalGeneration(config)
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        )
+        processor = LlavaProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        )
+    elif family == "instructblip":
+        from transformers import (
+            BlipImageProcessorPil,
+            InstructBlipConfig,
+            InstructBlipForConditionalGeneration,
+            InstructBlipProcessor,
+            InstructBlipQFormerConfig,
+            InstructBlipVisionConfig,
+        )
+
+        vision = InstructBlipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=32, patch_size=8,
+        )
+        qformer = InstructBlipQFormerConfig(
+            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, encoder_hidden_size=32, max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        config = InstructBlipConfig(
+            vision_config=vision, qformer_config=qformer, text_config=text_config,
+            num_query_tokens=4, image_token_index=image_token_id,
+        )
+        model = InstructBlipForConditionalGeneration(config)
+        image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
+        qformer_tokenizer = train_tokenizer(padding_side="right", image_token_attr=False)
+        processor = InstructBlipProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer,
+            num_query_tokens=4,
+        )
+    else:
+        raise ValueError(f"unknown tiny model family {family!r}; choose llava or instructblip")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    tmp = f"{path}.tmp-{os.getpid()}"
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process built it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

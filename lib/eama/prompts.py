@@ -1,0 +1,129 @@
+"""Every prompt eama shows a model, and the parsers of its answers.
+
+Training (alignment task rows) and inference (caption_corpus) both build their text here, so the
+model is asked at inference exactly what it was trained on.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+WORD_BUDGET = 600  # EAMA: article context plus self-selected material stays within 600 words
+MAX_CANDIDATE_SENTENCES = 10
+MAX_CANDIDATE_ENTITIES = 30
+MAX_SENTENCE_WORDS = 60
+NONE_ANSWER = "none"
+
+SENTENCE_INSTRUCTION = (
+    "Numbered sentences from the news article of this image follow. Which sentences mention a person, "
+    "organisation, place or event that the image shows? Answer with the numbers separated by commas, "
+    f"or '{NONE_ANSWER}'."
+)
+ENTITY_INSTRUCTION = (
+    "Named entities from the news article of this image follow. Which of them belong in the caption of "
+    f"this image? Answer with the entities separated by semicolons, or '{NONE_ANSWER}'."
+)
+CAPTION_INSTRUCTION = "Write the news caption of this image."
+
+
+def words(text: str) -> list[str]:
+    return text.split()
+
+
+def truncate_words(text: str, limit: int) -> str:
+    parts = text.split()
+    return text if len(parts) <= limit else " ".join(parts[:limit])
+
+
+def sentence_selection_prompt(candidates: Sequence[str]) -> str:
+    lines = [f"[{i + 1}] {truncate_words(s, MAX_SENTENCE_WORDS)}" for i, s in enumerate(candidates)]
+    return SENTENCE_INSTRUCTION + "\n" + "\n".join(lines)
+
+
+def entity_selection_prompt(entities: Sequence[str]) -> str:
+    return ENTITY_INSTRUCTION + "\n" + "; ".join(entities)
+
+
+def caption_prompt(
+    article: str,
+    headline: str | None = None,
+    selected_sentences: Sequence[str] = (),
+    selected_entities: Sequence[str] = (),
+    budget: int = WORD_BUDGET,
+) -> str:
+    """The captioning prompt: selected sentences and entities first, then as much article as the
+    word budget leaves (EAMA's self-supplemented context). With nothing selected this is the plain
+    'Base' prompt: image + truncated article."""
+    parts = [CAPTION_INSTRUCTION]
+    used = 0
+    if headline:
+        parts.append(f"Headline: {truncate_words(headline, 40)}")
+        used += min(len(words(headline)), 40)
+    if selected_entities:
+        ents = "; ".join(selected_entities)
+        parts.append(f"Key entities: {ents}")
+        used += len(words(ents))
+    if selected_sentences:
+        sents = " ".join(truncate_words(s, MAX_SENTENCE_WORDS) for s in selected_sentences)
+        sents = truncate_words(sents, max(0, budget - used))
+        parts.append(f"Key sentences: {sents}")
+        used += len(words(sents))
+    remaining = max(0, budget - used)
+    if remaining:
+        parts.append(f"Article: {truncate_words(article, remaining)}")
+    return "\n".join(parts)
+
+
+def format_sentence_target(positive_ids: Sequence[int]) -> str:
+    """Target text for sentence selection; ids are 0-based, shown 1-based."""
+    return ", ".join(str(i + 1) for i in sorted(positive_ids)) if positive_ids else NONE_ANSWER
+
+
+def format_entity_target(entities: Sequence[str]) -> str:
+    return "; ".join(entities) if entities else NONE_ANSWER
+
+
+def parse_sentence_ids(answer: str, num_candidates: int) -> tuple[list[int], int]:
+    """0-based candidate ids named in `answer`, and how many named ids were out of range."""
+    ids, dropped = [], 0
+    for token in re.findall(r"-?\d+", answer):
+        i = int(token) - 1
+        if 0 <= i < num_candidates:
+            if i not in ids:
+                ids.append(i)
+        else:
+            dropped += 1
+    return sorted(ids), dropped
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip(" .,;:'\"“”‘’").casefold()
+
+
+def parse_entities(answer: str, candidates: Sequence[str]) -> tuple[list[int], int]:
+    """Indices of `candidates` named in `answer` (split on ';' or newlines), and how many named
+    items matched no candidate (never trusted, only counted)."""
+    by_norm: dict[str, int] = {}
+    for i, c in enumerate(candidates):
+        by_norm.setdefault(_norm(c), i)
+    chosen, dropped = [], 0
+    for item in re.split(r"[;\n]", answer):
+        key = _norm(item)
+        if not key or key == NONE_ANSWER:
+            continue
+        if key in by_norm:
+            if by_norm[key] not in chosen:
+                chosen.append(by_norm[key])
+        else:
+            dropped += 1
+    return sorted(chosen), dropped
+
+
+def all_template_text() -> list[str]:
+    """The fixed words of every template (used to train the tiny models' tokenizer)."""
+    return [
+        SENTENCE_INSTRUCTION, ENTITY_INSTRUCTION, CAPTION_INSTRUCTION,
+        "Headline: Key entities: Key sentences: Article: USER: ASSISTANT: Answer:", NONE_ANSWER,
+        "[1] [2] [3] [4] [5] [6] [7] [8] [9] [10] 1, 2, 3, 4, 5, 6, 7, 8, 9, 10",
+    ]

@@ -1,0 +1,149 @@
+"""The data contract: every Arrow schema the jobs read or write, defined here and only here."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+ENTITY = pa.struct(
+    [
+        pa.field("text", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("start", pa.int32()),
+        pa.field("end", pa.int32()),
+    ]
+)
+
+# Input samples: one (article, image) pair per row.
+SAMPLE = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("article_id", pa.string(), nullable=False),
+        pa.field("headline", pa.string()),
+        pa.field("article", pa.string(), nullable=False),
+        pa.field("image", pa.binary()),
+        pa.field("image_uri", pa.string()),
+        pa.field("caption", pa.string()),
+    ]
+)
+SAMPLE_REQUIRED = ("sample_id", "article_id", "article")
+
+# What caption_corpus writes for every sample it captions.
+CAPTION_OUTPUT = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("article_id", pa.string()),
+        pa.field("headline", pa.string()),
+        pa.field("image_uri", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("article_entities", pa.list_(ENTITY)),
+        pa.field("sentences", pa.list_(pa.string())),
+        pa.field("selected_sentence_ids", pa.list_(pa.int32())),
+        pa.field("selected_sentences", pa.list_(pa.string())),
+        pa.field("selected_entities", pa.list_(ENTITY)),
+        pa.field("generated_caption", pa.string()),
+        pa.field("caption_entities", pa.list_(ENTITY)),
+        pa.field("dropped_answers", pa.int32()),
+        pa.field("mode", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("source_file", pa.string()),
+    ]
+)
+
+# One row per sample (or per file, when a whole shard is unreadable) that a job could not process.
+ERROR = pa.schema(
+    [
+        pa.field("sample_id", pa.string()),
+        pa.field("source_file", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("run_id", pa.string()),
+    ]
+)
+
+# Instruction rows of EAMA's three alignment tasks.
+TASK_NAMES = ("sentence_selection", "entity_selection", "captioning")
+TASK = pa.schema(
+    [
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("image", pa.binary()),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("target", pa.string(), nullable=False),
+        pa.field("weight", pa.float32(), nullable=False),
+    ]
+)
+
+
+class SchemaError(ValueError):
+    """A shard does not match the contract; the message names the file and the column."""
+
+
+def _compatible(actual: pa.DataType, expected: pa.DataType) -> bool:
+    if actual.equals(expected) or pa.types.is_null(actual):
+        return True
+    if pa.types.is_string(expected):
+        return pa.types.is_string(actual) or pa.types.is_large_string(actual) or pa.types.is_string_view(actual)
+    if pa.types.is_binary(expected):
+        return pa.types.is_binary(actual) or pa.types.is_large_binary(actual) or pa.types.is_binary_view(actual)
+    if pa.types.is_floating(expected):
+        return pa.types.is_floating(actual)
+    if pa.types.is_integer(expected):
+        return pa.types.is_integer(actual)
+    if pa.types.is_list(expected):
+        return (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and _compatible(
+            actual.value_type, expected.value_type
+        )
+    if pa.types.is_struct(expected) and pa.types.is_struct(actual):
+        names = {actual.field(i).name: actual.field(i).type for i in range(actual.num_fields)}
+        return all(
+            expected.field(i).name in names and _compatible(names[expected.field(i).name], expected.field(i).type)
+            for i in range(expected.num_fields)
+        )
+    return False
+
+
+def check_schema(
+    actual: pa.Schema, expected: pa.Schema, source: str, required: tuple[str, ...] | None = None
+) -> None:
+    """Raise SchemaError naming `source` and the column if `actual` breaks the contract.
+
+    Columns in `required` (default: the non-nullable fields) must exist; every contract column
+    that exists must have a compatible type; extra columns are allowed.
+    """
+    required = required if required is not None else tuple(f.name for f in expected if not f.nullable)
+    for name in required:
+        if name not in actual.names:
+            raise SchemaError(f"{source}: missing required column '{name}' (has: {', '.join(actual.names)})")
+    for field in expected:
+        if field.name in actual.names:
+            got = actual.field(field.name).type
+            if not _compatible(got, field.type):
+                raise SchemaError(f"{source}: column '{field.name}' has type {got}, expected {field.type}")
+
+
+def conform(table: pa.Table, expected: pa.Schema, source: str = "<table>") -> pa.Table:
+    """Validate `table`, add missing nullable contract columns as nulls, cast contract columns to
+    their canonical types and put them first; extra columns follow untouched."""
+    check_schema(table.schema, expected, source)
+    columns, fields = [], []
+    for field in expected:
+        if field.name in table.column_names:
+            col = table.column(field.name)
+            if not col.type.equals(field.type):
+                col = col.cast(field.type)
+        else:
+            col = pa.nulls(table.num_rows, field.type)
+        columns.append(col)
+        fields.append(pa.field(field.name, field.type))
+    for name in table.column_names:
+        if name not in expected.names:
+            columns.append(table.column(name))
+            fields.append(table.schema.field(name))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+def check_sample_images(table: pa.Table, source: str) -> None:
+    """A sample table must carry at least one of the image columns."""
+    if "image" not in table.column_names and "image_uri" not in table.column_names:
+        raise SchemaError(f"{source}: needs an 'image' (bytes) or 'image_uri' (path) column, has neither")
