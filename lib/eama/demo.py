@@ -143,6 +143,6 @@ def write_demo_corpus(output: str, num_samples: int = 64, shard_size: int = 16, 
     for k in range(0, len(rows), shard_size):
         table = pa.Table.from_pylist(rows[k : k + shard_size], schema=schema.SAMPLE)
         path = storage.join(output, f"part-{k // shard_size:05d}.parquet")
-        storage.write_table_atomic(table, path)
+        storage.write_table_atomic(table, path, storage.ROW_GROUP_ROWS)
         paths.append(path)
     return paths

@@ -328,3 +328,25 @@ def build_tiny_model(family: str, path: str, seed: int = 0) -> str:
 
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def generate_text(
+    lm: LoadedModel,
+    instructions: list[str],
+    images: list[Any],
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy batched generation: one answer per (instruction, image); the Q-Former (InstructBLIP)
+    reads each instruction's first line."""
+    prompts = [format_prompt(lm.family, text) for text in instructions]
+    qformer = [text.split("\n", 1)[0] for text in instructions]
+    inputs = encode(lm, prompts, images, qformer_texts=qformer)
+    with torch.inference_mode():
+        out = lm.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=lm.tokenizer.pad_token_id,
+        )
+    new_tokens = out[:, inputs["input_ids"].shape[1]:] if out.shape[1] > inputs["input_ids"].shape[1] else out
+    return [t.strip() for t in lm.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

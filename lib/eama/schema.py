@@ -75,6 +75,29 @@ TASK = pa.schema(
 )
 
 
+# What flows between caption_corpus stages: the sample plus every column a stage adds. A row whose
+# error_stage is set is carried through untouched and written to the error output.
+WORK = pa.schema(
+    [pa.field(f.name, f.type) for f in SAMPLE]
+    + [
+        pa.field("source_file", pa.string()),
+        pa.field("image_rgb", pa.binary()),
+        pa.field("article_entities", pa.list_(ENTITY)),
+        pa.field("sentences", pa.list_(pa.string())),
+        pa.field("selected_sentence_ids", pa.list_(pa.int32())),
+        pa.field("selected_sentences", pa.list_(pa.string())),
+        pa.field("selected_entities", pa.list_(ENTITY)),
+        pa.field("generated_caption", pa.string()),
+        pa.field("caption_entities", pa.list_(ENTITY)),
+        pa.field("dropped_answers", pa.int32()),
+        pa.field("error_stage", pa.string()),
+        pa.field("error_reason", pa.string()),
+    ]
+    + [pa.field(f"seconds_{stage}", pa.float64()) for stage in ("decode", "ner", "mllm", "caption_ner")]
+)
+PIPELINE_STAGES = ("read", "decode", "ner", "mllm", "caption_ner", "write")
+
+
 class SchemaError(ValueError):
     """A shard does not match the contract; the message names the file and the column."""
 

@@ -95,9 +95,12 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, raw)
 
 
-def write_table_atomic(table: pa.Table, path: str) -> None:
+ROW_GROUP_ROWS = 32  # the unit caption_corpus reads in parallel
+
+
+def write_table_atomic(table: pa.Table, path: str, row_group_size: int | None = None) -> None:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
     write_bytes_atomic(path, buf.getvalue())
 
 
@@ -112,8 +115,19 @@ def read_schema(path: str) -> pa.Schema:
 
 
 def parquet_num_rows(path: str) -> int:
+    return sum(row_group_rows(path))
+
+
+def row_group_rows(path: str) -> list[int]:
+    """Rows in each row group of a Parquet file (footer only)."""
     with filesystem(path).open(strip(path), "rb") as fh:
-        return pq.ParquetFile(fh).metadata.num_rows
+        meta = pq.ParquetFile(fh).metadata
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def read_row_group(path: str, index: int) -> pa.Table:
+    with filesystem(path).open(strip(path), "rb") as fh:
+        return pq.ParquetFile(fh).read_row_group(index)
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

@@ -1,0 +1,252 @@
+"""caption_corpus's stages: each a small callable over a pyarrow batch in the WORK schema.
+
+A row that fails in a stage gets error_stage / error_reason set and passes through the later
+stages untouched, so the writer commits every input row either as output or as an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from eama import entities, images, prompts, schema, storage
+
+Row = dict[str, Any]
+
+MODES = ("eama", "plain")
+
+
+def to_work(rows: list[Row]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema.WORK)
+
+
+def fail(row: Row, stage: str, reason: str) -> None:
+    row["error_stage"], row["error_reason"] = stage, reason[:2000]
+
+
+def pending(rows: list[Row]) -> list[Row]:
+    return [r for r in rows if not r["error_stage"]]
+
+
+def timed(column: str, rows: list[Row], fn: Callable[[], None]) -> None:
+    """Run fn and spread its wall time over the rows it served (per-stage throughput)."""
+    t0 = time.perf_counter()
+    fn()
+    share = (time.perf_counter() - t0) / max(1, len(rows))
+    for r in rows:
+        r[column] = share
+
+
+# ---------------------------------------------------------------- read
+
+
+def read_row_groups(batch: pa.Table, max_article_words: int) -> pa.Table:
+    """Read planned (file, row group) items, validate them, drop the rows the plan says are
+    committed, mark planned duplicates, and return WORK rows. An unreadable item becomes one error
+    row naming the file."""
+    out: list[Row] = []
+    for item in batch.to_pylist():
+        path, group = item["path"], item["row_group"]
+        try:
+            table = storage.read_row_group(path, group)
+            schema.check_sample_images(table, path)
+            table = schema.conform(table, schema.SAMPLE, path).select(schema.SAMPLE.names)
+        except Exception as exc:  # not Parquet, wrong columns, unreachable
+            out.append({"source_file": path, "error_stage": "read",
+                        "error_reason": f"row group {group}: {type(exc).__name__}: {exc}"})
+            continue
+        skip = set(item["skip"])
+        dups = dict(zip(item["dup_rows"], item["dup_reasons"]))
+        for offset, r in enumerate(table.to_pylist()):
+            if offset in skip:
+                continue
+            r["source_file"] = path
+            if offset in dups:
+                fail(r, "read", dups[offset])
+            elif not (r["article"] or "").strip():
+                fail(r, "read", "empty article")
+            elif len(r["article"].split()) > max_article_words:
+                r["article"] = prompts.truncate_words(r["article"], max_article_words)
+            out.append(r)
+    return to_work(out)
+
+
+# ---------------------------------------------------------------- decode
+
+
+def decode_images(batch: pa.Table, max_side: int, max_pixels: int) -> pa.Table:
+    """Fetch (image bytes or image_uri) and normalise every image to a bounded RGB JPEG."""
+    rows = batch.to_pylist()
+    todo = pending(rows)
+
+    def run() -> None:
+        for r in todo:
+            try:
+                data = r["image"]
+                if data is None and r["image_uri"]:
+                    try:
+                        data = storage.read_bytes(r["image_uri"])
+                    except FileNotFoundError:
+                        raise images.ImageError(f"image_uri not found: {r['image_uri']}") from None
+                r["image_rgb"] = images.normalize_image(data, max_side, max_pixels)
+            except Exception as exc:
+                fail(r, "decode", str(exc))
+            r["image"] = None  # the raw bytes are not needed downstream
+
+    timed("seconds_decode", todo, run)
+    for r in rows:
+        r["image"] = None
+    return to_work(rows)
+
+
+# ---------------------------------------------------------------- spaCy
+
+
+class EntityAnnotator:
+    """spaCy NER + sentence split over articles (field='article') or generated captions
+    (field='generated_caption'); loads the pipeline once per actor."""
+
+    def __init__(self, spacy_model: str, field: str = "article", prefer_gpu: bool = False, batch_size: int = 32):
+        self.nlp = entities.load_nlp(spacy_model, prefer_gpu)
+        self.field = field
+        self.batch_size = batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = pending(rows)
+        column = "seconds_ner" if self.field == "article" else "seconds_caption_ner"
+        timed(column, todo, lambda: self._annotate(todo))
+        return to_work(rows)
+
+    def _annotate(self, todo: list[Row]) -> None:
+        texts = [r[self.field] or "" for r in todo]
+        try:
+            if self.field == "article":
+                for r, (ents, sents) in zip(todo, entities.annotate(self.nlp, texts, self.batch_size)):
+                    r["article_entities"], r["sentences"] = ents, sents
+            else:
+                for r, ents in zip(todo, entities.extract_entities(self.nlp, texts, self.batch_size)):
+                    r["caption_entities"] = ents
+        except Exception as exc:  # isolate the bad row instead of failing the batch
+            if len(todo) == 1:
+                fail(todo[0], "ner" if self.field == "article" else "caption_ner", f"spaCy failed: {exc}")
+            else:
+                for r in todo:
+                    self._annotate([r])
+
+
+# ---------------------------------------------------------------- MLLM
+
+
+def candidate_sentence_ids(sentences: list[str], ents: list[dict]) -> list[int]:
+    """Sentences offered for selection: those naming a visual entity (else the first ones)."""
+    vis = entities.visual(ents)
+    ids = [i for i, s in enumerate(sentences) if entities.sentence_entities(s, vis)]
+    return (ids or list(range(len(sentences))))[: prompts.MAX_CANDIDATE_SENTENCES]
+
+
+@dataclasses.dataclass
+class CaptionerConfig:
+    model: str
+    mode: str = "eama"
+    device: str = "cpu"
+    max_new_tokens: int = 48
+    selection_max_new_tokens: int = 32
+    generate_batch_size: int = 8
+    trust_remote_code: bool = False
+    revision: str | None = None
+    threads: int = 1
+
+
+class Captioner:
+    """EAMA self-supplemented captioning with one model replica per actor.
+
+    Mode 'eama': (a) entity-aware sentence selection and (b) entity selection, asked together in
+    one batched generate call, then (c) the caption prompted with the selections plus the article
+    within the word budget. Mode 'plain': image + truncated article -> caption ('Base')."""
+
+    def __init__(self, cfg: CaptionerConfig):
+        import torch
+
+        from eama import models
+
+        if cfg.device == "cpu":
+            torch.set_num_threads(max(1, cfg.threads))
+        self.cfg = cfg
+        self.lm = models.load_model(cfg.model, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+                                    revision=cfg.revision)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = pending(rows)
+        timed("seconds_mllm", todo, lambda: self._run_isolated(todo))
+        return to_work(rows)
+
+    def _run_isolated(self, todo: list[Row]) -> None:
+        size = self.cfg.generate_batch_size
+        for k in range(0, len(todo), size):
+            chunk = todo[k : k + size]
+            try:
+                self.caption(chunk)
+            except Exception as exc:
+                if len(chunk) == 1:
+                    fail(chunk[0], "mllm", f"{type(exc).__name__}: {exc}")
+                else:  # find the row that breaks the batch; the others still get captions
+                    for r in chunk:
+                        try:
+                            self.caption([r])
+                        except Exception as inner:
+                            fail(r, "mllm", f"{type(inner).__name__}: {inner}")
+
+    def _generate(self, instructions: list[str], imgs: list[Any], max_new: int) -> list[str]:
+        from eama import models
+
+        return models.generate_text(self.lm, instructions, imgs, max_new)
+
+    def caption(self, chunk: list[Row]) -> None:
+        imgs = [images.load_rgb(r["image_rgb"]) for r in chunk]
+        for r in chunk:
+            r["selected_sentence_ids"], r["selected_sentences"], r["selected_entities"] = [], [], []
+            r["dropped_answers"] = 0
+        if self.cfg.mode == "eama":
+            self._select(chunk, imgs)
+        caption_prompts = [
+            prompts.caption_prompt(r["article"], r["headline"], r["selected_sentences"],
+                                   [e["text"] for e in r["selected_entities"]])
+            for r in chunk
+        ]
+        for r, text in zip(chunk, self._generate(caption_prompts, imgs, self.cfg.max_new_tokens)):
+            r["generated_caption"] = text
+
+    def _select(self, chunk: list[Row], imgs: list[Any]) -> None:
+        asks: list[tuple[Row, str, list[Any]]] = []  # (row, kind, candidates)
+        instructions, ask_imgs = [], []
+        for r, img in zip(chunk, imgs):
+            sent_ids = candidate_sentence_ids(r["sentences"] or [], r["article_entities"] or [])
+            if sent_ids:
+                asks.append((r, "sentences", sent_ids))
+                instructions.append(prompts.sentence_selection_prompt([r["sentences"][i] for i in sent_ids]))
+                ask_imgs.append(img)
+            names = entities.unique_texts(r["article_entities"] or [])[: prompts.MAX_CANDIDATE_ENTITIES]
+            if names:
+                asks.append((r, "entities", names))
+                instructions.append(prompts.entity_selection_prompt(names))
+                ask_imgs.append(img)
+        if not asks:
+            return
+        answers = self._generate(instructions, ask_imgs, self.cfg.selection_max_new_tokens)
+        for (r, kind, cands), answer in zip(asks, answers):
+            if kind == "sentences":
+                picked, dropped = prompts.parse_sentence_ids(answer, len(cands))
+                r["selected_sentence_ids"] = [cands[i] for i in picked]
+                r["selected_sentences"] = [r["sentences"][cands[i]] for i in picked]
+            else:
+                picked, dropped = prompts.parse_entities(answer, cands)
+                by_text = {}
+                for e in r["article_entities"]:
+                    by_text.setdefault(entities.normalize(e["text"]), e)
+                r["selected_entities"] = [by_text[entities.normalize(cands[i])] for i in picked]
+            r["dropped_answers"] += dropped

@@ -1,0 +1,72 @@
+"""The one place that decides how many actors each stage gets and what each one reserves.
+
+Sized from the cluster's resources so that a 2-CPU laptop never starves Ray Data's read and write
+tasks (an actor pool holding every CPU hangs the stream with no error) and a GPU cluster puts one
+model replica on each GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    io_cpus: float  # per read / decode / write task
+    ner_actors: int
+    ner_cpus: float
+    ner_gpus: float
+    mllm_actors: int
+    mllm_cpus: float
+    mllm_gpus: float
+    caption_ner_actors: int
+    caption_ner_cpus: float
+    device: str  # where the MLLM runs: "cuda" or "cpu"
+
+    def rows(self) -> list[tuple[str, str]]:
+        return [
+            ("read/decode/write tasks", f"{self.io_cpus} CPU each"),
+            ("spaCy (articles)", f"{self.ner_actors} actors x {self.ner_cpus} CPU" + (f" + {self.ner_gpus} GPU" if self.ner_gpus else "")),
+            ("MLLM", f"{self.mllm_actors} actors x {self.mllm_cpus} CPU" + (f" + {self.mllm_gpus} GPU" if self.mllm_gpus else "") + f" on {self.device}"),
+            ("spaCy (captions)", f"{self.caption_ner_actors} actors x {self.caption_ner_cpus} CPU"),
+        ]
+
+
+def plan_stages(
+    cpus: float,
+    gpus: float,
+    device: str = "auto",
+    mllm_actors: int = 0,
+    gpus_per_mllm: float = 1.0,
+    ner_actors: int = 0,
+    ner_on_gpu: bool = False,
+) -> StagePlan:
+    """Plan the caption_corpus actor pools for a cluster with `cpus` CPUs and `gpus` GPUs.
+
+    0 for an actor count means "derive it". On a small machine every actor takes a fraction of a
+    CPU and at least ~0.75 CPU stays free for the I/O tasks."""
+    use_gpu = device == "cuda" or (device == "auto" and gpus >= gpus_per_mllm)
+    if device == "cuda" and gpus < gpus_per_mllm:
+        raise ValueError(f"device=cuda but the cluster has {gpus} GPUs (needs {gpus_per_mllm} per MLLM actor)")
+    small = cpus <= 4
+    io_cpus = 0.25 if small else 1.0
+    if use_gpu:
+        mllm_n = mllm_actors or max(1, int(gpus // gpus_per_mllm))
+        mllm_cpus, mllm_gpus = (1.0 if not small else 0.5), gpus_per_mllm
+    else:
+        mllm_n = mllm_actors or max(1, int(cpus // 8))
+        mllm_cpus, mllm_gpus = (0.5 if small else 4.0), 0.0
+    reserved_io = 0.75 if small else max(2.0, 0.1 * cpus)
+    left = cpus - reserved_io - mllm_n * mllm_cpus
+    cap_cpus = 0.25 if small else 1.0
+    cap_n = 1 if small else max(1, mllm_n // 2)
+    left -= cap_n * cap_cpus
+    if ner_on_gpu and gpus:
+        ner_cpus, ner_gpus = (0.25 if small else 1.0), 0.5 if not use_gpu else 0.0
+        ner_n = ner_actors or 1
+    else:
+        ner_cpus, ner_gpus = (0.5 if small else 1.0), 0.0
+        ner_n = ner_actors or max(1, math.floor(max(left, ner_cpus) / ner_cpus))
+    return StagePlan(io_cpus, ner_n, ner_cpus, ner_gpus, mllm_n, mllm_cpus, mllm_gpus, cap_n, cap_cpus,
+                     "cuda" if use_gpu else "cpu")
