@@ -86,3 +86,17 @@ def demo_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo_corpus")
     demo.write_demo_corpus(str(out), num_samples=24, shard_size=8, seed=0)
     return out
+
+
+def load_job(name: str):
+    """Import jobs/<name>.py as a module (jobs/ holds scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"eama_job_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
