@@ -1,0 +1,241 @@
+"""caption_corpus on real Ray: EAMA outputs, rows in = rows out + errors, exactly once, S3, multi-node."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import load_job
+from eama import demo, importers, ledger, schema, storage
+
+ROOT = Path(__file__).resolve().parents[1]
+cap = load_job("caption_corpus")
+
+
+def run_job(input_path: str, output: str, *extra: str) -> dict:
+    return cap.main(["--input", input_path, "--output", output, "batch_size=4", "max_new_tokens=12",
+                     "selection_max_new_tokens=8", *extra])
+
+
+def read_output(output: str) -> tuple[pa.Table, pa.Table]:
+    rows = pa.concat_tables([storage.read_table(p) for p in storage.list_files(output)]) if storage.exists(output) else None
+    err_dir = storage.join(output, ledger.ERRORS_DIR)
+    errs = (pa.concat_tables([storage.read_table(p) for p in storage.list_files(err_dir)])
+            if storage.exists(err_dir) else pa.Table.from_pylist([], schema=schema.ERROR))
+    return rows, errs
+
+
+def assert_eama_rows(table: pa.Table) -> None:
+    assert table.num_rows > 0
+    for r in table.to_pylist():
+        assert r["article_entities"], r["sample_id"]
+        assert r["sentences"], r["sample_id"]
+        assert set(r["selected_sentences"]) <= set(r["sentences"])
+        assert [r["sentences"][i] for i in r["selected_sentence_ids"]] == r["selected_sentences"]
+        article = {(e["text"], e["label"], e["start"]) for e in r["article_entities"]}
+        assert {(e["text"], e["label"], e["start"]) for e in r["selected_entities"]} <= article
+        assert isinstance(r["generated_caption"], str) and r["generated_caption"]
+        assert r["caption_entities"] is not None
+        assert r["mode"] == "eama" and r["model"].startswith("tiny-") and r["run_id"]
+
+
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-instructblip"])
+def test_demo_corpus_through_the_whole_chain(ray_local, demo_corpus, tmp_path, model):
+    out = str(tmp_path / "out")
+    manifest = run_job(str(demo_corpus), out, "--model", model)
+    rows, errs = read_output(out)
+    assert rows.num_rows == 24 and errs.num_rows == 0
+    assert sorted(rows.column("sample_id").to_pylist()) == sorted(
+        s["sample_id"] for s in demo.generate_samples(24, seed=0))
+    assert_eama_rows(rows)
+    assert manifest["this_run"]["written"] == 24 and manifest["output_total"]["rows"] == 24
+    assert manifest["model"].startswith(f"{model}@sha256:")
+    assert os.path.exists(os.path.join(out, ledger.MANIFESTS_DIR, f"{manifest['run_id']}.json"))
+    # the output directory is one Parquet dataset for other tools: errors and manifests are hidden
+    assert pads.dataset(out, format="parquet").count_rows() == 24
+
+
+def test_real_nyt_sample_imported_then_captioned(ray_local, shared_data, tmp_path):
+    src = shared_data / "news_sample"
+    counts = importers.write_shards(importers.goodnews_samples(str(src / "caption.json"), str(src / "images")),
+                                    str(tmp_path / "samples"), shard_size=5)
+    run_job(str(tmp_path / "samples"), str(tmp_path / "out"), "--model", "tiny-instructblip")
+    rows, errs = read_output(str(tmp_path / "out"))
+    assert rows.num_rows + errs.num_rows == counts["samples"]
+    assert_eama_rows(rows)
+
+
+def test_plain_mode_skips_selection(ray_local, demo_corpus, tmp_path):
+    run_job(str(demo_corpus), str(tmp_path / "out"), "--mode", "plain")
+    rows, _ = read_output(str(tmp_path / "out"))
+    assert rows.num_rows == 24
+    assert all(r["selected_sentences"] == [] and r["mode"] == "plain" for r in rows.to_pylist())
+
+
+def _png(mode: str = "RGB", size=(16, 16)) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_bad_corpus(root: Path) -> int:
+    """Good demo rows mixed with planted bad ones, plus a non-Parquet file and a shard missing a
+    column. Returns the number of sample rows in the readable shards."""
+    good = list(demo.generate_samples(6, seed=5))
+    bad = [
+        dict(good[0], sample_id="corrupt", image=b"\xff\xd8\xff\xe0 not a jpeg"),
+        dict(good[0], sample_id="empty-image", image=b""),
+        dict(good[0], sample_id="truncated", image=_png(size=(64, 64))[:70]),
+        dict(good[0], sample_id="no-image", image=None, image_uri=None),
+        dict(good[0], sample_id="missing-uri", image=None, image_uri=str(root / "nope.jpg")),
+        dict(good[0], sample_id="empty-article", article="   "),
+        dict(good[0], sample_id="cmyk", image=_cmyk()),
+        dict(good[0], sample_id="alpha", image=_png("RGBA")),
+        dict(good[1]),  # duplicate sample_id of a good row
+    ]
+    rows = good + bad
+    shard = pa.Table.from_pylist(rows, schema=schema.SAMPLE)
+    pq.write_table(shard, root / "part-0.parquet", row_group_size=5)
+    (root / "part-1.parquet").write_bytes(b"this is not parquet")
+    pq.write_table(shard.drop_columns(["article"]), root / "part-2.parquet")
+    return len(rows)
+
+
+def _cmyk() -> bytes:
+    buf = io.BytesIO()
+    Image.new("CMYK", (20, 20), (10, 200, 30, 0)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_rows_in_equal_rows_out_plus_errors(ray_local, tmp_path):
+    (tmp_path / "in").mkdir()
+    n = write_bad_corpus(tmp_path / "in")
+    out = str(tmp_path / "out")
+    manifest = run_job(str(tmp_path / "in"), out)
+    rows, errs = read_output(out)
+    sample_errors = errs.filter(pa.compute.is_valid(errs["sample_id"]))
+    assert rows.num_rows + sample_errors.num_rows == n
+    reasons = {e["sample_id"]: (e["stage"], e["reason"]) for e in sample_errors.to_pylist()}
+    duplicated = list(demo.generate_samples(6, seed=5))[1]["sample_id"]
+    assert set(reasons) == {"corrupt", "empty-image", "truncated", "no-image", "missing-uri", "empty-article", duplicated}
+    assert reasons["corrupt"][0] == "decode" and "undecodable" in reasons["corrupt"][1]
+    assert reasons["missing-uri"][0] == "decode" and "not found" in reasons["missing-uri"][1]
+    assert reasons["empty-article"] == ("read", "empty article")
+    dup = [e for e in sample_errors.to_pylist() if "duplicate" in e["reason"]]
+    assert len(dup) == 1 and dup[0]["stage"] == "read"
+    assert {"cmyk", "alpha"} <= set(rows.column("sample_id").to_pylist())
+    file_errors = {Path(e["source_file"]).name: e["reason"] for e in errs.to_pylist() if e["sample_id"] is None}
+    assert "part-1.parquet" in file_errors
+    assert "missing required column 'article'" in file_errors["part-2.parquet"]
+    assert len(set(rows.column("sample_id").to_pylist())) == rows.num_rows
+    assert manifest["input"]["unusable_files"] == 2
+    # a second run adds nothing, not even the file errors again
+    run_job(str(tmp_path / "in"), out)
+    rows2, errs2 = read_output(out)
+    assert (rows2.num_rows, errs2.num_rows) == (rows.num_rows, errs.num_rows)
+
+
+def test_fail_fast_on_a_bad_shard(ray_local, tmp_path):
+    (tmp_path / "in").mkdir()
+    write_bad_corpus(tmp_path / "in")
+    with pytest.raises(SystemExit, match="part-1.parquet"):
+        run_job(str(tmp_path / "in"), str(tmp_path / "out"), "on_bad_shard=fail")
+
+
+def test_growing_prefix_processes_only_new_shards_and_rerun_is_a_noop(ray_local, tmp_path):
+    corpus = tmp_path / "in"
+    demo.write_demo_corpus(str(corpus), num_samples=16, shard_size=8, seed=1)
+    out = str(tmp_path / "out")
+    first = run_job(str(corpus), out)
+    assert first["this_run"]["written"] == 16
+    again = run_job(str(corpus), out)
+    assert again["this_run"]["written"] == 0 and again["input"]["files_skipped_as_done"] == 2
+    # a new day's shard arrives
+    extra = list(demo.generate_samples(8, seed=2))
+    storage.write_table_atomic(pa.Table.from_pylist(extra, schema=schema.SAMPLE), str(corpus / "part-00009.parquet"))
+    third = run_job(str(corpus), out)
+    assert third["this_run"]["written"] == 8 and third["input"]["files_skipped_as_done"] == 2
+    rows, _ = read_output(out)
+    assert rows.num_rows == 24 and len(set(rows.column("sample_id").to_pylist())) == 24
+    fourth = run_job(str(corpus), out, "--overwrite")
+    assert fourth["this_run"]["written"] == 24 and read_output(out)[0].num_rows == 24
+
+
+def test_crash_then_resume_is_exactly_once(tmp_path):
+    """Kill the driver (SIGKILL) after some batches are committed, re-run: every sample once."""
+    corpus = tmp_path / "in"
+    demo.write_demo_corpus(str(corpus), num_samples=64, shard_size=16, seed=3)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "jobs" / "caption_corpus.py"), "--input", str(corpus), "--output", str(out),
+           "batch_size=2", "max_new_tokens=24", "selection_max_new_tokens=16"]
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(out.glob("part-*.parquet"))) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = pads.dataset(str(out), format="parquet").count_rows()
+    assert 0 < partial < 64
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows, errs = read_output(str(out))
+    ids = rows.column("sample_id").to_pylist()
+    assert errs.num_rows == 0 and len(ids) == 64 and len(set(ids)) == 64
+
+
+def test_s3_input_and_output(ray_local, s3_server, tmp_path):
+    corpus = "s3://eama-test/corpus"
+    demo.write_demo_corpus(corpus, num_samples=8, shard_size=4, seed=9)
+    out = "s3://eama-test/captions"
+    manifest = run_job(corpus, out)
+    rows, errs = read_output(out)
+    assert rows.num_rows == 8 and errs.num_rows == 0
+    assert manifest["this_run"]["written"] == 8
+    assert run_job(corpus, out)["this_run"]["written"] == 0
+    listing = storage.filesystem(out).find("eama-test/captions")
+    assert any("_manifests" in p for p in listing)
+
+
+MULTINODE = r"""
+import os, sys, json
+sys.path.insert(0, {jobs!r})
+import ray
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+for _ in range(2):
+    cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address)
+assert len([n for n in ray.nodes() if n["Alive"]]) == 3
+import caption_corpus
+m = caption_corpus.main(["--input", {corpus!r}, "--output", {out!r}, "batch_size=4", "max_new_tokens=8",
+                         "selection_max_new_tokens=8"])
+print("RESULT", json.dumps(m["this_run"]))
+ray.shutdown(); cluster.shutdown()
+"""
+
+
+def test_simulated_multi_node_cluster(tmp_path):
+    corpus, out = tmp_path / "in", tmp_path / "out"
+    demo.write_demo_corpus(str(corpus), num_samples=16, shard_size=4, seed=4)
+    script = MULTINODE.format(jobs=str(ROOT / "jobs"), corpus=str(corpus), out=str(out))
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    rows, errs = read_output(str(out))
+    assert rows.num_rows == 16 and errs.num_rows == 0
+    assert len(set(rows.column("sample_id").to_pylist())) == 16
