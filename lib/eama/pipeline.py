@@ -128,8 +128,7 @@ def build_dataset(cfg: CaptionCorpusConfig, plan: resources.StagePlan, items: li
     ds = ds.map_batches(captioning.Captioner, fn_constructor_kwargs={"cfg": captioner},
                         batch_size=cfg.batch_size, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=plan.mllm_actors),
-                        num_cpus=plan.mllm_cpus, num_gpus=plan.mllm_gpus or None, max_restarts=3,
-                        max_task_retries=3)
+                        num_cpus=plan.mllm_cpus, num_gpus=plan.mllm_gpus or None)  # Ray Data restarts pool actors and retries their tasks
     ds = ds.map_batches(captioning.EntityAnnotator, fn_constructor_kwargs={
                             "spacy_model": cfg.spacy_model, "field": "generated_caption"},
                         batch_size=cfg.batch_size, batch_format="pyarrow",
