@@ -168,7 +168,7 @@ class Captioner:
     one batched generate call, then (c) the caption prompted with the selections plus the article
     within the word budget. Mode 'plain': image + truncated article -> caption ('Base')."""
 
-    def __init__(self, cfg: CaptionerConfig):
+    def __init__(self, cfg: CaptionerConfig, lm: Any = None):
         import torch
 
         from eama import models
@@ -176,8 +176,8 @@ class Captioner:
         if cfg.device == "cpu":
             torch.set_num_threads(max(1, cfg.threads))
         self.cfg = cfg
-        self.lm = models.load_model(cfg.model, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
-                                    revision=cfg.revision)
+        self.lm = lm or models.load_model(cfg.model, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+                                          revision=cfg.revision)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -221,6 +221,18 @@ class Captioner:
         for r, text in zip(chunk, self._generate(caption_prompts, imgs, self.cfg.max_new_tokens)):
             r["generated_caption"] = text
 
+    def _answer_bound(self, asks: list[tuple[Row, str, list[Any]]]) -> int:
+        """Decode no longer than the longest possible valid answer (every candidate listed), capped
+        by selection_max_new_tokens: anything longer is necessarily garbage."""
+        from eama import models
+
+        longest = 0
+        for _, kind, cands in asks:
+            full = (prompts.format_sentence_target(range(len(cands))) if kind == "sentences"
+                    else prompts.format_entity_target(cands))
+            longest = max(longest, models.token_count(self.lm, full) + 1)
+        return max(1, min(self.cfg.selection_max_new_tokens, longest))
+
     def _select(self, chunk: list[Row], imgs: list[Any]) -> None:
         asks: list[tuple[Row, str, list[Any]]] = []  # (row, kind, candidates)
         instructions, ask_imgs = [], []
@@ -237,7 +249,7 @@ class Captioner:
                 ask_imgs.append(img)
         if not asks:
             return
-        answers = self._generate(instructions, ask_imgs, self.cfg.selection_max_new_tokens)
+        answers = self._generate(instructions, ask_imgs, self._answer_bound(asks))
         for (r, kind, cands), answer in zip(asks, answers):
             if kind == "sentences":
                 picked, dropped = prompts.parse_sentence_ids(answer, len(cands))

