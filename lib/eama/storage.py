@@ -8,14 +8,46 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import posixpath
+import time
 import uuid
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRY_SECONDS = float(os.environ.get("EAMA_STORAGE_RETRY_SECONDS", "120"))
+
+
+def with_retries(what: str, fn: Callable[[], T], budget: float | None = None) -> T:
+    """Run fn, retrying transient I/O failures (connection refused or reset, timeouts, throttling,
+    5xx) with exponential backoff for up to `budget` seconds; other errors raise at once."""
+    budget = RETRY_SECONDS if budget is None else budget
+    deadline, delay = time.monotonic() + budget, 0.5
+    while True:
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+            raise
+        except Exception as exc:
+            if not _transient(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s failed (%s: %s); retrying in %.1f s", what, type(exc).__name__, str(exc)[:200], delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def _transient(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    markers = ("connect", "timeout", "timed out", "reset", "throttl", "slow down", "slowdown",
+               "internalerror", "serviceunavailable", "503", "500", "502", "504", "broken pipe")
+    return isinstance(exc, (ConnectionError, TimeoutError)) or any(m in text for m in markers)
 
 
 def is_remote(path: str) -> bool:
@@ -76,15 +108,19 @@ def list_files(path: str, suffix: str = ".parquet") -> list[str]:
 
 
 def read_bytes(path: str) -> bytes:
-    with filesystem(path).open(strip(path), "rb") as fh:
-        return fh.read()
+    def read() -> bytes:
+        with filesystem(path).open(strip(path), "rb") as fh:
+            return fh.read()
+
+    return with_retries(f"read {path}", read) if is_remote(path) else read()
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Readers see the whole object or nothing: a temp file renamed locally, one PUT on S3."""
     fs, raw = filesystem(path), strip(path)
     if is_remote(path):
-        fs.pipe_file(raw, data)  # an S3 object becomes visible only once complete
+        # an S3 object becomes visible only once complete: a failed PUT leaves nothing behind
+        with_retries(f"write {path}", lambda: fs.pipe_file(raw, data))
         return
     os.makedirs(os.path.dirname(raw), exist_ok=True)
     tmp = f"{raw}.tmp-{uuid.uuid4().hex}"
@@ -105,6 +141,8 @@ def write_table_atomic(table: pa.Table, path: str, row_group_size: int | None = 
 
 
 def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
+    if columns is None:
+        return pq.read_table(io.BytesIO(read_bytes(path)))
     with filesystem(path).open(strip(path), "rb") as fh:
         return pq.read_table(fh, columns=columns)
 
@@ -126,8 +164,11 @@ def row_group_rows(path: str) -> list[int]:
 
 
 def read_row_group(path: str, index: int) -> pa.Table:
-    with filesystem(path).open(strip(path), "rb") as fh:
-        return pq.ParquetFile(fh).read_row_group(index)
+    def read() -> pa.Table:
+        with filesystem(path).open(strip(path), "rb") as fh:
+            return pq.ParquetFile(fh).read_row_group(index)
+
+    return with_retries(f"read {path} row group {index}", read) if is_remote(path) else read()
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
