@@ -27,6 +27,18 @@ SAMPLE = pa.schema(
 )
 SAMPLE_REQUIRED = ("sample_id", "article_id", "article")
 
+# What the spaCy and MLLM stages add to a sample.
+ANNOTATIONS = [
+    pa.field("article_entities", pa.list_(ENTITY)),
+    pa.field("sentences", pa.list_(pa.string())),
+    pa.field("selected_sentence_ids", pa.list_(pa.int32())),
+    pa.field("selected_sentences", pa.list_(pa.string())),
+    pa.field("selected_entities", pa.list_(ENTITY)),
+    pa.field("generated_caption", pa.string()),
+    pa.field("caption_entities", pa.list_(ENTITY)),
+    pa.field("dropped_answers", pa.int32()),
+]
+
 # What caption_corpus writes for every sample it captions.
 CAPTION_OUTPUT = pa.schema(
     [
@@ -35,14 +47,9 @@ CAPTION_OUTPUT = pa.schema(
         pa.field("headline", pa.string()),
         pa.field("image_uri", pa.string()),
         pa.field("caption", pa.string()),
-        pa.field("article_entities", pa.list_(ENTITY)),
-        pa.field("sentences", pa.list_(pa.string())),
-        pa.field("selected_sentence_ids", pa.list_(pa.int32())),
-        pa.field("selected_sentences", pa.list_(pa.string())),
-        pa.field("selected_entities", pa.list_(ENTITY)),
-        pa.field("generated_caption", pa.string()),
-        pa.field("caption_entities", pa.list_(ENTITY)),
-        pa.field("dropped_answers", pa.int32()),
+    ]
+    + ANNOTATIONS
+    + [
         pa.field("mode", pa.string()),
         pa.field("model", pa.string()),
         pa.field("run_id", pa.string()),
@@ -82,14 +89,9 @@ WORK = pa.schema(
     + [
         pa.field("source_file", pa.string()),
         pa.field("image_rgb", pa.binary()),
-        pa.field("article_entities", pa.list_(ENTITY)),
-        pa.field("sentences", pa.list_(pa.string())),
-        pa.field("selected_sentence_ids", pa.list_(pa.int32())),
-        pa.field("selected_sentences", pa.list_(pa.string())),
-        pa.field("selected_entities", pa.list_(ENTITY)),
-        pa.field("generated_caption", pa.string()),
-        pa.field("caption_entities", pa.list_(ENTITY)),
-        pa.field("dropped_answers", pa.int32()),
+    ]
+    + ANNOTATIONS
+    + [
         pa.field("error_stage", pa.string()),
         pa.field("error_reason", pa.string()),
     ]
