@@ -14,6 +14,7 @@ VISUAL_LABELS = frozenset({"PERSON", "ORG", "GPE", "LOC", "FAC", "PRODUCT", "EVE
 
 _LEADING = re.compile(r"^(the|a|an)\s+", re.IGNORECASE)
 _POSSESSIVE = re.compile(r"(['’]s|['’])$")
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 _TITLES = {"mr", "mrs", "ms", "dr", "prof", "sen", "gov", "president", "gen", "rep"}
 
 
@@ -50,9 +51,15 @@ def annotate(nlp: Any, texts: Sequence[str], batch_size: int = 32) -> list[tuple
     """(entities, sentences) for each text, through nlp.pipe in batches."""
     out = []
     for doc in nlp.pipe(texts, batch_size=batch_size):
-        sents = [s.text.strip() for s in doc.sents if s.text.strip()] if doc.has_annotation("SENT_START") else [doc.text]
-        out.append((entity_dicts(doc), sents))
+        sents = [s.text for s in doc.sents] if doc.has_annotation("SENT_START") else [doc.text]
+        out.append((entity_dicts(doc), split_paragraphs(sents)))
     return out
+
+
+def split_paragraphs(sentences: Sequence[str]) -> list[str]:
+    """Stripped, non-empty sentences, also cut at blank lines (the sentence splitter can join the
+    end of one paragraph to the start of the next)."""
+    return [p.strip() for s in sentences for p in _PARAGRAPH_BREAK.split(s) if p.strip()]
 
 
 def extract_entities(nlp: Any, texts: Sequence[str], batch_size: int = 64) -> list[list[dict]]:

@@ -1,0 +1,60 @@
+"""train_alignment: EAMA multitask alignment training (Ray Train + DeepSpeed ZeRO-3).
+
+    python jobs/train_alignment.py --data TASKS --model ID_OR_PATH --output STORAGE
+        [--num-workers N] [--use-gpu] [--zero-stage 3] [--run-name NAME]
+        [--task-weights sentence_selection=1,entity_selection=1,captioning=1]
+        [--config FILE.yaml] [key=value ...]
+
+TASKS is build_alignment_data output. STORAGE (local or s3://) receives STORAGE/RUN/checkpoint-*
+(the newest keep_checkpoints), metrics.jsonl, loss_curves.png and export/ (a Hugging Face model
+that caption_corpus loads with --model STORAGE/RUN/export). Relaunching with the same run name
+resumes from the last checkpoint. See docs_training.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from eama import config, storage, training  # noqa: E402
+
+FLAGS = [
+    config.Flag("--data", "data", "task rows (build_alignment_data output), local or s3://"),
+    config.Flag("--model", "model", "preset, hub id, local path or s3:// URI to start from"),
+    config.Flag("--output", "output", "storage root for checkpoints, logs and the export, local or s3://"),
+    config.Flag("--run-name", "run_name", "run folder under --output; the same name resumes"),
+    config.Flag("--num-workers", "num_workers", "training workers (one per GPU)"),
+    config.Flag("--use-gpu", "use_gpu", "one GPU per worker, bf16", switch=True),
+    config.Flag("--zero-stage", "zero_stage", "DeepSpeed ZeRO stage (0-3)"),
+    config.Flag("--task-weights", "task_weights", "per-task loss weights, task=w,..."),
+    config.Flag("--max-steps", "max_steps", "stop after this many optimizer steps (0: all epochs)"),
+]
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config.parse_args(training.TrainConfig, __doc__.splitlines()[0], FLAGS)
+    if not cfg.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    result = training.fit(cfg)
+    if result.error:
+        raise SystemExit(f"training failed: {result.error}")
+    history = training.read_metrics(training.run_dir(cfg))
+    first, last = history[0], history[-1]
+    print(json.dumps({
+        "run": training.run_dir(cfg),
+        "steps": last["step"],
+        "loss_first": round(first["loss"], 4),
+        "loss_last": round(last["loss"], 4),
+        "tokens_per_s_median": sorted(r["tokens_per_s"] for r in history)[len(history) // 2],
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "export": training.export_dir(cfg) if cfg.export else None,
+        "loss_curves": storage.join(training.run_dir(cfg), "loss_curves.png"),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""train_alignment: the loop's pieces alone, then real Ray Train + DeepSpeed (ZeRO-3, gloo, CPU)
+runs of a tiny LLaVA: learning, 1 vs 2 worker equivalence, a killed worker, a relaunch, s3://."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from eama import alignment, deepspeed_config, demo, models, schema, storage, training
+
+# ---------------------------------------------------------------- data
+
+
+def task_rows(num_samples: int, seed: int) -> list[dict]:
+    """Task rows of demo samples, built in-process by the job's own builder (no Ray needed)."""
+    samples = list(demo.generate_samples(num_samples, seed=seed))
+    out = alignment.TaskBuilder(alignment.BuildConfig())(pa.Table.from_pylist(samples)).to_pylist()
+    return [{k: r[k] for k in schema.TASK.names} for r in out if r["kind"] == "task"]
+
+
+def write_tasks(rows: list[dict], directory: Path, shards: int = 2) -> str:
+    size = math.ceil(len(rows) / shards)
+    for k in range(shards):
+        storage.write_table_atomic(pa.Table.from_pylist(rows[k * size : (k + 1) * size], schema=schema.TASK),
+                                   str(directory / f"part-{k:05d}.parquet"))
+    return str(directory)
+
+
+def as_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+
+
+@pytest.fixture(scope="module")
+def small_rows() -> list[dict]:
+    return task_rows(16, seed=3)
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def test_deepspeed_config_builder():
+    cfg = deepspeed_config.build_config(zero_stage=3, micro_batch_size=4, grad_accum=2, world_size=8, lr=2e-5,
+                                        param_persistence_threshold=0)
+    assert cfg["train_batch_size"] == 64 and cfg["gradient_accumulation_steps"] == 2
+    assert cfg["bf16"] == {"enabled": False} and cfg["optimizer"]["params"]["torch_adam"] is True
+    zero = cfg["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_param_persistence_threshold"] == 0
+    assert zero["stage3_gather_16bit_weights_on_model_save"] and "offload_optimizer" not in zero
+    gpu = deepspeed_config.build_config(zero_stage=3, micro_batch_size=1, grad_accum=1, world_size=1, lr=1e-5,
+                                        bf16=True, offload_optimizer=True, offload_params=True)
+    assert gpu["bf16"]["enabled"] and gpu["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert gpu["zero_force_ds_cpu_optimizer"] is False  # torch AdamW with offload, nothing compiled
+    with pytest.raises(ValueError):
+        deepspeed_config.build_config(zero_stage=2, micro_batch_size=1, grad_accum=1, world_size=1, lr=1,
+                                      offload_params=True)
+
+
+def test_cosine_schedule_with_warmup():
+    ratios = [deepspeed_config.lr_ratio(s, total_steps=100, warmup_steps=10, min_ratio=0.1) for s in range(100)]
+    assert ratios[0] == pytest.approx(0.1) and ratios[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(ratios[10:], ratios[11:]))  # decays monotonically
+    assert ratios[-1] == pytest.approx(0.1, abs=1e-3)
+    assert deepspeed_config.warmup_steps_for(1000, 0.03) == 30
+
+
+def test_task_weights_and_step_plan():
+    assert training.parse_task_weights("captioning=0.5") == {
+        "sentence_selection": 1.0, "entity_selection": 1.0, "captioning": 0.5}
+    with pytest.raises(ValueError):
+        training.parse_task_weights("captions=1")
+    one = training.plan_steps(101, training.TrainConfig(num_workers=1, micro_batch_size=2, grad_accum=2))
+    two = training.plan_steps(101, training.TrainConfig(num_workers=2, micro_batch_size=2, grad_accum=1))
+    assert one.total_steps == two.total_steps == 25 and one.rows_per_step == two.rows_per_step == 4
+
+
+@pytest.mark.parametrize("family", ["tiny-llava", "tiny-instructblip"])
+def test_collator_labels_only_the_target(family, small_rows):
+    lm = models.load_model(family, for_training=True)
+    rows = [next(r for r in small_rows if r["task"] == t) for t in schema.TASK_NAMES]
+    batch = training.Collator(lm, training.parse_task_weights("captioning=0.5"))(as_batch(rows))
+    ids, labels = batch.inputs["input_ids"], batch.labels
+    assert ids.shape == labels.shape and batch.inputs["attention_mask"][:, -1].all()  # left padded
+    for i, r in enumerate(rows):
+        mask = labels[i] != training.IGNORE
+        n = int(mask.sum())
+        assert mask[-n:].all() and not mask[:-n].any()  # the last n tokens, nothing else
+        assert lm.tokenizer.decode(labels[i, -n:]).strip() == f"{r['target']}{lm.tokenizer.eos_token}"
+    assert batch.weights.tolist() == [1.0, 1.0, 0.5]
+    loss, per_row = training.forward_loss(lm.model, batch, micro_batch_size=3)
+    assert loss.requires_grad and per_row.shape == (3,) and math.isclose(float(loss), float(
+        (per_row * batch.weights).sum() / 3), rel_tol=1e-5)
+
+
+def test_loss_does_not_depend_on_how_rows_are_split(small_rows):
+    """Two half batches (two ranks or two accumulation steps) average to the whole batch's loss."""
+    lm = models.load_model("tiny-llava")
+    col = training.Collator(lm, training.parse_task_weights("entity_selection=2"))
+    rows = small_rows[:4]
+    with torch.no_grad():
+        whole = training.forward_loss(lm.model, col(as_batch(rows)), 4)[0]
+        halves = [training.forward_loss(lm.model, col(as_batch(rows[k : k + 2])), 2)[0] for k in (0, 2)]
+    assert float(whole) == pytest.approx(float(sum(halves) / 2), rel=1e-5)
+
+
+def test_load_for_training_with_gradient_checkpointing(small_rows):
+    cfg = training.TrainConfig(zero_stage=2, gradient_checkpointing=True)
+    ds_config = deepspeed_config.build_config(zero_stage=2, micro_batch_size=2, grad_accum=1, world_size=1, lr=1e-3)
+    lm, handle = training.load_for_training(cfg, ds_config)
+    assert handle is None and lm.model.is_gradient_checkpointing and lm.model.training
+    loss, _ = training.forward_loss(lm.model, training.Collator(lm, training.parse_task_weights(""))(
+        as_batch(small_rows[:2])), 2)
+    loss.backward()
+    assert lm.model.lm_head.weight.grad is not None
+    assert all(p.grad is None for n, p in lm.model.named_parameters() if ".vision_tower." in n)
+
+
+def test_freeze_vision_tower():
+    lm = models.load_model("tiny-llava", for_training=True)
+    assert training.freeze(lm.model, training.VISION_MODULES) == ["model.vision_tower"]
+    frozen = {n for n, p in lm.model.named_parameters() if not p.requires_grad}
+    assert frozen and all(".vision_tower." in n for n in frozen)
+    assert any(p.requires_grad for n, p in lm.model.named_parameters() if "multi_modal_projector" in n)
+
+
+# ---------------------------------------------------------------- real runs
+
+
+def fit(tmp: Path, **overrides) -> tuple[training.TrainConfig, list[dict], object]:
+    cfg = training.TrainConfig(**{"output": str(tmp / "runs"), "num_workers": 2, "cpus_per_worker": 0.5,
+                                  "zero_stage": 3, "param_persistence_threshold": 0, "lr": 1e-3,
+                                  "warmup_ratio": 0.1, "keep_checkpoints": 2, **overrides})
+    result = training.fit(cfg)
+    assert result.error is None, result.error
+    return cfg, training.read_metrics(training.run_dir(cfg)), result
+
+
+@pytest.fixture(scope="module")
+def small_tasks(tmp_path_factory, small_rows) -> str:
+    return write_tasks(small_rows, tmp_path_factory.mktemp("tasks_small"))
+
+
+@pytest.mark.slow
+def test_two_workers_zero3_learn_the_demo_and_export(tmp_path, ray_local):
+    """Loss falls clearly, and the exported model answers held-out selection questions better than
+    the untrained one."""
+    data = write_tasks(task_rows(96, seed=0), tmp_path / "tasks")
+    held_out = [r for r in task_rows(24, seed=99) if r["task"] != "captioning"]
+    cfg, history, result = fit(tmp_path, data=data, run_name="learn", micro_batch_size=4, epochs=5,
+                               max_steps=160, lr=5e-3, warmup_ratio=0.05, checkpoint_every=80,
+                               param_persistence_threshold=-1)
+    losses = [r["loss"] for r in history]
+    assert len(losses) == 160 and history[-1]["step"] == 160
+    assert np.mean(losses[-10:]) < 0.35 * np.mean(losses[:3])
+    for task in schema.TASK_NAMES:
+        first = next(r[f"loss/{task}"] for r in history if r[f"loss/{task}"] is not None)
+        assert np.mean([r[f"loss/{task}"] for r in history[-20:] if r[f"loss/{task}"] is not None]) < 0.5 * first
+    assert all(r["tokens_per_s"] > 0 and r["rows/captioning"] >= 0 for r in history)
+    assert storage.exists(storage.join(training.run_dir(cfg), "loss_curves.png"))
+
+    trained = models.load_model(training.export_dir(cfg))
+    untrained = models.load_model("tiny-llava")
+    after, before = training.selection_scores(trained, held_out), training.selection_scores(untrained, held_out)
+    print("selection before", json.dumps(before), "after", json.dumps(after))
+    for task in ("sentence_selection", "entity_selection"):
+        assert after[task]["f1"] > before[task]["f1"] + 0.05, (task, before, after)
+        assert after[task]["accuracy"] >= before[task]["accuracy"]
+    out = trained.model.generate(**models.encode(trained, [models.format_prompt("llava", held_out[0]["prompt"])],
+                                                 [training.images.load_rgb(held_out[0]["image"])]),
+                                 max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > 0
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, small_tasks, ray_local):
+    """1 worker, 2 accumulation steps of 2 rows: the curve the 2-worker runs must reproduce."""
+    tmp = tmp_path_factory.mktemp("reference")
+    return fit(tmp, data=small_tasks, run_name="ref", num_workers=1, cpus_per_worker=1.0, micro_batch_size=2,
+               grad_accum=2, max_steps=8, checkpoint_every=100, export=False)
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory, small_tasks, ray_local):
+    """2 workers x 2 rows on s3://, rank 1 killed after step 5 (checkpoints every 3 steps)."""
+    tmp = tmp_path_factory.mktemp("interrupted")
+    marker = tmp / "killed.txt"
+    cfg, history, result = fit(tmp, data=small_tasks, output="s3://eama-test/train-runs", run_name="killed",
+                               micro_batch_size=2, grad_accum=1, max_steps=8, checkpoint_every=3,
+                               fail_at_step=5, fail_rank=1, fail_marker=str(marker), max_failures=2)
+    return cfg, history, result, marker
+
+
+@pytest.mark.slow
+def test_one_and_two_workers_follow_the_same_curve(reference_run, interrupted_run):
+    _, ref, _ = reference_run
+    _, two, _, _ = interrupted_run
+    assert [r["step"] for r in ref] == [r["step"] for r in two] == list(range(1, 9))
+    print("1 vs 2 workers, max |loss difference|:", max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, two)))
+    for a, b in zip(ref, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3, abs=2e-3), (a["step"], a["loss"], b["loss"])
+        for task in schema.TASK_NAMES:
+            assert a[f"rows/{task}"] == b[f"rows/{task}"]  # the same rows in every global step
+    assert ref[-1]["loss"] < ref[0]["loss"]
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_last_checkpoint_on_s3(interrupted_run):
+    cfg, history, result, marker = interrupted_run
+    assert marker.exists()  # rank 1 really died once
+    assert history[-1]["step"] == 8
+    assert [r["attempt"] for r in history] == [1, 1, 1, 2, 2, 2, 2, 2]  # steps 4-8 redone after the restart
+    fs = storage.filesystem(cfg.output)
+    kept = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(storage.strip(training.run_dir(cfg)))
+                  if p.rsplit("/", 1)[-1].startswith("checkpoint-"))
+    assert kept == ["checkpoint-00000006", "checkpoint-00000008"]  # keep-last-2 on S3
+    assert result.checkpoint.path.endswith("checkpoint-00000008")
+    lm = models.load_model(training.export_dir(cfg))  # the export round-trips through s3://
+    row = task_rows(1, seed=11)[0]
+    answer = models.generate_text(lm, [row["prompt"]], [training.images.load_rgb(row["image"])], 6)
+    assert isinstance(answer[0], str)
+
+
+@pytest.mark.slow
+def test_relaunch_with_the_same_run_name_resumes(interrupted_run, small_tasks):
+    cfg, before, _, _ = interrupted_run
+    again = dataclasses.replace(cfg, max_steps=10, fail_at_step=0, export=False)
+    result = training.fit(again)
+    assert result.error is None
+    after = training.read_metrics(training.run_dir(again))
+    assert [r["step"] for r in after] == list(range(1, 11))
+    assert after[:8] == before  # the history came back from the checkpoint
+    assert all(r["attempt"] == 3 for r in after[8:])  # started from checkpoint 8, not from scratch
+    assert result.checkpoint.path.endswith("checkpoint-00000010")
