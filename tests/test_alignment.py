@@ -108,6 +108,14 @@ def test_config_is_validated():
 # ---------------------------------------------------------------- real NYT articles
 
 
+def captioning_inputs(sample: dict, nlp) -> alignment.Annotated:
+    """The sample annotated independently of the builder (spaCy on article and caption)."""
+    (ents, sents), = entities.annotate(nlp, [sample["article"]])
+    caption = alignment.clean_caption(sample["caption"])
+    return alignment.Annotated(sample["sample_id"], sample["headline"], sample["article"], caption, b"",
+                               ents, sents, entities.extract_entities(nlp, [caption])[0])
+
+
 def test_nyt_sample_rows_follow_definitions(shared_data, nlp):
     base = shared_data / NYT
     items = list(importers.goodnews_samples(str(base / "caption.json"), str(base / "images")))
@@ -136,7 +144,11 @@ def test_nyt_sample_rows_follow_definitions(shared_data, nlp):
             check_entity_row(r, nlp, s["article"], caption)
         else:
             assert r["target"] == caption
-            assert r["prompt"] == prompts.caption_prompt(s["article"], s["headline"])
+            annotated = captioning_inputs(s, nlp)
+            sentences, names = alignment.gold_selection(annotated)
+            assert r["prompt"] == prompts.caption_prompt(s["article"], s["headline"], sentences, names)
+            assert all(alignment.shares_visual_entity(x, annotated.article_entities, annotated.caption_entities)
+                       for x in sentences)
             assert len(r["prompt"].split()) <= prompts.WORD_BUDGET + 60  # budget + instruction / headline
     assert pos and neg
     # the sentence splitter's paragraph joins are cut: no candidate spans a blank line

@@ -200,3 +200,29 @@ def test_killed_worker_node_mid_run_loses_nothing(tmp_path):
     rows, errs = read_output(str(out))
     ids = rows.column("sample_id").to_pylist()
     assert errs.num_rows == 0 and len(ids) == 48 and len(set(ids)) == 48
+
+
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_training_checkpoints_are_unpickled_weights_only(tmp_path):
+    import pickle
+    import types
+
+    import torch
+
+    from eama import training
+
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer_state_dict": _Payload(str(marker))}, tmp_path / "evil.pt")
+    engine = training.safe_checkpoint_engine(types.SimpleNamespace(_config=None))
+    with pytest.raises(pickle.UnpicklingError):
+        engine.load(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+    torch.save({"module": {"w": torch.ones(3)}}, tmp_path / "ok.pt")
+    assert float(engine.load(str(tmp_path / "ok.pt"))["module"]["w"].sum()) == 3.0

@@ -59,6 +59,8 @@ class BuildConfig:
     min_sentence_words: int = 3  # shorter fragments ("Photo", "\n") are never candidates
     # Entity selection
     keep_empty_entity_targets: bool = True  # caption names none of the article's entities -> 'none'
+    # Captioning: prompt with the gold selections (as eama-mode inference does with its own)
+    supplement_captioning: bool = True
     seed: int = 0
     # Ray Data
     batch_size: int = 16  # samples per block
@@ -178,8 +180,21 @@ def entity_selection_row(a: Annotated, cfg: BuildConfig) -> tuple[list[Row], str
                      prompts.format_entity_target(targets))], None
 
 
+def gold_selection(a: Annotated) -> tuple[list[str], list[str]]:
+    """What the two selection tasks teach the model to pick: article sentences sharing a visual
+    entity with the caption, and the article entities the caption names."""
+    sentences = [s for s in a.sentences if shares_visual_entity(s, a.article_entities, a.caption_entities)]
+    names = caption_entity_targets(entities.unique_texts(a.article_entities)[: prompts.MAX_CANDIDATE_ENTITIES],
+                                   a.caption_entities)
+    return sentences[: prompts.MAX_CANDIDATE_SENTENCES], names
+
+
 def captioning_row(a: Annotated, cfg: BuildConfig) -> tuple[list[Row], str | None]:
-    return [task_row("captioning", a, prompts.caption_prompt(a.article, a.headline), a.caption)], None
+    """News Image Captioning. With `supplement_captioning` the prompt carries the gold selections
+    in the layout caption_corpus's eama mode fills with the model's own, so training and
+    self-supplemented inference see the same prompt; without it, the plain ('Base') prompt."""
+    sentences, names = gold_selection(a) if cfg.supplement_captioning else ([], [])
+    return [task_row("captioning", a, prompts.caption_prompt(a.article, a.headline, sentences, names), a.caption)], None
 
 
 BUILDERS = {

@@ -487,8 +487,28 @@ def trainer_state(ckpt: Any) -> TrainerState:
     return state
 
 
+def safe_checkpoint_engine(engine: Any) -> Any:
+    """DeepSpeed's torch checkpoint engine, but unpickling with torch.load(weights_only=True):
+    besides tensors and containers only DeepSpeed's ZeRO-stage enum and loss scalers may load."""
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine(engine._config)
+
+
 def load_engine_state(engine: Any, ckpt: Any) -> None:
-    """Weights, optimizer and schedule of every rank's shard from checkpoint `ckpt`."""
+    """Weights, optimizer and schedule of every rank's shard from checkpoint `ckpt`, unpickled
+    with weights_only=True."""
+    engine.checkpoint_engine = safe_checkpoint_engine(engine)
     with ckpt.as_directory() as path:
         engine.load_checkpoint(path, tag=DS_TAG)
     log.info("resumed from %s", ckpt.path)
