@@ -37,6 +37,7 @@ def run(cfg: CaptionCorpusConfig) -> dict:
         cfg.input = DEMO_INPUT
         if not storage.exists(cfg.input):
             demo.write_demo_corpus(cfg.input, num_samples=cfg.demo_samples)
+    cfg.input, cfg.output = storage.absolute(cfg.input), storage.absolute(cfg.output)
     if cfg.overwrite:
         storage.remove(cfg.output)
     if not ray.is_initialized():

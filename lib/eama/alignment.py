@@ -406,6 +406,7 @@ def run(cfg: BuildConfig) -> dict[str, Any]:
     validate(cfg)
     if not cfg.input or not cfg.output:
         raise SystemExit("build_alignment_data needs --input and --output")
+    cfg.input, cfg.output = storage.absolute(cfg.input), storage.absolute(cfg.output)
     prepare_output(cfg)
     if not ray.is_initialized():
         ray.init()

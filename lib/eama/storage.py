@@ -75,6 +75,12 @@ def strip(path: str) -> str:
     return path.split("://", 1)[1] if is_remote(path) else os.path.abspath(path.removeprefix("file://"))
 
 
+def absolute(path: str) -> str:
+    """Local paths made absolute (Ray workers do not share the driver's working directory);
+    URIs unchanged."""
+    return path if not path or is_remote(path) else os.path.abspath(path.removeprefix("file://"))
+
+
 def join(base: str, *parts: str) -> str:
     if is_remote(base):
         return posixpath.join(base, *parts)

@@ -688,6 +688,7 @@ def fit(cfg: TrainConfig) -> Any:
     from ray.train.torch import TorchTrainer
 
     validate(cfg)
+    cfg.data, cfg.output = storage.absolute(cfg.data), storage.absolute(cfg.output)
     if not ray.is_initialized():
         ray.init()
     files, rows = task_files(cfg.data)
@@ -706,7 +707,7 @@ def fit(cfg: TrainConfig) -> Any:
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
         run_config=RunConfig(
             name=cfg.run_name,
-            storage_path=cfg.output if storage.is_remote(cfg.output) else os.path.abspath(cfg.output),
+            storage_path=cfg.output,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             worker_runtime_env={"env_vars": worker_env(cfg)},
