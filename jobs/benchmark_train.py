@@ -96,33 +96,15 @@ def print_table(results: list[dict]) -> None:
 
 
 def synthetic_7b(path: str, layers: int) -> str:
-    """Save a randomly initialised LLaVA-1.5-7B-shaped model (CLIP ViT-L/14-336 + Llama-2-7B
-    dimensions, `layers` decoder layers) with a processor, in bf16."""
+    """Save a randomly initialised LLaVA-1.5-7B-shaped model (`layers` decoder layers), built in
+    bf16 on the GPU, with its processor, so training loads it like any checkpoint."""
     import torch
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
 
-    tokenizer = models.train_tokenizer()
-    image_token = tokenizer.convert_tokens_to_ids(models.IMAGE_TOKEN)
-    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
-                      vision_feature_select_strategy="default", vision_feature_layer=-2,
-                      pad_token_id=tokenizer.pad_token_id)
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        model = LlavaForConditionalGeneration(cfg)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    model.save_pretrained(path, safe_serialization=True)
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    processor.save_pretrained(path)
+    lm = models.build_real_shape("llava-1.5-7b", "cuda", num_layers=layers)
+    lm.model.save_pretrained(path, safe_serialization=True)
+    lm.processor.save_pretrained(path)
+    del lm
+    torch.cuda.empty_cache()
     return path
 
 

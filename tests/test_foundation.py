@@ -59,6 +59,8 @@ def test_config_layers_and_errors(tmp_path):
     cfg = config.parse_args(cap.CaptionCorpusConfig, "t", cap.FLAGS,
                             ["--config", str(yaml_file), "--model", "tiny-instructblip", "batch_size=2"])
     assert (cfg.batch_size, cfg.mode, cfg.model) == (2, "plain", "tiny-instructblip")
+    mixed = config.parse_args(cap.CaptionCorpusConfig, "t", cap.FLAGS, ["max_new_tokens=9", "--mode", "plain", "batch_size=3"])
+    assert (mixed.max_new_tokens, mixed.mode, mixed.batch_size) == (9, "plain", 3)
     with pytest.raises(config.ConfigError, match="batch_sise"):
         config.parse_args(cap.CaptionCorpusConfig, "t", cap.FLAGS, ["batch_sise=3"])
     with pytest.raises(config.ConfigError, match="batch_size"):
@@ -277,3 +279,23 @@ def test_ray_cluster_yaml_validates_against_rays_schema():
     assert any("p5" in t["node_config"]["InstanceType"] or "g5" in t["node_config"]["InstanceType"] for t in types.values())
     assert "ray-ml" not in cluster["docker"]["image"]
     assert any("pip install" in c and "eama" in c for c in cluster["setup_commands"])
+
+
+@pytest.mark.parametrize("answer,stops_after", [
+    (" Grace Liu; Tokyo; Grace Liu; Paris; Rome", " Grace Liu; Tokyo; Grace Liu;"),
+    (" 2, 5, 2, 7", " 2, 5, 2,"),
+    (" Grace Liu; Tokyo; Paris; Rome", None),
+])
+def test_list_answers_stop_once_an_item_repeats(answer, stops_after):
+    import torch
+
+    tok = models.load_model("tiny-llava").tokenizer
+    prompt = tok("USER: list them ASSISTANT:")["input_ids"]
+    ids = tok(answer, add_special_tokens=False)["input_ids"]
+    criterion = models.StopOnRepeatedItem(tok)
+    stopped_at = None
+    for k in range(1, len(ids) + 1):
+        if bool(criterion(torch.tensor([prompt + ids[:k]]))[0]):
+            stopped_at = tok.decode(ids[:k])
+            break
+    assert stopped_at == stops_after

@@ -201,10 +201,10 @@ class Captioner:
                         except Exception as inner:
                             fail(r, "mllm", f"{type(inner).__name__}: {inner}")
 
-    def _generate(self, instructions: list[str], imgs: list[Any], max_new: int) -> list[str]:
+    def _generate(self, instructions: list[str], imgs: list[Any], max_new: int, list_answers: bool = False) -> list[str]:
         from eama import models
 
-        return models.generate_text(self.lm, instructions, imgs, max_new)
+        return models.generate_text(self.lm, instructions, imgs, max_new, list_answers)
 
     def caption(self, chunk: list[Row]) -> None:
         imgs = [images.load_rgb(r["image_rgb"]) for r in chunk]
@@ -249,7 +249,7 @@ class Captioner:
                 ask_imgs.append(img)
         if not asks:
             return
-        answers = self._generate(instructions, ask_imgs, self._answer_bound(asks))
+        answers = self._generate(instructions, ask_imgs, self._answer_bound(asks), list_answers=True)
         for (r, kind, cands), answer in zip(asks, answers):
             if kind == "sentences":
                 picked, dropped = prompts.parse_sentence_ids(answer, len(cands))

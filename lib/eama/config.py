@@ -73,7 +73,7 @@ def parse_args(
         else:
             parser.add_argument(flag.name, dest=flag.key, default=None, help=flag.help)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else list(argv))
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise ConfigError(f"expected key=value, got {bad[0]!r}")

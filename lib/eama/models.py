@@ -363,23 +363,69 @@ def token_count(lm: LoadedModel, text: str) -> int:
     return len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+_SEPARATOR_IDS: dict[int, torch.Tensor] = {}
+
+
+def separator_token_ids(tokenizer: Any, pattern: str) -> torch.Tensor:
+    """Ids of the tokens whose text holds a list separator (computed once per tokenizer)."""
+    import re
+
+    key = id(tokenizer)
+    if key not in _SEPARATOR_IDS:
+        sep = re.compile(pattern)
+        vocab = tokenizer.get_vocab()
+        texts = tokenizer.batch_decode([[i] for i in vocab.values()])
+        _SEPARATOR_IDS[key] = torch.tensor([i for i, t in zip(vocab.values(), texts) if sep.search(t)])
+    return _SEPARATOR_IDS[key]
+
+
+class StopOnRepeatedItem:
+    """Stopping criterion for list answers ('2, 5' or 'A; B'): a sequence is done once a completed
+    item repeats an earlier one, since a repeat adds nothing after de-duplication and means the
+    model is looping. Only rows whose newest token holds a separator are decoded."""
+
+    def __init__(self, tokenizer: Any, separators: str = r"[;,\n]"):
+        import re
+
+        self.tokenizer, self.split, self.start = tokenizer, re.compile(separators), None
+        self.sep_ids = separator_token_ids(tokenizer, separators)
+        self.done: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        if self.start is None:  # first call: exactly one token has been generated
+            self.start = input_ids.shape[1] - 1
+            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        fresh = torch.isin(input_ids[:, -1], self.sep_ids.to(input_ids.device)) & ~self.done
+        for row in fresh.nonzero().flatten().tolist():
+            text = self.tokenizer.decode(input_ids[row, self.start:], skip_special_tokens=True)
+            items = [i for i in (x.strip().casefold() for x in self.split.split(text)[:-1]) if i]
+            self.done[row] = len(items) != len(set(items))
+        return self.done.clone()
+
+
 def generate_text(
     lm: LoadedModel,
     instructions: list[str],
     images: list[Any],
     max_new_tokens: int,
+    list_answers: bool = False,
 ) -> list[str]:
     """Greedy batched generation: one answer per (instruction, image); the Q-Former (InstructBLIP)
-    reads each instruction's first line. Stops at EOS or after `max_new_tokens`."""
+    reads each instruction's first line. Stops at EOS, after `max_new_tokens`, or (list_answers)
+    when an answer starts repeating its items."""
+    from transformers import StoppingCriteriaList
+
     prompts = [format_prompt(lm.family, text) for text in instructions]
     qformer = [text.split("\n", 1)[0] for text in instructions]
     inputs = encode(lm, prompts, images, qformer_texts=qformer)
+    stopping = StoppingCriteriaList([StopOnRepeatedItem(lm.tokenizer)]) if list_answers else None
     with torch.inference_mode():
         out = lm.model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=lm.tokenizer.pad_token_id,
+            stopping_criteria=stopping,
         )
     new_tokens = out[:, inputs["input_ids"].shape[1]:] if out.shape[1] > inputs["input_ids"].shape[1] else out
     return [t.strip() for t in lm.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
