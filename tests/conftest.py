@@ -100,3 +100,29 @@ def load_job(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+_CLUSTER_PREAMBLE = """
+import sys, json, threading, time, glob
+sys.path.insert(0, {jobs!r})
+import ray
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": {head_cpus}}})
+workers = [cluster.add_node(num_cpus={worker_cpus}) for _ in range({workers})]
+ray.init(address=cluster.address)
+import caption_corpus
+"""
+
+
+def run_on_cluster(body: str, head_cpus: int, worker_cpus: int, workers: int, timeout: int):
+    """Run `body` in a fresh process against a simulated multi-node cluster (ray.cluster_utils,
+    on 127.0.0.1); the names cluster, workers and caption_corpus are defined for it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    jobs = str(Path(__file__).resolve().parents[1] / "jobs")
+    script = (_CLUSTER_PREAMBLE.format(jobs=jobs, head_cpus=head_cpus, worker_cpus=worker_cpus, workers=workers)
+              + textwrap.dedent(body) + "\nray.shutdown(); cluster.shutdown()\n")
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import load_job
+from conftest import load_job, run_on_cluster
 from eama import demo, importers, ledger, schema, storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,30 +211,15 @@ def test_s3_input_and_output(ray_local, s3_server, tmp_path):
     assert any("_manifests" in p for p in listing)
 
 
-MULTINODE = r"""
-import os, sys, json
-sys.path.insert(0, {jobs!r})
-import ray
-from ray.cluster_utils import Cluster
-cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
-for _ in range(2):
-    cluster.add_node(num_cpus=1)
-ray.init(address=cluster.address)
-assert len([n for n in ray.nodes() if n["Alive"]]) == 3
-import caption_corpus
-m = caption_corpus.main(["--input", {corpus!r}, "--output", {out!r}, "batch_size=4", "max_new_tokens=8",
-                         "selection_max_new_tokens=8"])
-print("RESULT", json.dumps(m["this_run"]))
-ray.shutdown(); cluster.shutdown()
-"""
-
-
 def test_simulated_multi_node_cluster(tmp_path):
     corpus, out = tmp_path / "in", tmp_path / "out"
     demo.write_demo_corpus(str(corpus), num_samples=16, shard_size=4, seed=4)
-    script = MULTINODE.format(jobs=str(ROOT / "jobs"), corpus=str(corpus), out=str(out))
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=400)
+    done = run_on_cluster(f"""
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 3
+        m = caption_corpus.main(["--input", {str(corpus)!r}, "--output", {str(out)!r}, "batch_size=4",
+                                 "max_new_tokens=8", "selection_max_new_tokens=8"])
+        print("RESULT", json.dumps(m["this_run"]))
+        """, head_cpus=1, worker_cpus=1, workers=2, timeout=400)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
     rows, errs = read_output(str(out))
     assert rows.num_rows == 16 and errs.num_rows == 0

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import load_job
-from eama import demo, ledger, models, schema, storage
+from conftest import run_on_cluster
+from eama import demo, models, schema, storage
 from test_caption_corpus import ROOT, read_output, run_job, write_bad_corpus
 
 SECRET = "eama-test-secret-do-not-log-7f3a9c"
@@ -164,38 +164,25 @@ def test_remote_code_is_not_trusted_by_default(tmp_path):
         models.load_model(path)
 
 
-NODE_KILL = r"""
-import sys, threading, time, glob, json
-sys.path.insert(0, {jobs!r})
-import ray
-from ray.cluster_utils import Cluster
-cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2}})
-worker = cluster.add_node(num_cpus=2)
-ray.init(address=cluster.address)
-import caption_corpus
-result = {{}}
-def go():
-    result["m"] = caption_corpus.main(["--input", {corpus!r}, "--output", {out!r}, "batch_size=2",
-                                       "max_new_tokens=24", "selection_max_new_tokens=8"])
-t = threading.Thread(target=go, daemon=True); t.start()
-deadline = time.time() + 240
-while time.time() < deadline and len(glob.glob({out!r} + "/part-*.parquet")) < 2:
-    time.sleep(0.05)
-cluster.remove_node(worker)
-print("NODE REMOVED", flush=True)
-cluster.add_node(num_cpus=2)
-t.join(400)
-print("RESULT", json.dumps(result["m"]["this_run"]))
-ray.shutdown(); cluster.shutdown()
-"""
-
-
 def test_killed_worker_node_mid_run_loses_nothing(tmp_path):
     corpus, out = tmp_path / "in", tmp_path / "out"
     demo.write_demo_corpus(str(corpus), num_samples=48, shard_size=8, seed=15)
-    script = NODE_KILL.format(jobs=str(ROOT / "jobs"), corpus=str(corpus), out=str(out))
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=500)
+    done = run_on_cluster(f"""
+        result = {{}}
+        def go():
+            result["m"] = caption_corpus.main(["--input", {str(corpus)!r}, "--output", {str(out)!r}, "batch_size=2",
+                                               "max_new_tokens=24", "selection_max_new_tokens=8"])
+        t = threading.Thread(target=go, daemon=True)
+        t.start()
+        deadline = time.time() + 240
+        while time.time() < deadline and len(glob.glob({str(out)!r} + "/part-*.parquet")) < 2:
+            time.sleep(0.05)
+        cluster.remove_node(workers[0])
+        print("NODE REMOVED", flush=True)
+        cluster.add_node(num_cpus=2)
+        t.join(400)
+        print("RESULT", json.dumps(result["m"]["this_run"]))
+        """, head_cpus=2, worker_cpus=2, workers=1, timeout=500)
     assert done.returncode == 0 and "NODE REMOVED" in done.stdout, (done.stdout[-2000:], done.stderr[-4000:])
     rows, errs = read_output(str(out))
     ids = rows.column("sample_id").to_pylist()

@@ -309,3 +309,28 @@ def test_list_answers_stop_once_an_item_repeats(answer, stops_after):
             stopped_at = tok.decode(ids[:k])
             break
     assert stopped_at == stops_after
+
+
+# ---------------------------------------------------------------- resource plan
+
+
+def test_plan_on_a_two_cpu_laptop_leaves_cpu_for_io():
+    from eama import resources
+
+    plan = resources.plan_stages(cpus=2, gpus=0)
+    actors = plan.ner_actors * plan.ner_cpus + plan.mllm_actors * plan.mllm_cpus \
+        + plan.caption_ner_actors * plan.caption_ner_cpus
+    assert plan.device == "cpu" and actors + 2 * plan.io_cpus <= 2  # two I/O tasks can always run
+    assert min(plan.ner_actors, plan.mllm_actors, plan.caption_ner_actors) >= 1
+
+
+def test_plan_on_a_gpu_cluster_puts_one_model_per_gpu():
+    from eama import resources
+
+    plan = resources.plan_stages(cpus=192, gpus=8)
+    assert (plan.device, plan.mllm_actors, plan.mllm_gpus) == ("cuda", 8, 1.0)
+    assert plan.ner_actors * plan.ner_cpus + plan.mllm_actors * plan.mllm_cpus <= 192 - 2
+    trf = resources.plan_stages(cpus=192, gpus=8, ner_on_gpu=True)
+    assert trf.ner_gpus > 0 and trf.mllm_actors * trf.mllm_gpus + trf.ner_actors * trf.ner_gpus <= 8
+    with pytest.raises(ValueError, match="device=cuda"):
+        resources.plan_stages(cpus=8, gpus=0, device="cuda")

@@ -11,6 +11,9 @@ import dataclasses
 import math
 
 
+NER_GPU_SHARE = 0.25  # a spaCy transformer pipeline needs a slice of a GPU, not a whole one
+
+
 @dataclasses.dataclass(frozen=True)
 class StagePlan:
     io_cpus: float  # per read / decode / write task
@@ -51,22 +54,23 @@ def plan_stages(
         raise ValueError(f"device=cuda but the cluster has {gpus} GPUs (needs {gpus_per_mllm} per MLLM actor)")
     small = cpus <= 4
     io_cpus = 0.25 if small else 1.0
+    ner_gpus = NER_GPU_SHARE if ner_on_gpu and gpus else 0.0
+    ner_gpu_n = (ner_actors or 1) if ner_gpus else 0
     if use_gpu:
-        mllm_n = mllm_actors or max(1, int(gpus // gpus_per_mllm))
-        mllm_cpus, mllm_gpus = (1.0 if not small else 0.5), gpus_per_mllm
+        free_gpus = gpus - ner_gpu_n * ner_gpus  # spaCy-on-GPU actors take a slice first
+        mllm_n = mllm_actors or max(1, int(free_gpus // gpus_per_mllm))
+        mllm_cpus, mllm_gpus = (0.5 if small else 1.0), gpus_per_mllm
     else:
         mllm_n = mllm_actors or max(1, int(cpus // 8))
         mllm_cpus, mllm_gpus = (0.5 if small else 4.0), 0.0
     reserved_io = 0.75 if small else max(2.0, 0.1 * cpus)
-    left = cpus - reserved_io - mllm_n * mllm_cpus
     cap_cpus = 0.25 if small else 1.0
     cap_n = 1 if small else max(1, mllm_n // 2)
-    left -= cap_n * cap_cpus
-    if ner_on_gpu and gpus:
-        ner_cpus, ner_gpus = (0.25 if small else 1.0), 0.5 if not use_gpu else 0.0
-        ner_n = ner_actors or 1
+    left = cpus - reserved_io - mllm_n * mllm_cpus - cap_n * cap_cpus
+    if ner_gpus:
+        ner_cpus, ner_n = (0.25 if small else 1.0), ner_gpu_n
     else:
-        ner_cpus, ner_gpus = (0.5 if small else 1.0), 0.0
+        ner_cpus = 0.5 if small else 1.0
         ner_n = ner_actors or max(1, math.floor(max(left, ner_cpus) / ner_cpus))
     return StagePlan(io_cpus, ner_n, ner_cpus, ner_gpus, mllm_n, mllm_cpus, mllm_gpus, cap_n, cap_cpus,
                      "cuda" if use_gpu else "cpu")
