@@ -5,7 +5,7 @@
 
 SAMPLES are sample Parquet shards with reference captions (local or s3://). TASKS receives
 part-*.parquet task rows (task, sample_id, image, prompt, target, weight), _errors/*.parquet and
-_manifest.json with the counts. See docs_training.md.
+_manifest.json with the counts. See the README's Alignment section.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 TASKS is build_alignment_data output. STORAGE (local or s3://) receives STORAGE/RUN/checkpoint-*
 (the newest keep_checkpoints), metrics.jsonl, loss_curves.png and export/ (a Hugging Face model
 that caption_corpus loads with --model STORAGE/RUN/export). Relaunching with the same run name
-resumes from the last checkpoint. See docs_training.md.
+resumes from the last checkpoint. See the README's Alignment section.
 """
 
 from __future__ import annotations
