@@ -224,18 +224,6 @@ def clean_caption(text: str | None) -> str:
     return " ".join((text or "").split())
 
 
-def fetch_image(row: Row) -> bytes | None:
-    """The sample's encoded image (bytes column, else image_uri), or None when it has neither."""
-    if row.get("image") is not None:
-        return row["image"]
-    if row.get("image_uri"):
-        try:
-            return storage.read_bytes(row["image_uri"])
-        except FileNotFoundError:
-            raise images.ImageError(f"image_uri not found: {row['image_uri']}") from None
-    return None
-
-
 # ---------------------------------------------------------------- Ray Data stages
 
 # What the builder stage emits: task rows, plus one row per sample that yields none (kind
@@ -279,7 +267,7 @@ class TaskBuilder:
         if not clean_caption(row.get("caption")):
             return EMPTY_CAPTION, None
         try:
-            raw = fetch_image(row)
+            raw = images.fetch(row.get("image"), row.get("image_uri"))
             if raw is None:
                 return NO_IMAGE, None
             return None, images.normalize_image(raw)
@@ -311,15 +299,12 @@ def commit(batch: pa.Table, output: str, run_id: str) -> pa.Table:
     objects); return one stats row of JSON counts for the manifest."""
     rows = batch.to_pylist()
     tasks = [r for r in rows if r["kind"] == "task"]
-    errors = [{"sample_id": r["sample_id"], "source_file": r["source_file"], "stage": r["stage"],
-               "reason": r["reason"], "run_id": run_id} for r in rows if r["kind"] == "error"]
+    errors = [{k: r[k] for k in ("sample_id", "source_file", "stage", "reason")} for r in rows if r["kind"] == "error"]
     name = f"part-{ledger.digest(r['sample_id'] or r['source_file'] or '' for r in rows)}.parquet"
     if tasks:
         table = pa.Table.from_pylist([{k: r[k] for k in schema.TASK.names} for r in tasks], schema=schema.TASK)
         storage.write_table_atomic(table, storage.join(output, name))
-    if errors:
-        storage.write_table_atomic(pa.Table.from_pylist(errors, schema=schema.ERROR),
-                                   storage.join(output, ERRORS_DIR, name))
+    ledger.write_errors(errors, output, name, run_id)
     return pa.Table.from_pylist([{"stats": json.dumps(block_stats(rows))}])
 
 
@@ -413,10 +398,7 @@ def run(cfg: BuildConfig) -> dict[str, Any]:
     run_id, started = new_run_id(), time.time()
     files = storage.list_files(cfg.input)
     row_groups, bad_files = inspect_inputs(files)
-    if bad_files:
-        storage.write_table_atomic(
-            pa.Table.from_pylist([dict(e, run_id=run_id) for e in bad_files], schema=schema.ERROR),
-            storage.join(cfg.output, ERRORS_DIR, "unusable-files.parquet"))
+    ledger.write_file_errors(bad_files, cfg.output, run_id)
     reads = plan_reads(row_groups, {}, {})
     blocks = [json.loads(r["stats"]) for r in build_dataset(cfg, reads, run_id).iter_rows()] if reads else []
     stats = merge_stats(blocks)

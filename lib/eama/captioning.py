@@ -85,12 +85,7 @@ def decode_images(batch: pa.Table, max_side: int, max_pixels: int) -> pa.Table:
     def run() -> None:
         for r in todo:
             try:
-                data = r["image"]
-                if data is None and r["image_uri"]:
-                    try:
-                        data = storage.read_bytes(r["image_uri"])
-                    except FileNotFoundError:
-                        raise images.ImageError(f"image_uri not found: {r['image_uri']}") from None
+                data = images.fetch(r["image"], r["image_uri"])
                 r["image_rgb"] = images.normalize_image(data, max_side, max_pixels)
             except Exception as exc:
                 fail(r, "decode", str(exc))

@@ -16,6 +16,21 @@ class ImageError(ValueError):
     """An image that cannot be used; the message is the reason recorded in the error row."""
 
 
+def fetch(image: bytes | None, image_uri: str | None) -> bytes | None:
+    """A sample's encoded image: the bytes column, else the file at image_uri (local or s3://),
+    else None; a missing file raises ImageError naming the URI."""
+    if image is not None:
+        return image
+    if not image_uri:
+        return None
+    from eama import storage
+
+    try:
+        return storage.read_bytes(image_uri)
+    except FileNotFoundError:
+        raise ImageError(f"image_uri not found: {image_uri}") from None
+
+
 def open_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     if data is None:
         raise ImageError("no image: both image and image_uri are null")

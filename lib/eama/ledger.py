@@ -63,13 +63,8 @@ def commit_batch(table: pa.Table, output: str, run_id: str, model: str, mode: st
     name = f"part-{digest(keys)}.parquet"
     good = [r for r in rows if not r["error_stage"]]
     bad = [r for r in rows if r["error_stage"]]
-    if bad:
-        errors = [
-            {"sample_id": r["sample_id"], "source_file": r["source_file"], "stage": r["error_stage"],
-             "reason": r["error_reason"], "run_id": run_id}
-            for r in bad
-        ]
-        storage.write_table_atomic(pa.Table.from_pylist(errors, schema=schema.ERROR), storage.join(output, ERRORS_DIR, name))
+    write_errors([{"sample_id": r["sample_id"], "source_file": r["source_file"], "stage": r["error_stage"],
+                   "reason": r["error_reason"]} for r in bad], output, name, run_id)
     if good:
         for r in good:
             r.update(model=model, mode=mode, run_id=run_id)
@@ -78,14 +73,17 @@ def commit_batch(table: pa.Table, output: str, run_id: str, model: str, mode: st
     return {"written": len(good), "errors": len(bad)}
 
 
+def write_errors(errors: list[dict], output: str, name: str, run_id: str) -> None:
+    """Atomically write error rows (sample_id, source_file, stage, reason) as OUTPUT/_errors/<name>."""
+    if errors:
+        table = pa.Table.from_pylist([dict(e, run_id=run_id) for e in errors], schema=schema.ERROR)
+        storage.write_table_atomic(table, storage.join(output, ERRORS_DIR, name))
+
+
 def write_file_errors(errors: list[dict], output: str, run_id: str) -> None:
     """Commit errors about whole input files (not Parquet, missing column, ...)."""
-    if not errors:
-        return
-    for e in errors:
-        e["run_id"] = run_id
-    name = f"part-{digest(e['source_file'] + e['reason'] for e in errors)}.parquet"
-    storage.write_table_atomic(pa.Table.from_pylist(errors, schema=schema.ERROR), storage.join(output, ERRORS_DIR, name))
+    if errors:
+        write_errors(errors, output, f"part-{digest(e['source_file'] + e['reason'] for e in errors)}.parquet", run_id)
 
 
 def count_committed(output: str) -> tuple[int, int]:
