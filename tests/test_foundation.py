@@ -291,24 +291,52 @@ def test_ray_cluster_yaml_validates_against_rays_schema():
     assert any("pip install" in c and "eama" in c for c in cluster["setup_commands"])
 
 
-@pytest.mark.parametrize("answer,stops_after", [
-    (" Grace Liu; Tokyo; Grace Liu; Paris; Rome", " Grace Liu; Tokyo; Grace Liu;"),
-    (" 2, 5, 2, 7", " 2, 5, 2,"),
-    (" Grace Liu; Tokyo; Paris; Rome", None),
+ENTITY_CHOICES = ["Grace Liu", "Tokyo", "Paris", "Rome", "Washington, D.C."]
+
+
+@pytest.mark.parametrize("kind,answer,kept,not_reached", [
+    ("entities", " Grace Liu; Tokyo; Grace Liu; Paris; Rome", " Grace Liu; Tokyo; Grace Liu;", "Paris"),  # a repeat
+    ("entities", " Grace Liu; Berlin; Paris", " Grace Liu; B", "Paris"),  # an item that starts no choice
+    ("entities", " none; Tokyo", " none;", "Tokyo"),  # a complete 'none'
+    ("entities", " Grace Liu; Tokyo; Paris; Rome; Washington, D.C.", None, None),  # a comma inside an entity
+    ("sentences", " 2, 5, 2, 7", " 2, 5, 2,", "7"),
+    ("sentences", " 2, 12, 3", " 2, 1", "3"),  # out of range (5 candidates)
+    ("sentences", " 1, 2, 3, 4, 5", None, None),
 ])
-def test_list_answers_stop_once_an_item_repeats(answer, stops_after):
+def test_list_answers_stop_once_they_can_gain_no_valid_item(kind, answer, kept, not_reached):
+    """Decoding a selection answer stops as soon as nothing it could add would survive parsing."""
     import torch
+
+    from eama import prompts
 
     tok = models.load_model("tiny-llava").tokenizer
     prompt = tok("USER: list them ASSISTANT:")["input_ids"]
     ids = tok(answer, add_special_tokens=False)["input_ids"]
-    criterion = models.StopOnRepeatedItem(tok)
+    choices = prompts.answer_choices(kind, ENTITY_CHOICES if kind == "entities" else ["s"] * 5)
+    criterion = models.StopWhenListEnds(tok, [(kind, choices)])
     stopped_at = None
     for k in range(1, len(ids) + 1):
         if bool(criterion(torch.tensor([prompt + ids[:k]]))[0]):
             stopped_at = tok.decode(ids[:k])
             break
-    assert stopped_at == stops_after
+    if kept is not None:
+        assert stopped_at is not None and stopped_at.startswith(kept) and not_reached not in stopped_at
+    else:  # an answer decoded in full parses in full
+        parsed = (prompts.parse_entities(answer, choices) if kind == "entities"
+                  else prompts.parse_sentence_ids(answer, len(choices)))
+        assert parsed == (list(range(5)), 0)
+
+
+def test_a_row_that_stops_early_leaves_the_others_decoding():
+    import torch
+
+    tok = models.load_model("tiny-llava").tokenizer
+    prompt = tok("USER: list them ASSISTANT:")["input_ids"]
+    good, bad = (tok(a, add_special_tokens=False)["input_ids"] for a in (" 1, 2, 3", " 9, 1, 2"))
+    n = min(len(good), len(bad))
+    criterion = models.StopWhenListEnds(tok, [("sentences", ["1", "2", "3"])] * 2)
+    flags = [criterion(torch.tensor([prompt + good[:k], prompt + bad[:k]])).tolist() for k in range(1, n + 1)]
+    assert flags[0][1] and not any(row[0] for row in flags)  # ' 9' is out of range at once
 
 
 # ---------------------------------------------------------------- resource plan

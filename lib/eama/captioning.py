@@ -196,10 +196,11 @@ class Captioner:
                         except Exception as inner:
                             fail(r, "mllm", f"{type(inner).__name__}: {inner}")
 
-    def _generate(self, instructions: list[str], imgs: list[Any], max_new: int, list_answers: bool = False) -> list[str]:
+    def _generate(self, instructions: list[str], imgs: list[Any], max_new: int,
+                  lists: list[tuple[str, list[str]]] | None = None) -> list[str]:
         from eama import models
 
-        return models.generate_text(self.lm, instructions, imgs, max_new, list_answers)
+        return models.generate_text(self.lm, instructions, imgs, max_new, lists)
 
     def caption(self, chunk: list[Row]) -> None:
         imgs = [images.load_rgb(r["image_rgb"]) for r in chunk]
@@ -244,7 +245,8 @@ class Captioner:
                 ask_imgs.append(img)
         if not asks:
             return
-        answers = self._generate(instructions, ask_imgs, self._answer_bound(asks), list_answers=True)
+        lists = [(kind, prompts.answer_choices(kind, cands)) for _, kind, cands in asks]
+        answers = self._generate(instructions, ask_imgs, self._answer_bound(asks), lists)
         for (r, kind, cands), answer in zip(asks, answers):
             if kind == "sentences":
                 picked, dropped = prompts.parse_sentence_ids(answer, len(cands))

@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import logging
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -363,43 +363,29 @@ def token_count(lm: LoadedModel, text: str) -> int:
     return len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-_SEPARATOR_IDS: dict[int, torch.Tensor] = {}
+class StopWhenListEnds:
+    """Stopping criterion for list answers ('2, 5' or 'A; B'), given each row's (kind, choices): a
+    row is done once its answer can gain no valid new item (prompts.list_answer_can_grow), e.g. an
+    item repeats or names no choice. Parsing, not this, judges the answer; this only saves steps."""
 
-
-def separator_token_ids(tokenizer: Any, pattern: str) -> torch.Tensor:
-    """Ids of the tokens whose text holds a list separator (computed once per tokenizer)."""
-    import re
-
-    key = id(tokenizer)
-    if key not in _SEPARATOR_IDS:
-        sep = re.compile(pattern)
-        vocab = tokenizer.get_vocab()
-        texts = tokenizer.batch_decode([[i] for i in vocab.values()])
-        _SEPARATOR_IDS[key] = torch.tensor([i for i, t in zip(vocab.values(), texts) if sep.search(t)])
-    return _SEPARATOR_IDS[key]
-
-
-class StopOnRepeatedItem:
-    """Stopping criterion for list answers ('2, 5' or 'A; B'): a sequence is done once a completed
-    item repeats an earlier one, since a repeat adds nothing after de-duplication and means the
-    model is looping. Only rows whose newest token holds a separator are decoded."""
-
-    def __init__(self, tokenizer: Any, separators: str = r"[;,\n]"):
-        import re
-
-        self.tokenizer, self.split, self.start = tokenizer, re.compile(separators), None
-        self.sep_ids = separator_token_ids(tokenizer, separators)
+    def __init__(self, tokenizer: Any, lists: Sequence[tuple[str, Sequence[str]]]):
+        self.tokenizer, self.lists = tokenizer, lists
+        self.start: int | None = None
         self.done: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        from eama import prompts
+
         if self.start is None:  # first call: exactly one token has been generated
             self.start = input_ids.shape[1] - 1
             self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        fresh = torch.isin(input_ids[:, -1], self.sep_ids.to(input_ids.device)) & ~self.done
-        for row in fresh.nonzero().flatten().tolist():
-            text = self.tokenizer.decode(input_ids[row, self.start:], skip_special_tokens=True)
-            items = [i for i in (x.strip().casefold() for x in self.split.split(text)[:-1]) if i]
-            self.done[row] = len(items) != len(set(items))
+        rows = (~self.done).nonzero().flatten().tolist()
+        texts = self.tokenizer.batch_decode(input_ids[rows, self.start:], skip_special_tokens=True)
+        for row, text in zip(rows, texts):
+            if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+                continue
+            kind, choices = self.lists[row]
+            self.done[row] = not prompts.list_answer_can_grow(text, choices, kind)
         return self.done.clone()
 
 
@@ -408,17 +394,17 @@ def generate_text(
     instructions: list[str],
     images: list[Any],
     max_new_tokens: int,
-    list_answers: bool = False,
+    lists: Sequence[tuple[str, Sequence[str]]] | None = None,
 ) -> list[str]:
     """Greedy batched generation: one answer per (instruction, image); the Q-Former (InstructBLIP)
-    reads each instruction's first line. Stops at EOS, after `max_new_tokens`, or (list_answers)
-    when an answer starts repeating its items."""
+    reads each instruction's first line. Stops at EOS, after `max_new_tokens`, or, given each row's
+    (kind, choices) as `lists`, once a list answer can gain no valid item."""
     from transformers import StoppingCriteriaList
 
     prompts = [format_prompt(lm.family, text) for text in instructions]
     qformer = [text.split("\n", 1)[0] for text in instructions]
     inputs = encode(lm, prompts, images, qformer_texts=qformer)
-    stopping = StoppingCriteriaList([StopOnRepeatedItem(lm.tokenizer)]) if list_answers else None
+    stopping = StoppingCriteriaList([StopWhenListEnds(lm.tokenizer, lists)]) if lists else None
     with torch.inference_mode():
         out = lm.model.generate(
             **inputs,

@@ -97,8 +97,43 @@ def parse_sentence_ids(answer: str, num_candidates: int) -> tuple[list[int], int
     return sorted(ids), dropped
 
 
+_ITEM_EDGES = " .,;:'\"“”‘’"
+SEPARATORS = {"sentences": ",;\n", "entities": ";\n"}  # what ends an item in each kind of list answer
+
+
 def _norm(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip(" .,;:'\"“”‘’").casefold()
+    return re.sub(r"\s+", " ", text).strip(_ITEM_EDGES).casefold()
+
+
+def sentence_choices(num_candidates: int) -> list[str]:
+    """The items a sentence-selection answer may list (candidates are shown 1-based)."""
+    return [str(i + 1) for i in range(num_candidates)]
+
+
+def answer_choices(kind: str, candidates: Sequence[str]) -> list[str]:
+    """The items a list answer of `kind` ('sentences' or 'entities') may name."""
+    return sentence_choices(len(candidates)) if kind == "sentences" else list(candidates)
+
+
+def list_answer_can_grow(answer: str, choices: Sequence[str], kind: str) -> bool:
+    """Whether a list answer being written can still gain a valid new item. False once an item is
+    complete but names no choice or repeats one, once the answer is a complete 'none', once every
+    choice is listed, or once the item being written starts no choice: whatever the model adds
+    after that, the parsers would drop. Used to stop decoding early, never to judge an answer."""
+    *done, partial = re.split(f"[{SEPARATORS[kind]}]", answer)
+    valid = {_norm(c) for c in choices}
+    seen: set[str] = set()
+    for item in (_norm(x) for x in done):
+        if not item:
+            continue
+        if item == NONE_ANSWER or item not in valid or item in seen:
+            return False
+        seen.add(item)
+    if seen >= valid:
+        return False
+    head = re.sub(r"\s+", " ", partial).strip().lstrip(_ITEM_EDGES).casefold()
+    starts = valid | {re.sub(r"\s+", " ", c).strip().casefold() for c in choices} | {NONE_ANSWER}
+    return any(s.startswith(head) for s in starts)
 
 
 def parse_entities(answer: str, candidates: Sequence[str]) -> tuple[list[int], int]:
@@ -108,7 +143,7 @@ def parse_entities(answer: str, candidates: Sequence[str]) -> tuple[list[int], i
     for i, c in enumerate(candidates):
         by_norm.setdefault(_norm(c), i)
     chosen, dropped = [], 0
-    for item in re.split(r"[;\n]", answer):
+    for item in re.split(f"[{SEPARATORS['entities']}]", answer):
         key = _norm(item)
         if not key or key == NONE_ANSWER:
             continue

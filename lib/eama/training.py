@@ -734,20 +734,20 @@ def selection_scores(lm: Any, rows: Sequence[dict[str, Any]], batch_size: int = 
     from eama import models
 
     tally: dict[str, list[float]] = {}
-    for task in ("sentence_selection", "entity_selection"):
+    for task, kind in (("sentence_selection", "sentences"), ("entity_selection", "entities")):
         todo = [r for r in rows if r["task"] == task]
         exact = tp = n_pred = n_gold = 0
         for k in range(0, len(todo), batch_size):
             chunk = todo[k : k + batch_size]
-            answers = models.generate_text(lm, [r["prompt"] for r in chunk],
-                                           [images.load_rgb(r["image"]) for r in chunk], max_new_tokens)
-            for r, answer in zip(chunk, answers):
-                if task == "sentence_selection":
-                    n = candidate_count(r["prompt"])
-                    pred, gold = prompts.parse_sentence_ids(answer, n)[0], prompts.parse_sentence_ids(r["target"], n)[0]
+            cands = [entity_candidates(r["prompt"]) for r in chunk] if kind == "entities" else \
+                [prompts.sentence_choices(candidate_count(r["prompt"])) for r in chunk]
+            answers = models.generate_text(lm, [r["prompt"] for r in chunk], [images.load_rgb(r["image"]) for r in chunk],
+                                           max_new_tokens, [(kind, prompts.answer_choices(kind, c)) for c in cands])
+            for r, answer, c in zip(chunk, answers, cands):
+                if kind == "sentences":
+                    pred, gold = prompts.parse_sentence_ids(answer, len(c))[0], prompts.parse_sentence_ids(r["target"], len(c))[0]
                 else:
-                    cands = entity_candidates(r["prompt"])
-                    pred, gold = prompts.parse_entities(answer, cands)[0], prompts.parse_entities(r["target"], cands)[0]
+                    pred, gold = prompts.parse_entities(answer, c)[0], prompts.parse_entities(r["target"], c)[0]
                 exact += set(pred) == set(gold)
                 tp += len(set(pred) & set(gold))
                 n_pred += len(set(pred))
