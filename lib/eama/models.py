@@ -389,21 +389,74 @@ class StopWhenListEnds:
         return self.done.clone()
 
 
+@dataclasses.dataclass
+class ImagePrefix:
+    """The KV cache of each image's prompt head (chat prefix + image tokens), computed once and
+    continued by every prompt about that image: EAMA's three prompts pay for the image once."""
+
+    cache: Any  # DynamicCache, one row per image
+    input_ids: torch.Tensor  # (images, head length), left-padded
+    attention_mask: torch.Tensor
+
+
+def shares_image_prefix(lm: LoadedModel) -> bool:
+    """LLaVA puts the image at the head of every prompt, so the head's KV cache can be reused.
+    InstructBLIP cannot: its visual tokens depend on each prompt's Q-Former instruction."""
+    return lm.family == "llava"
+
+
+def image_prefix(lm: LoadedModel, images: list[Any]) -> ImagePrefix:
+    """Run the prompt head of each image once (vision tower and language model) and keep its cache."""
+    head = format_prompt(lm.family, "").split(IMAGE_TOKEN)[0] + IMAGE_TOKEN
+    inputs = encode(lm, [head] * len(images), images)
+    mask = inputs["attention_mask"]
+    with torch.inference_mode():
+        out = lm.model(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+    return ImagePrefix(out.past_key_values, inputs["input_ids"], mask)
+
+
+def continue_prefix(lm: LoadedModel, prefix: ImagePrefix, rows: list[int], prompts: list[str]) -> dict[str, Any]:
+    """generate() inputs for `prompts`, the i-th continuing image `rows[i]` of `prefix`: the head's
+    tokens and cache, then the prompt's own tokens (those after the image token), left-padded, so
+    padding sits between head and tail; positions follow the attention mask and skip it."""
+    from transformers import DynamicCache
+
+    tok, image_id = lm.tokenizer, lm.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    tails = []
+    for ids in tok(prompts, add_special_tokens=True)["input_ids"]:
+        tails.append(ids[len(ids) - ids[::-1].index(image_id):])
+    width = max(len(t) for t in tails)
+    tail_ids = torch.tensor([[tok.pad_token_id] * (width - len(t)) + t for t in tails], device=lm.device)
+    tail_mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=lm.device)
+    idx = torch.tensor(rows, device=lm.device)
+    cache = DynamicCache(config=lm.model.config)
+    for layer, past in enumerate(prefix.cache.layers):
+        cache.update(past.keys[idx], past.values[idx], layer)
+    return {"input_ids": torch.cat([prefix.input_ids[idx], tail_ids], 1),
+            "attention_mask": torch.cat([prefix.attention_mask[idx], tail_mask.to(prefix.attention_mask.dtype)], 1),
+            "past_key_values": cache}
+
+
 def generate_text(
     lm: LoadedModel,
     instructions: list[str],
     images: list[Any],
     max_new_tokens: int,
     lists: Sequence[tuple[str, Sequence[str]]] | None = None,
+    prefix: tuple[ImagePrefix, list[int]] | None = None,
 ) -> list[str]:
     """Greedy batched generation: one answer per (instruction, image); the Q-Former (InstructBLIP)
     reads each instruction's first line. Stops at EOS, after `max_new_tokens`, or, given each row's
-    (kind, choices) as `lists`, once a list answer can gain no valid item."""
+    (kind, choices) as `lists`, once a list answer can gain no valid item. With `prefix` (an
+    ImagePrefix and each instruction's image row in it) `images` is unused: the cached heads are
+    continued instead of running the image again."""
     from transformers import StoppingCriteriaList
 
     prompts = [format_prompt(lm.family, text) for text in instructions]
-    qformer = [text.split("\n", 1)[0] for text in instructions]
-    inputs = encode(lm, prompts, images, qformer_texts=qformer)
+    if prefix is not None:
+        inputs = continue_prefix(lm, prefix[0], prefix[1], prompts)
+    else:
+        inputs = encode(lm, prompts, images, qformer_texts=[text.split("\n", 1)[0] for text in instructions])
     stopping = StoppingCriteriaList([StopWhenListEnds(lm.tokenizer, lists)]) if lists else None
     with torch.inference_mode():
         out = lm.model.generate(

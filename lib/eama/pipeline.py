@@ -38,6 +38,7 @@ class CaptionCorpusConfig:
     generate_batch_size: int = 8
     max_new_tokens: int = 48
     selection_max_new_tokens: int = 32
+    share_image_prefix: bool = True  # eama: one KV cache of each image's prompt head for its three prompts
     max_image_side: int = images.DEFAULT_MAX_SIDE
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS
     max_article_words: int = 5000
@@ -113,7 +114,7 @@ def build_dataset(cfg: CaptionCorpusConfig, plan: resources.StagePlan, items: li
     captioner = captioning.CaptionerConfig(
         model=cfg.model, mode=cfg.mode, device=plan.device, max_new_tokens=cfg.max_new_tokens,
         selection_max_new_tokens=cfg.selection_max_new_tokens, generate_batch_size=cfg.generate_batch_size,
-        trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, threads=max(1, int(plan.mllm_cpus)),
+        share_image_prefix=cfg.share_image_prefix, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, threads=max(1, int(plan.mllm_cpus)),
     )
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(captioning.read_row_groups, batch_size=1, batch_format="pyarrow", **io,
