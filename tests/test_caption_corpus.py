@@ -244,3 +244,19 @@ def test_simulated_multi_node_cluster(tmp_path):
     rows, errs = read_output(str(out))
     assert rows.num_rows == 16 and errs.num_rows == 0
     assert len(set(rows.column("sample_id").to_pylist())) == 16
+
+
+def test_benchmark_prints_every_stage_and_the_eama_cost(capsys):
+    """The benchmark job runs on CPU and reports each MLLM variant's time and LM work side by side."""
+    bench = load_job("benchmark_caption")
+    bench.main(["samples=8", "batch_size=4", "max_new_tokens=6", "selection_max_new_tokens=4", "repeats=1",
+                "end_to_end=false"])
+    out = capsys.readouterr().out
+    for stage in ("decode (CPU task)", "spaCy articles (actor)", "MLLM plain", "MLLM eama", "MLLM eama, no prefix reuse",
+                  "spaCy captions (actor)"):
+        assert f"| {stage} |" in out
+    work = {line.split("|")[1].strip(): [int(x) for x in line.split("|")[5:7]]
+            for line in out.splitlines() if line.startswith("| MLLM")}
+    assert 0 < work["MLLM plain"][0] <= 2 * 6  # two batches, at most one pass per new token
+    # the prefix cache spares the image tokens of every selection prompt and of the caption prompt
+    assert work["MLLM plain"][1] < work["MLLM eama"][1] < work["MLLM eama, no prefix reuse"][1]
