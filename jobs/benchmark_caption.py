@@ -2,6 +2,7 @@
 
     python jobs/benchmark_caption.py                     # CPU, tiny LLaVA, demo data
     python jobs/benchmark_caption.py --device cuda --shape llava-1.5-7b   # random weights, real 7B shape
+    python jobs/benchmark_caption.py --input PARQUET samples=64          # your own corpus instead of demo rows
 
 Prints one table: each stage alone (decode, spaCy, MLLM plain, MLLM eama with and without the
 shared image prefix, caption spaCy) and the whole Ray pipeline on the same rows, with ratios; on
@@ -20,12 +21,13 @@ from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
-from eama import captioning, config, demo, images, models, schema
+from eama import captioning, config, demo, images, models, schema, storage
 
 
 @dataclasses.dataclass
 class BenchConfig:
     samples: int = 32
+    input: str = ""  # Parquet samples (local or s3://) to benchmark on; empty = generated demo rows
     model: str = "tiny-llava"
     shape: str = ""  # llava-1.5-7b | instructblip-vicuna-7b: random weights of the real shape
     num_layers: int = 0  # trim the language model of --shape (0 = all)
@@ -41,7 +43,8 @@ FLAGS = [
     config.Flag("--device", "device", "cpu or cuda"),
     config.Flag("--shape", "shape", "benchmark a random model of this preset's real shape"),
     config.Flag("--model", "model", "model to load (ignored with --shape)"),
-    config.Flag("--samples", "samples", "rows of demo data"),
+    config.Flag("--samples", "samples", "rows to benchmark on"),
+    config.Flag("--input", "input", "Parquet samples to benchmark on instead of demo rows"),
 ]
 
 
@@ -69,9 +72,23 @@ class TokenCounter:
         return out, seconds, self.passes - passes, self.positions - positions
 
 
-def work_table(n: int) -> pa.Table:
-    rows = [dict(r, source_file="bench") for r in demo.generate_samples(n, seed=11)]
-    return captioning.to_work(rows)
+def sample_rows(cfg: BenchConfig) -> list[dict]:
+    """The first `samples` rows of `input` (validated against the sample contract), else demo rows."""
+    if not cfg.input:
+        return list(demo.generate_samples(cfg.samples, seed=11))
+    rows: list[dict] = []
+    for path in storage.list_files(cfg.input):
+        table = schema.conform(storage.read_table(path), schema.SAMPLE, path).select(schema.SAMPLE.names)
+        rows += table.slice(0, cfg.samples - len(rows)).to_pylist()
+        if len(rows) >= cfg.samples:
+            break
+    if not rows:
+        raise SystemExit(f"benchmark_caption: no sample rows in {cfg.input}")
+    return rows
+
+
+def work_table(rows: list[dict]) -> pa.Table:
+    return captioning.to_work([dict(r, source_file="bench") for r in rows])
 
 
 def in_batches(fn: Callable[[pa.Table], pa.Table], table: pa.Table, size: int) -> pa.Table:
@@ -119,16 +136,13 @@ def token_rates(lm: models.LoadedModel, rows: list[dict], batch: int, max_new: i
     }
 
 
-def end_to_end(cfg: BenchConfig, mode: str) -> float:
-    """Wall seconds of the whole Ray pipeline (a fresh output) on the same demo rows."""
+def end_to_end(cfg: BenchConfig, rows: list[dict], mode: str) -> float:
+    """Wall seconds of the whole Ray pipeline (a fresh output) on the same rows."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import caption_corpus
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "in")
-        rows = list(demo.generate_samples(cfg.samples, seed=11))
-        from eama import storage
-
         storage.write_table_atomic(pa.Table.from_pylist(rows, schema=schema.SAMPLE),
                                    os.path.join(corpus, "part-0.parquet"), storage.ROW_GROUP_ROWS // 4)
         run_cfg = caption_corpus.CaptionCorpusConfig(
@@ -149,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not torch.cuda.is_available():
             print("benchmark_caption: --device cuda needs a CUDA GPU; none is visible here. Nothing measured.")
             return
-    table = work_table(cfg.samples)
+    rows = sample_rows(cfg)
+    table = work_table(rows)
     n = table.num_rows
 
     # Each stage alone, in this process, on the same rows.
@@ -183,10 +198,10 @@ def main(argv: Sequence[str] | None = None) -> None:
               *[(f"MLLM {label}", seconds) for label, seconds in results.items()], ("spaCy captions (actor)", t_cap_ner)]
     if cfg.end_to_end and not cfg.shape:
         for mode in ("plain", "eama"):
-            stages.append((f"end-to-end Ray, {mode}", end_to_end(cfg, mode)))
+            stages.append((f"end-to-end Ray, {mode}", end_to_end(cfg, rows, mode)))
     slowest = max(t for name, t in stages if not name.startswith("end"))
     label = cfg.shape and f"random {cfg.shape}" or cfg.model
-    print(f"\n{n} demo rows, model {label} on {cfg.device}, batch {cfg.batch_size}, "
+    print(f"\n{n} rows of {cfg.input or 'demo data'}, model {label} on {cfg.device}, batch {cfg.batch_size}, "
           f"max_new_tokens {cfg.max_new_tokens} / selection {cfg.selection_max_new_tokens}; "
           f"MLLM rows: median of {max(1, cfg.repeats)} interleaved runs\n")
     print("| stage | seconds | rows/s | time / slowest stage | LM passes | LM token positions |\n"
