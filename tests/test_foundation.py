@@ -296,15 +296,16 @@ ENTITY_CHOICES = ["Grace Liu", "Tokyo", "Paris", "Rome", "Washington, D.C."]
 
 @pytest.mark.parametrize("kind,answer,kept,not_reached", [
     ("entities", " Grace Liu; Tokyo; Grace Liu; Paris; Rome", " Grace Liu; Tokyo; Grace Liu;", "Paris"),  # a repeat
-    ("entities", " Grace Liu; Berlin; Paris", " Grace Liu; B", "Paris"),  # an item that starts no choice
+    ("entities", " Berlin; Grace Liu; Oslo; Paris", " Berlin; Grace Liu; Oslo;", "Paris"),  # two items name no choice
+    ("entities", " Grace Liu; qqqqqqqqqqqqqqqqqqqqqqqqqqqqqq; Paris", " Grace Liu; q", "Paris"),  # runaway item
     ("entities", " none; Tokyo", " none;", "Tokyo"),  # a complete 'none'
-    ("entities", " Grace Liu; Tokyo; Paris; Rome; Washington, D.C.", None, None),  # a comma inside an entity
+    ("entities", " Berlin; Grace Liu; Tokyo; Paris; Rome; Washington, D.C.", None, None),  # one stray item, a comma inside an entity
     ("sentences", " 2, 5, 2, 7", " 2, 5, 2,", "7"),
-    ("sentences", " 2, 12, 3", " 2, 1", "3"),  # out of range (5 candidates)
-    ("sentences", " 1, 2, 3, 4, 5", None, None),
+    ("sentences", " 2, 12, 3, 4", None, None),  # one out-of-range number (5 candidates) is tolerated
+    ("sentences", " 2, 12, 31, 4", " 2, 12, 31", "4"),  # two are not
 ])
 def test_list_answers_stop_once_they_can_gain_no_valid_item(kind, answer, kept, not_reached):
-    """Decoding a selection answer stops as soon as nothing it could add would survive parsing."""
+    """Decoding a selection answer stops once it is finished or runaway; a stray item is tolerated."""
     import torch
 
     from eama import prompts
@@ -319,12 +320,10 @@ def test_list_answers_stop_once_they_can_gain_no_valid_item(kind, answer, kept, 
         if bool(criterion(torch.tensor([prompt + ids[:k]]))[0]):
             stopped_at = tok.decode(ids[:k])
             break
-    if kept is not None:
+    if kept is None:
+        assert stopped_at is None
+    else:
         assert stopped_at is not None and stopped_at.startswith(kept) and not_reached not in stopped_at
-    else:  # an answer decoded in full parses in full
-        parsed = (prompts.parse_entities(answer, choices) if kind == "entities"
-                  else prompts.parse_sentence_ids(answer, len(choices)))
-        assert parsed == (list(range(5)), 0)
 
 
 def test_a_row_that_stops_early_leaves_the_others_decoding():
@@ -332,11 +331,11 @@ def test_a_row_that_stops_early_leaves_the_others_decoding():
 
     tok = models.load_model("tiny-llava").tokenizer
     prompt = tok("USER: list them ASSISTANT:")["input_ids"]
-    good, bad = (tok(a, add_special_tokens=False)["input_ids"] for a in (" 1, 2, 3", " 9, 1, 2"))
+    good, bad = (tok(a, add_special_tokens=False)["input_ids"] for a in (" 1, 2, 3", " 9, 8, 1"))
     n = min(len(good), len(bad))
     criterion = models.StopWhenListEnds(tok, [("sentences", ["1", "2", "3"])] * 2)
     flags = [criterion(torch.tensor([prompt + good[:k], prompt + bad[:k]])).tolist() for k in range(1, n + 1)]
-    assert flags[0][1] and not any(row[0] for row in flags)  # ' 9' is out of range at once
+    assert any(row[1] for row in flags) and not any(row[0] for row in flags)  # 9 and 8 are out of range
 
 
 # ---------------------------------------------------------------- resource plan

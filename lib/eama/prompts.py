@@ -115,25 +115,29 @@ def answer_choices(kind: str, candidates: Sequence[str]) -> list[str]:
     return sentence_choices(len(candidates)) if kind == "sentences" else list(candidates)
 
 
-def list_answer_can_grow(answer: str, choices: Sequence[str], kind: str) -> bool:
-    """Whether a list answer being written can still gain a valid new item. False once an item is
-    complete but names no choice or repeats one, once the answer is a complete 'none', once every
-    choice is listed, or once the item being written starts no choice: whatever the model adds
-    after that, the parsers would drop. Used to stop decoding early, never to judge an answer."""
+def list_answer_can_grow(answer: str, choices: Sequence[str], kind: str, max_invalid: int = 2) -> bool:
+    """Whether a list answer being written is still worth decoding. False once it is finished or
+    runaway: an item repeats (the model loops), it is a complete 'none', every choice is listed,
+    `max_invalid` items name no choice, or the item being written is longer than every choice and
+    starts none of them. Used to stop decoding early, never to judge an answer: the parsers do."""
     *done, partial = re.split(f"[{SEPARATORS[kind]}]", answer)
     valid = {_norm(c) for c in choices}
     seen: set[str] = set()
+    invalid = 0
     for item in (_norm(x) for x in done):
         if not item:
             continue
-        if item == NONE_ANSWER or item not in valid or item in seen:
+        if item == NONE_ANSWER or item in seen:
             return False
-        seen.add(item)
-    if seen >= valid:
+        if item in valid:
+            seen.add(item)
+        else:
+            invalid += 1
+    if seen >= valid or invalid >= max_invalid:
         return False
     head = re.sub(r"\s+", " ", partial).strip().lstrip(_ITEM_EDGES).casefold()
     starts = valid | {re.sub(r"\s+", " ", c).strip().casefold() for c in choices} | {NONE_ANSWER}
-    return any(s.startswith(head) for s in starts)
+    return len(head) <= max(len(s) for s in starts) or any(s.startswith(head) for s in starts)
 
 
 def parse_entities(answer: str, candidates: Sequence[str]) -> tuple[list[int], int]:
