@@ -304,7 +304,7 @@ ENTITY_CHOICES = ["Grace Liu", "Tokyo", "Paris", "Rome", "Washington, D.C."]
     ("sentences", " 2, 12, 3, 4", None, None),  # one out-of-range number (5 candidates) is tolerated
     ("sentences", " 2, 12, 31, 4", " 2, 12, 31", "4"),  # two are not
 ])
-def test_list_answers_stop_once_they_can_gain_no_valid_item(kind, answer, kept, not_reached):
+def test_list_answers_stop_once_finished_or_runaway(kind, answer, kept, not_reached):
     """Decoding a selection answer stops once it is finished or runaway; a stray item is tolerated."""
     import torch
 

@@ -365,8 +365,8 @@ def token_count(lm: LoadedModel, text: str) -> int:
 
 class StopWhenListEnds:
     """Stopping criterion for list answers ('2, 5' or 'A; B'), given each row's (kind, choices): a
-    row is done once its answer can gain no valid new item (prompts.list_answer_can_grow), e.g. an
-    item repeats or names no choice. Parsing, not this, judges the answer; this only saves steps."""
+    row is done once its answer is finished or runaway (prompts.list_answer_can_grow), e.g. an
+    item repeats. Parsing, not this, judges the answer; this only saves steps."""
 
     def __init__(self, tokenizer: Any, lists: Sequence[tuple[str, Sequence[str]]]):
         self.tokenizer, self.lists = tokenizer, lists
@@ -447,7 +447,7 @@ def generate_text(
 ) -> list[str]:
     """Greedy batched generation: one answer per (instruction, image); the Q-Former (InstructBLIP)
     reads each instruction's first line. Stops at EOS, after `max_new_tokens`, or, given each row's
-    (kind, choices) as `lists`, once a list answer can gain no valid item. With `prefix` (an
+    (kind, choices) as `lists`, once a list answer is finished or runaway. With `prefix` (an
     ImagePrefix and each instruction's image row in it) `images` is unused: the cached heads are
     continued instead of running the image again."""
     from transformers import StoppingCriteriaList
