@@ -365,17 +365,18 @@ def token_count(lm: LoadedModel, text: str) -> int:
 
 class StopWhenListEnds:
     """Stopping criterion for list answers ('2, 5' or 'A; B'), given each row's (kind, choices): a
-    row is done once its answer is finished or runaway (prompts.list_answer_can_grow), e.g. an
-    item repeats. Parsing, not this, judges the answer; this only saves steps."""
+    row is done once its answer is finished or runaway (prompts.ListAnswerGuard), e.g. an item
+    repeats. Parsing, not this, judges the answer; this only saves steps."""
 
     def __init__(self, tokenizer: Any, lists: Sequence[tuple[str, Sequence[str]]]):
-        self.tokenizer, self.lists = tokenizer, lists
+        from eama import prompts
+
+        self.tokenizer = tokenizer
+        self.guards = [prompts.ListAnswerGuard(choices, kind) for kind, choices in lists]
         self.start: int | None = None
         self.done: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
-        from eama import prompts
-
         if self.start is None:  # first call: exactly one token has been generated
             self.start = input_ids.shape[1] - 1
             self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -384,8 +385,7 @@ class StopWhenListEnds:
         for row, text in zip(rows, texts):
             if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
                 continue
-            kind, choices = self.lists[row]
-            self.done[row] = not prompts.list_answer_can_grow(text, choices, kind)
+            self.done[row] = not self.guards[row].can_grow(text)
         return self.done.clone()
 
 
@@ -427,13 +427,14 @@ def continue_prefix(lm: LoadedModel, prefix: ImagePrefix, rows: list[int], promp
         tails.append(ids[len(ids) - ids[::-1].index(image_id):])
     width = max(len(t) for t in tails)
     tail_ids = torch.tensor([[tok.pad_token_id] * (width - len(t)) + t for t in tails], device=lm.device)
-    tail_mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=lm.device)
+    tail_mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=lm.device,
+                             dtype=prefix.attention_mask.dtype)
     idx = torch.tensor(rows, device=lm.device)
     cache = DynamicCache(config=lm.model.config)
     for layer, past in enumerate(prefix.cache.layers):
         cache.update(past.keys[idx], past.values[idx], layer)
     return {"input_ids": torch.cat([prefix.input_ids[idx], tail_ids], 1),
-            "attention_mask": torch.cat([prefix.attention_mask[idx], tail_mask.to(prefix.attention_mask.dtype)], 1),
+            "attention_mask": torch.cat([prefix.attention_mask[idx], tail_mask], 1),
             "past_key_values": cache}
 
 

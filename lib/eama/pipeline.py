@@ -114,7 +114,8 @@ def build_dataset(cfg: CaptionCorpusConfig, plan: resources.StagePlan, items: li
     captioner = captioning.CaptionerConfig(
         model=cfg.model, mode=cfg.mode, device=plan.device, max_new_tokens=cfg.max_new_tokens,
         selection_max_new_tokens=cfg.selection_max_new_tokens, generate_batch_size=cfg.generate_batch_size,
-        share_image_prefix=cfg.share_image_prefix, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, threads=max(1, int(plan.mllm_cpus)),
+        share_image_prefix=cfg.share_image_prefix, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+        threads=max(1, int(plan.mllm_cpus)),
     )
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(captioning.read_row_groups, batch_size=1, batch_format="pyarrow", **io,

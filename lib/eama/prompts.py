@@ -115,29 +115,38 @@ def answer_choices(kind: str, candidates: Sequence[str]) -> list[str]:
     return sentence_choices(len(candidates)) if kind == "sentences" else list(candidates)
 
 
-def list_answer_can_grow(answer: str, choices: Sequence[str], kind: str, max_invalid: int = 2) -> bool:
-    """Whether a list answer being written is still worth decoding. False once it is finished or
-    runaway: an item repeats (the model loops), it is a complete 'none', every choice is listed,
-    `max_invalid` items name no choice, or the item being written is longer than every choice and
-    starts none of them. Used to stop decoding early, never to judge an answer: the parsers do."""
-    *done, partial = re.split(f"[{SEPARATORS[kind]}]", answer)
-    valid = {_norm(c) for c in choices}
-    seen: set[str] = set()
-    invalid = 0
-    for item in (_norm(x) for x in done):
-        if not item:
-            continue
-        if item == NONE_ANSWER or item in seen:
+class ListAnswerGuard:
+    """Whether a list answer being written is still worth decoding, for one row's choices (their
+    normal forms are worked out once, not at every decoding step). Used to stop decoding early,
+    never to judge an answer: the parsers do."""
+
+    def __init__(self, choices: Sequence[str], kind: str, max_invalid: int = 2):
+        self.split = re.compile(f"[{SEPARATORS[kind]}]")
+        self.valid = {_norm(c) for c in choices}
+        self.starts = self.valid | {re.sub(r"\s+", " ", c).strip().casefold() for c in choices} | {NONE_ANSWER}
+        self.longest = max(len(s) for s in self.starts)
+        self.max_invalid = max_invalid
+
+    def can_grow(self, answer: str) -> bool:
+        """False once the answer is finished or runaway: an item repeats (the model loops), it is a
+        complete 'none', every choice is listed, `max_invalid` items name no choice, or the item
+        being written is longer than every choice and starts none of them."""
+        *done, partial = self.split.split(answer)
+        seen: set[str] = set()
+        invalid = 0
+        for item in (_norm(x) for x in done):
+            if not item:
+                continue
+            if item == NONE_ANSWER or item in seen:
+                return False
+            if item in self.valid:
+                seen.add(item)
+            else:
+                invalid += 1
+        if seen >= self.valid or invalid >= self.max_invalid:
             return False
-        if item in valid:
-            seen.add(item)
-        else:
-            invalid += 1
-    if seen >= valid or invalid >= max_invalid:
-        return False
-    head = re.sub(r"\s+", " ", partial).strip().lstrip(_ITEM_EDGES).casefold()
-    starts = valid | {re.sub(r"\s+", " ", c).strip().casefold() for c in choices} | {NONE_ANSWER}
-    return len(head) <= max(len(s) for s in starts) or any(s.startswith(head) for s in starts)
+        head = re.sub(r"\s+", " ", partial).strip().lstrip(_ITEM_EDGES).casefold()
+        return len(head) <= self.longest or any(s.startswith(head) for s in self.starts)
 
 
 def parse_entities(answer: str, candidates: Sequence[str]) -> tuple[list[int], int]:

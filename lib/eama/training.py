@@ -739,10 +739,10 @@ def selection_scores(lm: Any, rows: Sequence[dict[str, Any]], batch_size: int = 
         exact = tp = n_pred = n_gold = 0
         for k in range(0, len(todo), batch_size):
             chunk = todo[k : k + batch_size]
-            cands = [entity_candidates(r["prompt"]) for r in chunk] if kind == "entities" else \
-                [prompts.sentence_choices(candidate_count(r["prompt"])) for r in chunk]
+            cands = [entity_candidates(r["prompt"]) if kind == "entities"
+                     else prompts.sentence_choices(candidate_count(r["prompt"])) for r in chunk]
             answers = models.generate_text(lm, [r["prompt"] for r in chunk], [images.load_rgb(r["image"]) for r in chunk],
-                                           max_new_tokens, [(kind, prompts.answer_choices(kind, c)) for c in cands])
+                                           max_new_tokens, [(kind, c) for c in cands])
             for r, answer, c in zip(chunk, answers, cands):
                 if kind == "sentences":
                     pred, gold = prompts.parse_sentence_ids(answer, len(c))[0], prompts.parse_sentence_ids(r["target"], len(c))[0]
