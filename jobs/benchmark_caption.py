@@ -101,7 +101,7 @@ def token_rates(lm: models.LoadedModel, rows: list[dict], batch: int, max_new: i
 
     from eama import prompts
 
-    instr = [prompts.caption_prompt(r["article"], r["headline"]) for r in rows]
+    instr = [prompts.caption_prompt(prompts.plain_context(r["article"], r["headline"])) for r in rows]
     imgs = [images.load_rgb(r["image_rgb"]) for r in rows]
 
     def sync() -> None:
@@ -113,7 +113,7 @@ def token_rates(lm: models.LoadedModel, rows: list[dict], batch: int, max_new: i
         in_tok = out_tok = 0
         for k in range(0, len(rows), size):
             inputs = models.encode(lm, [models.format_prompt(lm.family, t) for t in instr[k:k + size]], imgs[k:k + size],
-                                   qformer_texts=[t.split("\n", 1)[0] for t in instr[k:k + size]])
+                                   qformer_texts=[prompts.instruction(t) for t in instr[k:k + size]])
             with torch.inference_mode():
                 sync(); t0 = time.perf_counter()
                 lm.model(**inputs)

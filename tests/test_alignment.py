@@ -23,10 +23,9 @@ NYT = Path("news_sample")
 
 def candidates_of(row: dict) -> list[str]:
     """The candidate sentences / entities exactly as the prompt lists them."""
-    body = row["prompt"].split("\n", 1)[1]
     if row["task"] == "sentence_selection":
-        return [re.sub(r"^\[\d+\] ", "", line) for line in body.split("\n")]
-    return body.split("; ")
+        return prompts.numbered_sentences(row["prompt"])
+    return prompts.listed_entities(row["prompt"])
 
 
 def check_sentence_row(row: dict, nlp, article: str, caption: str) -> tuple[int, int]:
@@ -146,13 +145,18 @@ def test_nyt_sample_rows_follow_definitions(shared_data, nlp):
             assert r["target"] == caption
             annotated = captioning_inputs(s, nlp)
             sentences, names = alignment.gold_selection(annotated)
-            assert r["prompt"] == prompts.caption_prompt(s["article"], s["headline"], sentences, names)
+            context = alignment.inference_context(annotated)
+            assert r["prompt"] == prompts.caption_prompt(context, sentences, names)
             assert all(alignment.shares_visual_entity(x, annotated.article_entities, annotated.caption_entities)
                        for x in sentences)
-            assert len(r["prompt"].split()) <= prompts.WORD_BUDGET + 60  # budget + instruction / headline
+            # the word budget holds: context and selected material, plus labels, markers and instruction
+            assert len(r["prompt"].split()) <= prompts.WORD_BUDGET + 40
     assert pos and neg
-    # the sentence splitter's paragraph joins are cut: no candidate spans a blank line
-    assert all("\n" not in c for r in tasks if r["task"] == "sentence_selection" for c in candidates_of(r))
+    # the sentence splitter's paragraph joins are cut: no candidate spans a paragraph break
+    for r in tasks:
+        if r["task"] == "sentence_selection":
+            paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", by_id[r["sample_id"]]["article"])]
+            assert all(any(c in p for p in paragraphs) for c in candidates_of(r)), r["sample_id"]
     smith = [r for r in tasks if r["sample_id"] == "55b40f6b38f0d851b1f6dc7c_1" and r["task"] == "entity_selection"]
     assert smith and "Smith" in smith[0]["target"].split("; ")  # 'Mr. Smith' in the article, 'Leroy Smith' in the caption
 

@@ -83,8 +83,9 @@ def test_plain_mode_skips_selection(ray_local, demo_corpus, tmp_path):
     assert all(r["selected_sentences"] == [] and r["mode"] == "plain" for r in rows.to_pylist())
 
 
-def test_reusing_the_image_prefix_changes_no_output():
-    """EAMA's three prompts per sample continue one cached image head: same answers, less work."""
+def test_reusing_the_image_prefix_changes_no_output(caplog):
+    """EAMA's three prompts per sample continue one cached head (image + news context): same
+    answers, less work."""
     from eama import captioning, images, models
 
     rows = [dict(r, source_file="t") for r in demo.generate_samples(6, seed=7)]
@@ -96,8 +97,11 @@ def test_reusing_the_image_prefix_changes_no_output():
     for share in (True, False):
         cfg = captioning.CaptionerConfig(model="tiny-llava", max_new_tokens=16, selection_max_new_tokens=12,
                                          generate_batch_size=4, share_image_prefix=share)
-        out[share] = captioning.Captioner(cfg, lm=lm)(work).select(
-            ["sample_id", "selected_sentence_ids", "selected_entities", "dropped_answers", "generated_caption"]).to_pylist()
+        with caplog.at_level("WARNING", logger="eama.models"):
+            out[share] = captioning.Captioner(cfg, lm=lm)(work).select(
+                ["sample_id", "selected_sentence_ids", "selected_entities", "dropped_answers", "generated_caption"]
+            ).to_pylist()
+    assert "without the cached head" not in caplog.text  # every prompt continued its cached head
     assert out[True] == out[False]
     assert all(r["generated_caption"] for r in out[True])
     assert any(r["selected_entities"] or r["dropped_answers"] for r in out[True])  # selection answers were parsed

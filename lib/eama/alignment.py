@@ -10,6 +10,9 @@ From one sample (article, image, reference caption) and its spaCy annotations:
   the target is those that also occur in the caption (non-visual ones included).
 * News Image Captioning: image + article within the word budget -> the reference caption.
 
+Every prompt starts with the sample's news context (prompts.news_context: candidate entities listed;
+the sentence group's members numbered in sentence selection, elsewhere the sentences eama
+inference offers).
 Matching is entities.mentions_match everywhere. The stored prompt is the model-agnostic
 instruction from prompts.py; the trainer wraps it with models.format_prompt, exactly as
 inference does, so both see the same text.
@@ -163,20 +166,32 @@ def sentence_selection_rows(a: Annotated, cfg: BuildConfig) -> tuple[list[Row], 
         return [], NO_SHARED_VISUAL_ENTITY if not any(positive) else NO_NEGATIVE
     weight = 1.0 / len(groups)
     return [
-        task_row("sentence_selection", a, prompts.sentence_selection_prompt([a.sentences[i] for i in members]),
+        task_row("sentence_selection", a, prompts.sentence_selection_prompt(inference_context(a, members)),
                  prompts.format_sentence_target(pos_ids), weight)
         for members, pos_ids in groups
     ], None
 
 
+def candidate_entities(a: Annotated) -> list[str]:
+    return entities.unique_texts(a.article_entities)[: prompts.MAX_CANDIDATE_ENTITIES]
+
+
+def inference_context(a: Annotated, numbered: Sequence[int] | None = None) -> str:
+    """The news context caption_corpus's eama mode shows for this sample: its offered sentences
+    numbered (or the sentence group `numbered`) and its candidate entities listed."""
+    if numbered is None:
+        numbered = entities.candidate_sentence_ids(a.sentences, a.article_entities, prompts.MAX_CANDIDATE_SENTENCES)
+    return prompts.news_context(a.article, a.headline, a.sentences, numbered, candidate_entities(a))
+
+
 def entity_selection_row(a: Annotated, cfg: BuildConfig) -> tuple[list[Row], str | None]:
-    candidates = entities.unique_texts(a.article_entities)[: prompts.MAX_CANDIDATE_ENTITIES]
+    candidates = candidate_entities(a)
     if not candidates:
         return [], NO_ENTITIES
     targets = caption_entity_targets(candidates, a.caption_entities)
     if not targets and not cfg.keep_empty_entity_targets:
         return [], "caption names none of the article's entities"
-    return [task_row("entity_selection", a, prompts.entity_selection_prompt(candidates),
+    return [task_row("entity_selection", a, prompts.entity_selection_prompt(inference_context(a)),
                      prompts.format_entity_target(targets))], None
 
 
@@ -184,8 +199,7 @@ def gold_selection(a: Annotated) -> tuple[list[str], list[str]]:
     """What the two selection tasks teach the model to pick: article sentences sharing a visual
     entity with the caption, and the article entities the caption names."""
     sentences = [s for s in a.sentences if shares_visual_entity(s, a.article_entities, a.caption_entities)]
-    names = caption_entity_targets(entities.unique_texts(a.article_entities)[: prompts.MAX_CANDIDATE_ENTITIES],
-                                   a.caption_entities)
+    names = caption_entity_targets(candidate_entities(a), a.caption_entities)
     return sentences[: prompts.MAX_CANDIDATE_SENTENCES], names
 
 
@@ -193,8 +207,11 @@ def captioning_row(a: Annotated, cfg: BuildConfig) -> tuple[list[Row], str | Non
     """News Image Captioning. With `supplement_captioning` the prompt carries the gold selections
     in the layout caption_corpus's eama mode fills with the model's own, so training and
     self-supplemented inference see the same prompt; without it, the plain ('Base') prompt."""
-    sentences, names = gold_selection(a) if cfg.supplement_captioning else ([], [])
-    return [task_row("captioning", a, prompts.caption_prompt(a.article, a.headline, sentences, names), a.caption)], None
+    if cfg.supplement_captioning:
+        prompt = prompts.caption_prompt(inference_context(a), *gold_selection(a))
+    else:
+        prompt = prompts.caption_prompt(prompts.plain_context(a.article, a.headline))
+    return [task_row("captioning", a, prompt, a.caption)], None
 
 
 BUILDERS = {

@@ -136,13 +136,6 @@ class EntityAnnotator:
 # ---------------------------------------------------------------- MLLM
 
 
-def candidate_sentence_ids(sentences: list[str], ents: list[dict]) -> list[int]:
-    """Sentences offered for selection: those naming a visual entity (else the first ones)."""
-    vis = entities.visual(ents)
-    ids = [i for i, s in enumerate(sentences) if entities.sentence_entities(s, vis)]
-    return (ids or list(range(len(sentences))))[: prompts.MAX_CANDIDATE_SENTENCES]
-
-
 @dataclasses.dataclass
 class CaptionerConfig:
     model: str
@@ -151,7 +144,7 @@ class CaptionerConfig:
     max_new_tokens: int = 48
     selection_max_new_tokens: int = 32
     generate_batch_size: int = 8
-    share_image_prefix: bool = True  # eama: run each image's prompt head once for its three prompts
+    share_image_prefix: bool = True  # eama: run each image + news context once for its three prompts
     trust_remote_code: bool = False
     revision: str | None = None
     threads: int = 1
@@ -161,9 +154,10 @@ class Captioner:
     """EAMA self-supplemented captioning with one model replica per actor.
 
     Mode 'eama': (a) entity-aware sentence selection and (b) entity selection, asked together in
-    one batched generate call, then (c) the caption prompted with the selections plus the article
-    within the word budget. Where the model allows (models.shares_image_prefix), the three prompts
-    of a sample continue one KV cache of its image head instead of each running the image.
+    one batched generate call, then (c) the caption prompted with the selections; all three start
+    with the sample's news context (prompts.news_context: the article within the word budget, the
+    offered sentences numbered). Where the model allows (models.shares_image_prefix), image and
+    context run once and the three prompts continue that KV cache with their own lines.
     Mode 'plain': image + truncated article -> caption ('Base')."""
 
     def __init__(self, cfg: CaptionerConfig, lm: Any = None):
@@ -214,16 +208,21 @@ class Captioner:
         for r in chunk:
             r["selected_sentence_ids"], r["selected_sentences"], r["selected_entities"] = [], [], []
             r["dropped_answers"] = 0
-        prefix = None
         if self.cfg.mode == "eama":
+            offered = [entities.candidate_sentence_ids(r["sentences"] or [], r["article_entities"] or [],
+                                                       prompts.MAX_CANDIDATE_SENTENCES) for r in chunk]
+            names = [entities.unique_texts(r["article_entities"] or [])[: prompts.MAX_CANDIDATE_ENTITIES] for r in chunk]
+            contexts = [prompts.news_context(r["article"], r["headline"], r["sentences"] or [], ids, ents)
+                        for r, ids, ents in zip(chunk, offered, names)]
+            prefix = None
             if self.cfg.share_image_prefix and models.shares_image_prefix(self.lm):
-                prefix = models.image_prefix(self.lm, imgs)
-            self._select(chunk, imgs, prefix)
-        caption_prompts = [
-            prompts.caption_prompt(r["article"], r["headline"], r["selected_sentences"],
-                                   [e["text"] for e in r["selected_entities"]])
-            for r in chunk
-        ]
+                prefix = models.image_prefix(self.lm, imgs, contexts)
+            self._select(chunk, imgs, contexts, offered, names, prefix)
+            caption_prompts = [prompts.caption_prompt(c, r["selected_sentences"], [e["text"] for e in r["selected_entities"]])
+                               for r, c in zip(chunk, contexts)]
+        else:
+            prefix = None
+            caption_prompts = [prompts.caption_prompt(prompts.plain_context(r["article"], r["headline"])) for r in chunk]
         captions = self._generate(caption_prompts, list(range(len(chunk))), imgs, prefix, self.cfg.max_new_tokens)
         for r, text in zip(chunk, captions):
             r["generated_caption"] = text
@@ -240,19 +239,19 @@ class Captioner:
             longest = max(longest, models.token_count(self.lm, full) + 1)
         return max(1, min(self.cfg.selection_max_new_tokens, longest))
 
-    def _select(self, chunk: list[Row], imgs: list[Any], prefix: Any) -> None:
+    def _select(self, chunk: list[Row], imgs: list[Any], contexts: list[str], offered: list[list[int]],
+                names: list[list[str]], prefix: Any) -> None:
+        """(a) sentence and (b) entity selection for the chunk, all in one batched generate call."""
         asks: list[tuple[Row, str, list[Any]]] = []  # (row, kind, candidates)
         instructions, ask_rows = [], []
-        for k, r in enumerate(chunk):
-            sent_ids = candidate_sentence_ids(r["sentences"] or [], r["article_entities"] or [])
+        for k, (r, context, sent_ids, ents) in enumerate(zip(chunk, contexts, offered, names)):
             if sent_ids:
                 asks.append((r, "sentences", sent_ids))
-                instructions.append(prompts.sentence_selection_prompt([r["sentences"][i] for i in sent_ids]))
+                instructions.append(prompts.sentence_selection_prompt(context))
                 ask_rows.append(k)
-            names = entities.unique_texts(r["article_entities"] or [])[: prompts.MAX_CANDIDATE_ENTITIES]
-            if names:
-                asks.append((r, "entities", names))
-                instructions.append(prompts.entity_selection_prompt(names))
+            if ents:
+                asks.append((r, "entities", ents))
+                instructions.append(prompts.entity_selection_prompt(context))
                 ask_rows.append(k)
         if not asks:
             return

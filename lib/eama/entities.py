@@ -117,3 +117,10 @@ def unique_texts(entities: Iterable[dict]) -> list[str]:
 def sentence_entities(sentence: str, entities: Iterable[dict]) -> list[dict]:
     """The entities whose text occurs in `sentence`."""
     return [e for e in entities if e["text"] and e["text"] in sentence]
+
+
+def candidate_sentence_ids(sentences: Sequence[str], entities: Sequence[dict], limit: int) -> list[int]:
+    """Sentences offered for selection: the first `limit` naming a visual entity (else the first ones)."""
+    vis = visual(entities)
+    ids = [i for i, s in enumerate(sentences) if sentence_entities(s, vis)]
+    return (ids or list(range(len(sentences))))[:limit]

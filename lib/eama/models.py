@@ -391,12 +391,18 @@ class StopWhenListEnds:
 
 @dataclasses.dataclass
 class ImagePrefix:
-    """The KV cache of each image's prompt head (chat prefix + image tokens), computed once and
-    continued by every prompt about that image: EAMA's three prompts pay for the image once."""
+    """The KV cache of each image's prompt head (chat prefix, image tokens and the sample's news
+    context), computed once and continued by every prompt about that image: EAMA's three prompts
+    pay for image and article once."""
 
     cache: Any  # DynamicCache, one row per image
-    input_ids: torch.Tensor  # (images, head length), left-padded
+    input_ids: torch.Tensor  # (images, head length), left-padded, image tokens expanded
     attention_mask: torch.Tensor
+    head_ids: list[list[int]]  # each head as the tokenizer writes it (one image token), to match prompts
+
+
+class PrefixMismatch(ValueError):
+    """A prompt does not start with its image's cached head, token for token."""
 
 
 def shares_image_prefix(lm: LoadedModel) -> bool:
@@ -405,26 +411,37 @@ def shares_image_prefix(lm: LoadedModel) -> bool:
     return lm.family == "llava"
 
 
-def image_prefix(lm: LoadedModel, images: list[Any]) -> ImagePrefix:
-    """Run the prompt head of each image once (vision tower and language model) and keep its cache."""
-    head = format_prompt(lm.family, "").split(IMAGE_TOKEN)[0] + IMAGE_TOKEN
-    inputs = encode(lm, [head] * len(images), images)
+def prompt_head(family: str, context: str) -> str:
+    """The chat-formatted start of every prompt whose text starts with `context`."""
+    wrapped = format_prompt(family, context)
+    return wrapped[: wrapped.rindex(context) + len(context)]
+
+
+def image_prefix(lm: LoadedModel, images: list[Any], contexts: Sequence[str]) -> ImagePrefix:
+    """Run each image's prompt head once (vision tower and language model) and keep its cache:
+    `contexts[i]` is the text every prompt about image i starts with (prompts.CONTEXT_END follows)."""
+    heads = [prompt_head(lm.family, c) for c in contexts]
+    inputs = encode(lm, heads, images)
     mask = inputs["attention_mask"]
     with torch.inference_mode():
         out = lm.model(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
-    return ImagePrefix(out.past_key_values, inputs["input_ids"], mask)
+    head_ids = lm.tokenizer(heads, add_special_tokens=True)["input_ids"]
+    return ImagePrefix(out.past_key_values, inputs["input_ids"], mask, head_ids)
 
 
 def continue_prefix(lm: LoadedModel, prefix: ImagePrefix, rows: list[int], prompts: list[str]) -> dict[str, Any]:
     """generate() inputs for `prompts`, the i-th continuing image `rows[i]` of `prefix`: the head's
-    tokens and cache, then the prompt's own tokens (those after the image token), left-padded, so
-    padding sits between head and tail; positions follow the attention mask and skip it."""
+    tokens and cache, then the prompt's own tokens (those after its head), left-padded, so padding
+    sits between head and tail; positions follow the attention mask and skip it. Raises
+    PrefixMismatch when a prompt's tokens do not start with its head's."""
     from transformers import DynamicCache
 
-    tok, image_id = lm.tokenizer, lm.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    tails = []
-    for ids in tok(prompts, add_special_tokens=True)["input_ids"]:
-        tails.append(ids[len(ids) - ids[::-1].index(image_id):])
+    tok, tails = lm.tokenizer, []
+    for row, ids in zip(rows, tok(prompts, add_special_tokens=True)["input_ids"]):
+        head = prefix.head_ids[row]
+        if ids[: len(head)] != head or len(ids) == len(head):
+            raise PrefixMismatch(f"prompt for image {row} does not continue its cached head token for token")
+        tails.append(ids[len(head):])
     width = max(len(t) for t in tails)
     tail_ids = torch.tensor([[tok.pad_token_id] * (width - len(t)) + t for t in tails], device=lm.device)
     tail_mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=lm.device,
@@ -447,17 +464,24 @@ def generate_text(
     prefix: tuple[ImagePrefix, list[int]] | None = None,
 ) -> list[str]:
     """Greedy batched generation: one answer per (instruction, image); the Q-Former (InstructBLIP)
-    reads each instruction's first line. Stops at EOS, after `max_new_tokens`, or, given each row's
+    reads each instruction's last line. Stops at EOS, after `max_new_tokens`, or, given each row's
     (kind, choices) as `lists`, once a list answer is finished or runaway. With `prefix` (an
-    ImagePrefix and each instruction's image row in it) `images` is unused: the cached heads are
-    continued instead of running the image again."""
+    ImagePrefix and each instruction's image row in it) the cached heads are continued instead of
+    running image and context again; should a tokenizer merge across the head's end, the prompts
+    run whole instead (same answers, no saving)."""
     from transformers import StoppingCriteriaList
 
+    from eama import prompts as templates
+
     prompts = [format_prompt(lm.family, text) for text in instructions]
+    inputs = None
     if prefix is not None:
-        inputs = continue_prefix(lm, prefix[0], prefix[1], prompts)
-    else:
-        inputs = encode(lm, prompts, images, qformer_texts=[text.split("\n", 1)[0] for text in instructions])
+        try:
+            inputs = continue_prefix(lm, prefix[0], prefix[1], prompts)
+        except PrefixMismatch as exc:
+            log.warning("%s; running these prompts without the cached head", exc)
+    if inputs is None:
+        inputs = encode(lm, prompts, images, qformer_texts=[templates.instruction(t) for t in instructions])
     stopping = StoppingCriteriaList([StopWhenListEnds(lm.tokenizer, lists)]) if lists else None
     with torch.inference_mode():
         out = lm.model.generate(

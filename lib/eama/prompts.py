@@ -10,21 +10,29 @@ import re
 from typing import Sequence
 
 WORD_BUDGET = 600  # EAMA: article context plus self-selected material stays within 600 words
+SELECTION_WORDS = 100  # of the budget, what eama's caption prompt keeps for the selected material
 MAX_CANDIDATE_SENTENCES = 10
 MAX_CANDIDATE_ENTITIES = 30
 MAX_SENTENCE_WORDS = 60
+MAX_HEADLINE_WORDS = 40
 NONE_ANSWER = "none"
 
+# A prompt is the sample's news context, CONTEXT_END, then the task: every prompt about one sample
+# starts with the same context, so inference runs image + context once (models.image_prefix) and
+# each task adds only its own lines. The task's last line is its instruction.
+CONTEXT_END = "\n\n"
+LATER = "Later in the article:"
+ENTITY_LIST = "Entities:"  # the line of candidate entities
 SENTENCE_INSTRUCTION = (
-    "Numbered sentences from the news article of this image follow. Which sentences mention a person, "
-    "organisation, place or event that the image shows? Answer with the numbers separated by commas, "
-    f"or '{NONE_ANSWER}'."
+    "Which numbered sentences name a person, organisation, place or event the image shows? "
+    f"Answer with their numbers separated by commas, or '{NONE_ANSWER}'."
 )
 ENTITY_INSTRUCTION = (
-    "Named entities from the news article of this image follow. Which of them belong in the caption of "
-    f"this image? Answer with the entities separated by semicolons, or '{NONE_ANSWER}'."
+    f"Which of the entities belong in the caption of this image? Answer with them separated by semicolons, "
+    f"or '{NONE_ANSWER}'."
 )
 CAPTION_INSTRUCTION = "Write the news caption of this image."
+_NUMBERED = re.compile(r"^\[(\d+)\] (.*)$", re.MULTILINE)
 
 
 def words(text: str) -> list[str]:
@@ -36,43 +44,107 @@ def truncate_words(text: str, limit: int) -> str:
     return text if len(parts) <= limit else " ".join(parts[:limit])
 
 
-def sentence_selection_prompt(candidates: Sequence[str]) -> str:
-    lines = [f"[{i + 1}] {truncate_words(s, MAX_SENTENCE_WORDS)}" for i, s in enumerate(candidates)]
-    return SENTENCE_INSTRUCTION + "\n" + "\n".join(lines)
+def one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
-def entity_selection_prompt(entities: Sequence[str]) -> str:
-    return ENTITY_INSTRUCTION + "\n" + "; ".join(entities)
+def _headline(headline: str | None) -> tuple[list[str], int]:
+    """The headline line (if any) and the words it takes from the budget."""
+    if not headline:
+        return [], 0
+    text = truncate_words(one_line(headline), MAX_HEADLINE_WORDS)
+    return [f"Headline: {text}"], len(words(text))
+
+
+def plain_context(article: str, headline: str | None = None, budget: int = WORD_BUDGET) -> str:
+    """Headline and article as running text within the word budget: the 'Base' context."""
+    head, used = _headline(headline)
+    return "\n".join(head + [f"Article: {truncate_words(one_line(article), max(0, budget - used))}"])
+
+
+def news_context(
+    article: str,
+    headline: str | None,
+    sentences: Sequence[str],
+    numbered: Sequence[int] = (),
+    entities: Sequence[str] = (),
+    budget: int = WORD_BUDGET - SELECTION_WORDS,
+) -> str:
+    """The context every eama prompt of a sample shares: headline, then the article one sentence a
+    line from its start, with the sentences `numbered` (indices into `sentences`, article order)
+    marked [1], [2], ..., then the candidate `entities` on one ENTITY_LIST line. Numbered sentences
+    the passage does not reach follow under LATER (each cut to MAX_SENTENCE_WORDS): the passage
+    stops early enough to leave room for them and the entity line within the word budget."""
+    sentences = sentences or [article]
+    number = {i: k + 1 for k, i in enumerate(numbered)}
+    shown = {i: truncate_words(one_line(sentences[i]), MAX_SENTENCE_WORDS) for i in numbered}
+    reserve = sum(len(words(s)) for s in shown.values())  # words of the numbered sentences not placed yet
+    head, used = _headline(headline)
+    entity_line = [f"{ENTITY_LIST} {'; '.join(one_line(e) for e in entities)}"] if entities else []
+    room = budget - used - sum(len(words(x)) - 1 for x in entity_line)
+    lines, placed = head + ["Article:"], set()
+    for i, sentence in enumerate(sentences):
+        text = one_line(sentence)
+        rest = reserve - len(words(shown[i])) if i in number else reserve
+        fits = room - rest
+        if len(words(text)) <= fits:
+            lines.append(f"[{number[i]}] {text}" if i in number else text)
+            placed.add(i)
+            room, reserve = room - len(words(text)), rest
+        else:
+            if i not in number and fits > 0:
+                lines.append(truncate_words(text, fits))
+            break
+    later = [f"[{number[i]}] {shown[i]}" for i in numbered if i not in placed]
+    return "\n".join(lines + ([LATER] + later if later else []) + entity_line)
+
+
+def numbered_sentences(prompt: str) -> list[str]:
+    """The numbered sentences of a prompt's context, in number order (as the model saw them)."""
+    context = prompt.split(CONTEXT_END, 1)[0]
+    found = {int(k): text for k, text in _NUMBERED.findall(context)}
+    return [found[k] for k in sorted(found)]
+
+
+def listed_entities(prompt: str) -> list[str]:
+    """The candidate entities a prompt's context lists (its last ENTITY_LIST line)."""
+    for line in reversed(prompt.split(CONTEXT_END, 1)[0].split("\n")):
+        if line.startswith(ENTITY_LIST + " "):
+            return line[len(ENTITY_LIST) + 1:].split("; ")
+    return []
+
+
+def instruction(prompt: str) -> str:
+    """A prompt's instruction, its last line (what InstructBLIP's Q-Former reads)."""
+    return prompt.rsplit("\n", 1)[-1]
+
+
+def sentence_selection_prompt(context: str) -> str:
+    return context + CONTEXT_END + SENTENCE_INSTRUCTION
+
+
+def entity_selection_prompt(context: str) -> str:
+    return context + CONTEXT_END + ENTITY_INSTRUCTION
 
 
 def caption_prompt(
-    article: str,
-    headline: str | None = None,
+    context: str,
     selected_sentences: Sequence[str] = (),
     selected_entities: Sequence[str] = (),
-    budget: int = WORD_BUDGET,
+    budget: int = SELECTION_WORDS,
 ) -> str:
-    """The captioning prompt: selected sentences and entities first, then as much article as the
-    word budget leaves (EAMA's self-supplemented context). With nothing selected this is the plain
-    'Base' prompt: image + truncated article."""
-    parts = [CAPTION_INSTRUCTION]
-    used = 0
-    if headline:
-        parts.append(f"Headline: {truncate_words(headline, 40)}")
-        used += min(len(words(headline)), 40)
+    """The captioning prompt: the context, then the selected entities and sentences within their
+    share of the word budget (EAMA's self-supplemented context), then the instruction. With nothing
+    selected and a plain_context this is the 'Base' prompt: image + truncated article."""
+    lines = []
     if selected_entities:
-        ents = "; ".join(selected_entities)
-        parts.append(f"Key entities: {ents}")
-        used += len(words(ents))
-    if selected_sentences:
-        sents = " ".join(truncate_words(s, MAX_SENTENCE_WORDS) for s in selected_sentences)
-        sents = truncate_words(sents, max(0, budget - used))
-        parts.append(f"Key sentences: {sents}")
-        used += len(words(sents))
-    remaining = max(0, budget - used)
-    if remaining:
-        parts.append(f"Article: {truncate_words(article, remaining)}")
-    return "\n".join(parts)
+        ents = truncate_words("; ".join(one_line(e) for e in selected_entities), budget)
+        lines.append(f"Key entities: {ents}")
+        budget -= len(words(ents))
+    if selected_sentences and budget > 0:
+        sents = " ".join(truncate_words(one_line(s), MAX_SENTENCE_WORDS) for s in selected_sentences)
+        lines.append(f"Key sentences: {truncate_words(sents, budget)}")
+    return context + CONTEXT_END + "\n".join(lines + [CAPTION_INSTRUCTION])
 
 
 def format_sentence_target(positive_ids: Sequence[int]) -> str:
@@ -172,6 +244,6 @@ def all_template_text() -> list[str]:
     """The fixed words of every template (used to train the tiny models' tokenizer)."""
     return [
         SENTENCE_INSTRUCTION, ENTITY_INSTRUCTION, CAPTION_INSTRUCTION,
-        "Headline: Key entities: Key sentences: Article: USER: ASSISTANT: Answer:", NONE_ANSWER,
+        f"Headline: Key entities: Key sentences: Article: {LATER} {ENTITY_LIST} USER: ASSISTANT: Answer:", NONE_ANSWER,
         "[1] [2] [3] [4] [5] [6] [7] [8] [9] [10] 1, 2, 3, 4, 5, 6, 7, 8, 9, 10",
     ]

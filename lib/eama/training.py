@@ -218,11 +218,6 @@ def micro_batches(shard: Any, micro_batch_size: int, skip: int) -> Iterator[dict
 # ---------------------------------------------------------------- collation and loss
 
 
-def qformer_text(instruction: str) -> str:
-    """InstructBLIP's Q-Former reads the instruction's first line (as models.generate_text does)."""
-    return instruction.split("\n", 1)[0]
-
-
 @dataclasses.dataclass
 class Batch:
     inputs: dict[str, Any]  # model inputs (input_ids, attention_mask, pixel_values, ...)
@@ -265,7 +260,7 @@ class Collator:
         pairs = [self.texts(p, t) for p, t in zip(rows["prompt"], rows["target"])]
         pics = [images.load_rgb(b) for b in rows["image"]]
         enc = models.encode(self.lm, [f for _, f in pairs], pics,
-                            qformer_texts=[qformer_text(p) for p in rows["prompt"]])
+                            qformer_texts=[prompts.instruction(p) for p in rows["prompt"]])
         ids = enc["input_ids"]
         labels = torch.full_like(ids, IGNORE)
         lengths = self.target_lengths(pairs)
@@ -719,14 +714,6 @@ def fit(cfg: TrainConfig) -> Any:
 # ---------------------------------------------------------------- selection accuracy
 
 
-def candidate_count(prompt: str) -> int:
-    return len(re.findall(r"^\[\d+\]", prompt, flags=re.MULTILINE))
-
-
-def entity_candidates(prompt: str) -> list[str]:
-    return prompt.split("\n", 1)[1].split("; ") if "\n" in prompt else []
-
-
 def selection_scores(lm: Any, rows: Sequence[dict[str, Any]], batch_size: int = 8,
                      max_new_tokens: int = 40) -> dict[str, dict[str, float]]:
     """Exact-match accuracy and micro F1 of the model's answers to sentence- and entity-selection
@@ -739,8 +726,8 @@ def selection_scores(lm: Any, rows: Sequence[dict[str, Any]], batch_size: int = 
         exact = tp = n_pred = n_gold = 0
         for k in range(0, len(todo), batch_size):
             chunk = todo[k : k + batch_size]
-            cands = [entity_candidates(r["prompt"]) if kind == "entities"
-                     else prompts.sentence_choices(candidate_count(r["prompt"])) for r in chunk]
+            cands = [prompts.listed_entities(r["prompt"]) if kind == "entities"
+                     else prompts.sentence_choices(len(prompts.numbered_sentences(r["prompt"]))) for r in chunk]
             answers = models.generate_text(lm, [r["prompt"] for r in chunk], [images.load_rgb(r["image"]) for r in chunk],
                                            max_new_tokens, [(kind, c) for c in cands])
             for r, answer, c in zip(chunk, answers, cands):
