@@ -97,6 +97,30 @@ def test_sentence_groups_mix_and_hard_negatives():
     assert alone == []
 
 
+def test_news_context_numbers_offered_sentences_within_the_budget():
+    """Every prompt of a sample starts with one context: offered sentences numbered in article
+    order, those the passage does not reach listed after it, entities on one line, and the whole
+    within its share of the 600-word budget."""
+    sentences = [f"Sentence {i} is about {'Paris' if i in (3, 55) else 'nothing'} at some length here." for i in range(60)]
+    article = " ".join(sentences)
+    ctx = prompts.news_context(article, "A headline", sentences, [3, 55], ["Paris", "Lyon"])
+    budget = prompts.WORD_BUDGET - prompts.SELECTION_WORDS
+    labels = len(" ".join(re.findall(r"Headline:|Article:|Later in the article:|Entities:|\[\d+\]", ctx)).split())
+    assert len(ctx.split()) - labels <= budget
+    assert ctx.split("\n").index("[1] " + sentences[3]) < ctx.split("\n").index(prompts.LATER)
+    assert ctx.endswith(f"{prompts.LATER}\n[2] {sentences[55]}\nEntities: Paris; Lyon")
+    for prompt in (prompts.sentence_selection_prompt(ctx), prompts.entity_selection_prompt(ctx),
+                   prompts.caption_prompt(ctx, [sentences[3]], ["Paris"])):
+        assert prompt.startswith(ctx + prompts.CONTEXT_END)  # what the cached head holds
+        assert prompts.numbered_sentences(prompt) == [sentences[3], sentences[55]]
+        assert prompts.listed_entities(prompt) == ["Paris", "Lyon"]
+    caption = prompts.caption_prompt(ctx, [sentences[3]] * 10, ["Paris"])
+    assert len(caption.split(prompts.CONTEXT_END)[1].split()) <= prompts.SELECTION_WORDS + 10  # labels + instruction
+    assert prompts.instruction(caption) == prompts.CAPTION_INSTRUCTION
+    short = prompts.news_context("One. Two.", None, ["One.", "Two."], [1])
+    assert short == "Article:\nOne.\n[1] Two."
+
+
 def test_config_is_validated():
     with pytest.raises(ValueError):
         alignment.validate(alignment.BuildConfig(tasks=["captioning", "nope"]))

@@ -230,13 +230,9 @@ class Captioner:
     def _answer_bound(self, asks: list[tuple[Row, str, list[Any]]]) -> int:
         """Decode no longer than the longest possible valid answer (every candidate listed), capped
         by selection_max_new_tokens: anything longer is necessarily garbage."""
-        from eama import models
-
-        longest = 0
-        for _, kind, cands in asks:
-            full = (prompts.format_sentence_target(range(len(cands))) if kind == "sentences"
-                    else prompts.format_entity_target(cands))
-            longest = max(longest, models.token_count(self.lm, full) + 1)
+        full = [prompts.format_sentence_target(range(len(cands))) if kind == "sentences"
+                else prompts.format_entity_target(cands) for _, kind, cands in asks]
+        longest = max(len(ids) for ids in self.lm.tokenizer(full, add_special_tokens=False)["input_ids"]) + 1
         return max(1, min(self.cfg.selection_max_new_tokens, longest))
 
     def _select(self, chunk: list[Row], imgs: list[Any], contexts: list[str], offered: list[list[int]],

@@ -359,10 +359,6 @@ def build_tiny_model(family: str, path: str, seed: int = 0) -> str:
     return path
 
 
-def token_count(lm: LoadedModel, text: str) -> int:
-    return len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 class StopWhenListEnds:
     """Stopping criterion for list answers ('2, 5' or 'A; B'), given each row's (kind, choices): a
     row is done once its answer is finished or runaway (prompts.ListAnswerGuard), e.g. an item

@@ -38,7 +38,7 @@ class CaptionCorpusConfig:
     generate_batch_size: int = 8
     max_new_tokens: int = 48
     selection_max_new_tokens: int = 32
-    share_image_prefix: bool = True  # eama: one KV cache of each image's prompt head for its three prompts
+    share_image_prefix: bool = True  # eama: one KV cache of image + news context for a sample's three prompts
     max_image_side: int = images.DEFAULT_MAX_SIDE
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS
     max_article_words: int = 5000

@@ -28,7 +28,7 @@ SENTENCE_INSTRUCTION = (
     f"Answer with their numbers separated by commas, or '{NONE_ANSWER}'."
 )
 ENTITY_INSTRUCTION = (
-    f"Which of the entities belong in the caption of this image? Answer with them separated by semicolons, "
+    "Which of the entities belong in the caption of this image? Answer with them separated by semicolons, "
     f"or '{NONE_ANSWER}'."
 )
 CAPTION_INSTRUCTION = "Write the news caption of this image."
