@@ -36,8 +36,8 @@ class DemoConfig:
     train_samples: int = 256
     eval_samples: int = 48
     nyt: str = ""  # a GoodNews-style folder (caption.json + images/) to import and caption
-    train_steps: int = 150
-    lr: float = 3e-3
+    train_steps: int = 300
+    lr: float = 1e-3
     num_workers: int = 2
     zero_stage: int = 3
 
