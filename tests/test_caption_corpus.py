@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import psutil
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -211,7 +213,13 @@ def test_crash_then_resume_is_exactly_once(tmp_path):
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the job finished before it could be killed"
+    # the whole job dies at once: driver, raylet and the Ray workers (some leave the process group)
+    tree = [proc, *psutil.Process(proc.pid).children(recursive=True)]
     os.killpg(proc.pid, signal.SIGKILL)
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs([p for p in tree if p is not proc], timeout=30)
     proc.wait()
     partial = pads.dataset(str(out), format="parquet").count_rows()
     assert 0 < partial < 64
@@ -220,6 +228,25 @@ def test_crash_then_resume_is_exactly_once(tmp_path):
     rows, errs = read_output(str(out))
     ids = rows.column("sample_id").to_pylist()
     assert errs.num_rows == 0 and len(ids) == 64 and len(set(ids)) == 64
+
+
+def test_a_write_cut_off_before_its_rename_stays_invisible(tmp_path, monkeypatch):
+    """A crash between writing a part and renaming it leaves a temp file no reader or re-run sees."""
+    out = str(tmp_path / "out")
+    table = pa.Table.from_pylist([{"sample_id": "a", "source_file": "in.parquet"}])
+    storage.write_table_atomic(table, storage.join(out, "part-1.parquet"))
+
+    def crash(src: str, dst: str) -> None:
+        raise KeyboardInterrupt("killed before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_table_atomic(table.set_column(0, "sample_id", pa.array(["b"])), storage.join(out, "part-2.parquet"))
+    monkeypatch.undo()
+    assert len(os.listdir(out)) == 2, "the cut-off write left its temp file"
+    assert pads.dataset(out, format="parquet").to_table().column("sample_id").to_pylist() == ["a"]
+    assert storage.list_files(out) == [storage.join(out, "part-1.parquet")]
+    assert dict(ledger.committed(out)[0]) == {"in.parquet": {"a"}}
 
 
 def test_s3_input_and_output(ray_local, s3_server, tmp_path):

@@ -1,7 +1,7 @@
 """Exactly-once output for caption_corpus: the committed files themselves are the ledger.
 
 Layout of an output directory (readable as one Parquet dataset by pyarrow, DuckDB or Spark,
-which skip names starting with '_'):
+which skip names starting with '_' or '.', such as a write in flight):
 
     OUTPUT/part-<digest>.parquet          captioned rows
     OUTPUT/_errors/part-<digest>.parquet  error rows (sample_id, source_file, stage, reason)

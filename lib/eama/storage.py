@@ -129,7 +129,9 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         with_retries(f"write {path}", lambda: fs.pipe_file(raw, data))
         return
     os.makedirs(os.path.dirname(raw), exist_ok=True)
-    tmp = f"{raw}.tmp-{uuid.uuid4().hex}"
+    # hidden ('.' prefix) so Parquet readers of the directory (pyarrow, Spark, Ray) skip a write in
+    # flight or one a crash left behind
+    tmp = os.path.join(os.path.dirname(raw), f".{os.path.basename(raw)}.tmp-{uuid.uuid4().hex}")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
