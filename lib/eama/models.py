@@ -152,19 +152,21 @@ def encode(
     lm: LoadedModel,
     prompts: list[str],
     images: list[Any],
-    qformer_texts: list[str] | None = None,
     max_length: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Tokenise prompts (left-padded) and preprocess images into model inputs on the model's device."""
+    """Tokenise prompts (left-padded) and preprocess images into model inputs on the model's device;
+    InstructBLIP's Q-Former reads templates.QFORMER_TEXT with every prompt."""
+    from eama import prompts as templates
+
     kwargs: dict[str, Any] = {"padding": True, "return_tensors": "pt"}
     if max_length:
         kwargs.update(truncation=True, max_length=max_length)
     batch = lm.processor(images=images, text=prompts, **kwargs)
     if lm.family == "instructblip":
-        # The Q-Former reads only the short instruction: its position table (512) cannot hold an article.
+        # one short text (its position table, 512, cannot hold an article), the same for every task
         qtok = lm.processor.qformer_tokenizer
         q = qtok(
-            qformer_texts or prompts,
+            [templates.QFORMER_TEXT] * len(prompts),
             padding=True,
             truncation=True,
             max_length=lm.model.config.qformer_config.max_position_embeddings,
@@ -402,9 +404,16 @@ class PrefixMismatch(ValueError):
 
 
 def shares_image_prefix(lm: LoadedModel) -> bool:
-    """LLaVA puts the image at the head of every prompt, so the head's KV cache can be reused.
-    InstructBLIP cannot: its visual tokens depend on each prompt's Q-Former instruction."""
-    return lm.family == "llava"
+    """Whether every prompt about an image starts with the same tokens, so the head's KV cache can be
+    reused: LLaVA's image tokens, InstructBLIP's query tokens (one Q-Former text for every prompt,
+    prompts.QFORMER_TEXT). Not an encoder-decoder language model (InstructBLIP-Flan-T5)."""
+    return lm.family == "llava" or (lm.family == "instructblip" and lm.model.config.use_decoder_only_language_model)
+
+
+def _continuing_model(lm: LoadedModel) -> Any:
+    """What generate() continues a cached head with: LLaVA itself; InstructBLIP's language model
+    (its own generate() would run the vision tower and Q-Former again)."""
+    return lm.model.language_model if lm.family == "instructblip" else lm.model
 
 
 def prompt_head(family: str, context: str) -> str:
@@ -421,8 +430,9 @@ def image_prefix(lm: LoadedModel, images: list[Any], contexts: Sequence[str]) ->
     mask = inputs["attention_mask"]
     with torch.inference_mode():
         out = lm.model(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+    cache = out.language_model_outputs.past_key_values if lm.family == "instructblip" else out.past_key_values
     head_ids = lm.tokenizer(heads, add_special_tokens=True)["input_ids"]
-    return ImagePrefix(out.past_key_values, inputs["input_ids"], mask, head_ids)
+    return ImagePrefix(cache, inputs["input_ids"], mask, head_ids)
 
 
 def continue_prefix(lm: LoadedModel, prefix: ImagePrefix, rows: list[int], prompts: list[str]) -> dict[str, Any]:
@@ -459,28 +469,26 @@ def generate_text(
     lists: Sequence[tuple[str, Sequence[str]]] | None = None,
     prefix: tuple[ImagePrefix, list[int]] | None = None,
 ) -> list[str]:
-    """Greedy batched generation: one answer per (instruction, image); the Q-Former (InstructBLIP)
-    reads each instruction's last line. Stops at EOS, after `max_new_tokens`, or, given each row's
-    (kind, choices) as `lists`, once a list answer is finished or runaway. With `prefix` (an
+    """Greedy batched generation: one answer per (instruction, image). Stops at EOS, after
+    `max_new_tokens`, or, given each row's (kind, choices) as `lists`, once a list answer is
+    finished or runaway. With `prefix` (an
     ImagePrefix and each instruction's image row in it) the cached heads are continued instead of
     running image and context again; should a tokenizer merge across the head's end, the prompts
     run whole instead (same answers, no saving)."""
     from transformers import StoppingCriteriaList
 
-    from eama import prompts as templates
-
     prompts = [format_prompt(lm.family, text) for text in instructions]
-    inputs = None
+    inputs, model = None, lm.model
     if prefix is not None:
         try:
-            inputs = continue_prefix(lm, prefix[0], prefix[1], prompts)
+            inputs, model = continue_prefix(lm, prefix[0], prefix[1], prompts), _continuing_model(lm)
         except PrefixMismatch as exc:
             log.warning("%s; running these prompts without the cached head", exc)
     if inputs is None:
-        inputs = encode(lm, prompts, images, qformer_texts=[templates.instruction(t) for t in instructions])
+        inputs = encode(lm, prompts, images)
     stopping = StoppingCriteriaList([StopWhenListEnds(lm.tokenizer, lists)]) if lists else None
     with torch.inference_mode():
-        out = lm.model.generate(
+        out = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
             do_sample=False,

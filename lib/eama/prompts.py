@@ -19,7 +19,7 @@ NONE_ANSWER = "none"
 
 # A prompt is the sample's news context, CONTEXT_END, then the task: every prompt about one sample
 # starts with the same context, so inference runs image + context once (models.image_prefix) and
-# each task adds only its own lines. The task's last line is its instruction.
+# each task adds only its own lines, its instruction last.
 CONTEXT_END = "\n\n"
 LATER = "Later in the article:"
 ENTITY_LIST = "Entities:"  # the line of candidate entities
@@ -32,6 +32,9 @@ ENTITY_INSTRUCTION = (
     f"or '{NONE_ANSWER}'."
 )
 CAPTION_INSTRUCTION = "Write the news caption of this image."
+# What InstructBLIP's Q-Former reads with every prompt, in training and inference: one text for all
+# tasks keeps a sample's visual tokens the same in its three prompts, so they share one cached head.
+QFORMER_TEXT = CAPTION_INSTRUCTION
 _NUMBERED = re.compile(r"^\[(\d+)\] (.*)$", re.MULTILINE)
 
 
@@ -112,11 +115,6 @@ def listed_entities(prompt: str) -> list[str]:
         if line.startswith(ENTITY_LIST + " "):
             return line[len(ENTITY_LIST) + 1:].split("; ")
     return []
-
-
-def instruction(prompt: str) -> str:
-    """A prompt's instruction, its last line (what InstructBLIP's Q-Former reads)."""
-    return prompt.rsplit("\n", 1)[-1]
 
 
 def sentence_selection_prompt(context: str) -> str:

@@ -259,8 +259,7 @@ class Collator:
 
         pairs = [self.texts(p, t) for p, t in zip(rows["prompt"], rows["target"])]
         pics = [images.load_rgb(b) for b in rows["image"]]
-        enc = models.encode(self.lm, [f for _, f in pairs], pics,
-                            qformer_texts=[prompts.instruction(p) for p in rows["prompt"]])
+        enc = models.encode(self.lm, [f for _, f in pairs], pics)
         ids = enc["input_ids"]
         labels = torch.full_like(ids, IGNORE)
         lengths = self.target_lengths(pairs)
