@@ -220,12 +220,12 @@ def test_crash_then_resume_is_exactly_once(tmp_path):
         time.sleep(0.05)
     assert proc.poll() is None, "the job finished before it could be killed"
     # the whole job dies at once: driver, raylet and the Ray workers (some leave the process group)
-    tree = [proc, *psutil.Process(proc.pid).children(recursive=True)]
+    workers = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
-    for p in tree:
+    for p in workers:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-    psutil.wait_procs([p for p in tree if p is not proc], timeout=30)
+    psutil.wait_procs(workers, timeout=30)
     proc.wait()
     partial = pads.dataset(str(out), format="parquet").count_rows()
     assert 0 < partial < 64

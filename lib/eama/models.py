@@ -471,10 +471,9 @@ def generate_text(
 ) -> list[str]:
     """Greedy batched generation: one answer per (instruction, image). Stops at EOS, after
     `max_new_tokens`, or, given each row's (kind, choices) as `lists`, once a list answer is
-    finished or runaway. With `prefix` (an
-    ImagePrefix and each instruction's image row in it) the cached heads are continued instead of
-    running image and context again; should a tokenizer merge across the head's end, the prompts
-    run whole instead (same answers, no saving)."""
+    finished or runaway. With `prefix` (an ImagePrefix and each instruction's image row in it) the
+    cached heads are continued instead of running image and context again; should a tokenizer
+    merge across the head's end, the prompts run whole instead (same answers, no saving)."""
     from transformers import StoppingCriteriaList
 
     prompts = [format_prompt(lm.family, text) for text in instructions]
