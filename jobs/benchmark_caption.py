@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
-from eama import captioning, config, demo, images, models, schema, storage
+from eama.engine import config, images, schema, storage
+from eama.news import captioning, demo, models
 
 
 @dataclasses.dataclass
@@ -99,7 +100,7 @@ def token_rates(lm: models.LoadedModel, rows: list[dict], batch: int, max_new: i
     """Prefill and decode tokens/s of batched greedy generation vs a batch-1 loop (plain prompts)."""
     import torch
 
-    from eama import prompts
+    from eama.news import prompts
 
     instr = [prompts.caption_prompt(prompts.plain_context(r["article"], r["headline"])) for r in rows]
     imgs = [images.load_rgb(r["image_rgb"]) for r in rows]

@@ -19,7 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pyarrow as pa  # noqa: E402
 
-from eama import alignment, config, demo, models, schema, storage, training  # noqa: E402
+from eama.engine import config, schema, storage
+from eama.news import alignment, demo, models, training
 
 
 @dataclasses.dataclass

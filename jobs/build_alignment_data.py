@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import logging
 
-from eama import alignment, config
+from eama.engine import config
+from eama.news import alignment
 
 FLAGS = [
     config.Flag("--input", "input", "sample Parquet shards: file, directory or glob, local or s3://"),

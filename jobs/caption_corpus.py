@@ -17,8 +17,9 @@ from typing import Sequence
 
 import ray
 
-from eama import config, demo, ledger, resources, storage
-from eama.pipeline import (CaptionCorpusConfig, DEMO_INPUT, Progress, build_dataset, inspect_inputs, model_label,
+from eama.engine import config, ledger, resources, storage
+from eama.news import demo
+from eama.news.pipeline import (CaptionCorpusConfig, DEMO_INPUT, Progress, build_dataset, inspect_inputs, model_label,
                            new_run_id, plan_reads, validate)
 
 FLAGS = [

@@ -26,7 +26,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import caption_corpus  # noqa: E402
 
-from eama import alignment, config, demo, evaluation, importers, storage, training  # noqa: E402
+from eama.engine import config, storage
+from eama.news import alignment, demo, evaluation, importers, training
 
 
 @dataclasses.dataclass

@@ -14,8 +14,8 @@ import logging
 import sys
 from typing import Sequence
 
-from eama.config import Flag, parse_args
-from eama.evaluation import REPORT_FILES, EvaluateConfig, evaluate, validate, write_report  # noqa: F401
+from eama.engine.config import Flag, parse_args
+from eama.news.evaluation import REPORT_FILES, EvaluateConfig, evaluate, validate, write_report  # noqa: F401
 
 FLAGS = [
     Flag("--input", "input", "caption output: Parquet file/dir or JSONL (local or s3://)"),

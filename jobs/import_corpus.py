@@ -11,7 +11,8 @@ import json
 import sys
 from typing import Sequence
 
-from eama import config, importers
+from eama.engine import config
+from eama.news import importers
 
 
 @dataclasses.dataclass

@@ -19,7 +19,8 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from eama import config, storage, training  # noqa: E402
+from eama.engine import config, storage
+from eama.news import training
 
 FLAGS = [
     config.Flag("--data", "data", "task rows (build_alignment_data output), local or s3://"),

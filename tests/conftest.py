@@ -81,7 +81,7 @@ _FORWARD = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "A
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory) -> Path:
     """24 demo samples in 3 shards."""
-    from eama import demo
+    from eama.news import demo
 
     out = tmp_path_factory.mktemp("demo_corpus")
     demo.write_demo_corpus(str(out), num_samples=24, shard_size=8, seed=0)

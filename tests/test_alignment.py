@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from eama import alignment, demo, entities, importers, prompts, schema, storage
+from eama.engine import entities, schema, storage
+from eama.news import alignment, demo, importers, prompts
 
 NYT = Path("news_sample")
 

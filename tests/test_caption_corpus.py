@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from conftest import load_job, run_on_cluster
-from eama import demo, importers, ledger, schema, storage
+from eama.engine import ledger, schema, storage
+from eama.news import demo, importers
 
 ROOT = Path(__file__).resolve().parents[1]
 cap = load_job("caption_corpus")
@@ -89,7 +90,8 @@ def test_plain_mode_skips_selection(ray_local, demo_corpus, tmp_path):
 def test_reusing_the_image_prefix_changes_no_output(model, caplog):
     """EAMA's three prompts per sample continue one cached head (image + news context): same
     answers, fewer token positions through the language model."""
-    from eama import captioning, images, models
+    from eama.engine import images
+    from eama.news import captioning, models
 
     rows = [dict(r, source_file="t") for r in demo.generate_samples(6, seed=7)]
     work = captioning.decode_images(captioning.to_work(rows), images.DEFAULT_MAX_SIDE, images.DEFAULT_MAX_PIXELS)

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from conftest import run_on_cluster
-from eama import demo, models, schema, storage
+from eama.engine import schema, storage
+from eama.news import demo, models
 from test_caption_corpus import ROOT, read_output, run_job, write_bad_corpus
 
 SECRET = "eama-test-secret-do-not-log-7f3a9c"
@@ -203,7 +204,7 @@ def test_training_checkpoints_are_unpickled_weights_only(tmp_path):
 
     import torch
 
-    from eama import training
+    from eama.news import training
 
     marker = tmp_path / "pwned"
     torch.save({"optimizer_state_dict": _Payload(str(marker))}, tmp_path / "evil.pt")

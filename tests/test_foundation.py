@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from conftest import load_job
-from eama import config, demo, entities, images, importers, models, schema, storage
+from eama.engine import config, entities, images, schema, storage
+from eama.news import demo, importers, models
 
 
 # ---------------------------------------------------------------- contract
@@ -77,7 +78,7 @@ JOB_CONFIGS = {
 @pytest.mark.parametrize("job", sorted(JOB_CONFIGS))
 def test_every_job_yaml_validates_against_its_config(job):
     """Each jobs/configs/<job>.yaml names only keys its job knows, with the right types."""
-    from eama import alignment, training
+    from eama.news import alignment, training
 
     path = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", f"{job}.yaml")
     schema_cls = {"build_alignment_data": alignment.BuildConfig, "train_alignment": training.TrainConfig}.get(job)
@@ -308,7 +309,7 @@ def test_list_answers_stop_once_finished_or_runaway(kind, answer, kept, not_reac
     """Decoding a selection answer stops once it is finished or runaway; a stray item is tolerated."""
     import torch
 
-    from eama import prompts
+    from eama.news import prompts
 
     tok = models.load_model("tiny-llava").tokenizer
     prompt = tok("USER: list them ASSISTANT:")["input_ids"]
@@ -342,7 +343,7 @@ def test_a_row_that_stops_early_leaves_the_others_decoding():
 
 
 def test_plan_on_a_two_cpu_laptop_leaves_cpu_for_io():
-    from eama import resources
+    from eama.engine import resources
 
     plan = resources.plan_stages(cpus=2, gpus=0)
     actors = plan.ner_actors * plan.ner_cpus + plan.mllm_actors * plan.mllm_cpus \
@@ -352,7 +353,7 @@ def test_plan_on_a_two_cpu_laptop_leaves_cpu_for_io():
 
 
 def test_plan_on_a_gpu_cluster_puts_one_model_per_gpu():
-    from eama import resources
+    from eama.engine import resources
 
     plan = resources.plan_stages(cpus=192, gpus=8)
     assert (plan.device, plan.mllm_actors, plan.mllm_gpus) == ("cuda", 8, 1.0)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import load_job
-from eama import demo, images, models
+from eama.engine import images
+from eama.news import demo, models
 
 pytestmark = [
     pytest.mark.gpu,

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from eama import generations, metrics, schema, storage
+from eama.engine import schema, storage
+from eama.news import generations, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TAT_FILE = Path("nytimes800k") / "generations.jsonl"

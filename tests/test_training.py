@@ -13,7 +13,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from eama import alignment, deepspeed_config, demo, models, schema, storage, training
+from eama.engine import deepspeed_config, schema, storage
+from eama.news import alignment, demo, models, training
 
 # ---------------------------------------------------------------- data
 

@@ -23,7 +23,7 @@ def fetch(image: bytes | None, image_uri: str | None) -> bytes | None:
         return image
     if not image_uri:
         return None
-    from eama import storage
+    from eama.engine import storage
 
     try:
         return storage.read_bytes(image_uri)

@@ -38,7 +38,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from eama import deepspeed_config, images, prompts, schema, storage
+from eama.engine import deepspeed_config, images, schema, storage
+from eama.news import prompts
 
 log = logging.getLogger("eama.training")
 
@@ -240,7 +241,7 @@ class Collator:
 
     def texts(self, prompt: str, target: str) -> tuple[str, str]:
         """(prompt as the model sees it at inference, the same with the answer appended)."""
-        from eama import models
+        from eama.news import models
 
         wrapped = models.format_prompt(self.lm.family, prompt)
         return wrapped, f"{wrapped} {target}{self.eos}"
@@ -255,7 +256,7 @@ class Collator:
     def __call__(self, rows: dict[str, np.ndarray]) -> Batch:
         import torch
 
-        from eama import models
+        from eama.news import models
 
         pairs = [self.texts(p, t) for p, t in zip(rows["prompt"], rows["target"])]
         pics = [images.load_rgb(b) for b in rows["image"]]
@@ -413,7 +414,7 @@ def load_for_training(cfg: TrainConfig, ds_config: dict[str, Any]) -> tuple[Any,
     returned so the caller keeps it for the whole run."""
     import torch
 
-    from eama import models
+    from eama.news import models
 
     keep_alive = None
     if ds_config["zero_optimization"]["stage"] == 3:
@@ -717,7 +718,7 @@ def selection_scores(lm: Any, rows: Sequence[dict[str, Any]], batch_size: int = 
                      max_new_tokens: int = 40) -> dict[str, dict[str, float]]:
     """Exact-match accuracy and micro F1 of the model's answers to sentence- and entity-selection
     rows (answers parsed as at inference)."""
-    from eama import models
+    from eama.news import models
 
     tally: dict[str, list[float]] = {}
     for task, kind in (("sentence_selection", "sentences"), ("entity_selection", "entities")):

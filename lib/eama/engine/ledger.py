@@ -23,7 +23,7 @@ from typing import Iterable
 
 import pyarrow as pa
 
-from eama import schema, storage
+from eama.engine import schema, storage
 
 ERRORS_DIR = "_errors"
 MANIFESTS_DIR = "_manifests"

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from eama import storage
+from eama.engine import storage
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def encode(
 ) -> dict[str, torch.Tensor]:
     """Tokenise prompts (left-padded) and preprocess images into model inputs on the model's device;
     InstructBLIP's Q-Former reads templates.QFORMER_TEXT with every prompt."""
-    from eama import prompts as templates
+    from eama.news import prompts as templates
 
     kwargs: dict[str, Any] = {"padding": True, "return_tensors": "pt"}
     if max_length:
@@ -189,7 +189,7 @@ def encode(
 
 
 def _corpus_for_tokenizer() -> Iterable[str]:
-    from eama import demo, prompts
+    from eama.news import demo, prompts
 
     for sample in demo.generate_samples(num_samples=200, seed=7):
         yield sample["article"]
@@ -367,7 +367,7 @@ class StopWhenListEnds:
     repeats. Parsing, not this, judges the answer; this only saves steps."""
 
     def __init__(self, tokenizer: Any, lists: Sequence[tuple[str, Sequence[str]]]):
-        from eama import prompts
+        from eama.news import prompts
 
         self.tokenizer = tokenizer
         self.guards = [prompts.ListAnswerGuard(choices, kind) for kind, choices in lists]

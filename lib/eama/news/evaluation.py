@@ -11,10 +11,11 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from eama import generations, metrics, storage
-from eama.config import ConfigError, to_dict
-from eama.entities import DEFAULT_SPACY_MODEL
-from eama.schema import SchemaError
+from eama.engine import storage
+from eama.news import generations, metrics
+from eama.engine.config import ConfigError, to_dict
+from eama.engine.entities import DEFAULT_SPACY_MODEL
+from eama.engine.schema import SchemaError
 
 log = logging.getLogger("eama.evaluate")
 

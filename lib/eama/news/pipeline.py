@@ -12,7 +12,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from eama import captioning, images, ledger, resources, schema, storage
+from eama.engine import images, ledger, resources, schema, storage
+from eama.news import captioning
 
 log = logging.getLogger("eama.caption_corpus")
 
@@ -157,7 +158,7 @@ def commit(batch: pa.Table, output: str, run_id: str, model: str, mode: str) -> 
 
 def model_label(cfg: CaptionCorpusConfig) -> str:
     """'name@revision-or-fingerprint', computed once on the driver (local and tiny models hashed)."""
-    from eama import models
+    from eama.news import models
 
     if cfg.revision:
         return f"{cfg.model}@{cfg.revision}"

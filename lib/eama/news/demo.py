@@ -16,7 +16,7 @@ from typing import Iterator
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from eama import schema, storage
+from eama.engine import schema, storage
 
 PEOPLE = [
     "Maria Gonzalez", "James Carter", "Aisha Rahman", "Thomas Becker", "Elena Petrova", "David Kim",

@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from eama import entities, images, prompts, schema, storage
+from eama.engine import entities, images, schema, storage
+from eama.news import candidates, prompts
 
 Row = dict[str, Any]
 
@@ -163,7 +164,7 @@ class Captioner:
     def __init__(self, cfg: CaptionerConfig, lm: Any = None):
         import torch
 
-        from eama import models
+        from eama.news import models
 
         if cfg.device == "cpu":
             torch.set_num_threads(max(1, cfg.threads))
@@ -196,13 +197,13 @@ class Captioner:
     def _generate(self, instructions: list[str], rows: list[int], imgs: list[Any], prefix: Any, max_new: int,
                   lists: list[tuple[str, list[str]]] | None = None) -> list[str]:
         """Answers to `instructions`, the i-th about image `rows[i]` of the chunk."""
-        from eama import models
+        from eama.news import models
 
         return models.generate_text(self.lm, instructions, [imgs[i] for i in rows], max_new, lists,
                                     prefix=(prefix, rows) if prefix is not None else None)
 
     def caption(self, chunk: list[Row]) -> None:
-        from eama import models
+        from eama.news import models
 
         imgs = [images.load_rgb(r["image_rgb"]) for r in chunk]
         for r in chunk:
@@ -210,8 +211,8 @@ class Captioner:
             r["dropped_answers"] = 0
         prefix = None
         if self.cfg.mode == "eama":
-            offered = [entities.candidate_sentence_ids(r["sentences"] or [], r["article_entities"] or []) for r in chunk]
-            names = [entities.candidate_entities(r["article_entities"] or []) for r in chunk]
+            offered = [candidates.candidate_sentence_ids(r["sentences"] or [], r["article_entities"] or []) for r in chunk]
+            names = [candidates.candidate_entities(r["article_entities"] or []) for r in chunk]
             contexts = [prompts.news_context(r["article"], r["headline"], r["sentences"] or [], ids, ents)
                         for r, ids, ents in zip(chunk, offered, names)]
             if self.cfg.share_image_prefix and models.shares_image_prefix(self.lm):

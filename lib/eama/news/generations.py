@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
-from eama import schema, storage
+from eama.engine import schema, storage
 
 TAT_SCHEMA = pa.schema(
     [

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from eama import images, schema, storage
+from eama.engine import images, schema, storage
 
 Row = dict[str, Any]
 Error = dict[str, Any]

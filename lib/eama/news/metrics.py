@@ -25,8 +25,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 
-from eama import schema
-from eama.entities import DEFAULT_SPACY_MODEL, extract_entities, load_nlp
+from eama.engine import schema
+from eama.engine.entities import DEFAULT_SPACY_MODEL, extract_entities, load_nlp
 
 log = logging.getLogger(__name__)
 
