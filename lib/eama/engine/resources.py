@@ -48,10 +48,10 @@ def plan_stages(
     """Plan the caption_corpus actor pools for a cluster with `cpus` CPUs and `gpus` GPUs.
 
     0 for an actor count means "derive it". On a small machine every actor takes a fraction of a
-    CPU and at least ~0.75 CPU stays free for the I/O tasks."""
+    CPU and at least ~0.75 CPU stays free for the I/O tasks. device=cuda plans GPU actors even when
+    the cluster has no GPU yet (mllm_actors of them, else one): the runner asks the autoscaler for
+    them (runner.ensure_resources), so a GPU worker group that scales from zero starts."""
     use_gpu = device == "cuda" or (device == "auto" and gpus >= gpus_per_mllm)
-    if device == "cuda" and gpus < gpus_per_mllm:
-        raise ValueError(f"device=cuda but the cluster has {gpus} GPUs (needs {gpus_per_mllm} per MLLM actor)")
     small = cpus <= 4
     io_cpus = 0.25 if small else 1.0
     ner_gpus = NER_GPU_SHARE if ner_on_gpu and gpus else 0.0

@@ -58,6 +58,8 @@ CAPTION_OUTPUT = pa.schema(
 )
 
 # One row per sample (or per file, when a whole shard is unreadable) that a job could not process.
+# row_group / row locate it in source_file (row_group -1: the whole file; null: an importer's line
+# error); retryable rows (a transient fault that outlived its retries) are redone by the next run.
 ERROR = pa.schema(
     [
         pa.field("sample_id", pa.string()),
@@ -65,8 +67,30 @@ ERROR = pa.schema(
         pa.field("stage", pa.string(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
         pa.field("run_id", pa.string()),
+        pa.field("row_group", pa.int64()),
+        pa.field("row", pa.int64()),
+        pa.field("retryable", pa.bool_()),
     ]
 )
+
+# Bookkeeping columns the batch runner adds to every job's work rows: where the row came from,
+# and, once a stage gives up on it, why (error_stage set: later stages pass the row through).
+RUNNER_FIELDS = [
+    pa.field("source_file", pa.string()),
+    pa.field("source_row_group", pa.int64()),
+    pa.field("source_row", pa.int64()),
+    pa.field("error_stage", pa.string()),
+    pa.field("error_reason", pa.string()),
+    pa.field("error_retryable", pa.bool_()),
+]
+
+
+def work_schema(fields: list[pa.Field], stages: tuple[str, ...]) -> pa.Schema:
+    """A job's work schema: its own columns, the runner's bookkeeping and one busy-seconds column
+    per stage (seconds_<stage>, the stage's wall time spread over the rows it served)."""
+    names = {f.name for f in RUNNER_FIELDS}
+    return pa.schema([pa.field(f.name, f.type) for f in fields if f.name not in names] + RUNNER_FIELDS
+                     + [pa.field(f"seconds_{s}", pa.float64()) for s in stages])
 
 # Instruction rows of EAMA's three alignment tasks.
 TASK_NAMES = ("sentence_selection", "entity_selection", "captioning")
@@ -84,20 +108,8 @@ TASK = pa.schema(
 
 # What flows between caption_corpus stages: the sample plus every column a stage adds. A row whose
 # error_stage is set is carried through untouched and written to the error output.
-WORK = pa.schema(
-    [pa.field(f.name, f.type) for f in SAMPLE]
-    + [
-        pa.field("source_file", pa.string()),
-        pa.field("image_rgb", pa.binary()),
-    ]
-    + ANNOTATIONS
-    + [
-        pa.field("error_stage", pa.string()),
-        pa.field("error_reason", pa.string()),
-    ]
-    + [pa.field(f"seconds_{stage}", pa.float64()) for stage in ("decode", "ner", "mllm", "caption_ner")]
-)
-PIPELINE_STAGES = ("read", "decode", "ner", "mllm", "caption_ner", "write")
+CAPTION_STAGES = ("decode", "ner", "mllm", "caption_ner")
+WORK = work_schema(list(SAMPLE) + [pa.field("image_rgb", pa.binary())] + ANNOTATIONS, CAPTION_STAGES)
 
 
 class SchemaError(ValueError):

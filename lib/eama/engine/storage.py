@@ -6,6 +6,7 @@ AWS_ACCESS_KEY_ID, instance roles, ...); they are never logged.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -13,12 +14,13 @@ import os
 import posixpath
 import time
 import uuid
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from eama.engine import faults
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -26,28 +28,21 @@ RETRY_SECONDS = float(os.environ.get("EAMA_STORAGE_RETRY_SECONDS", "120"))
 
 
 def with_retries(what: str, fn: Callable[[], T], budget: float | None = None) -> T:
-    """Run fn, retrying transient I/O failures (connection refused or reset, timeouts, throttling,
-    5xx) with exponential backoff for up to `budget` seconds; other errors raise at once."""
+    """Run fn, retrying transient I/O failures (faults.is_transient: connection refused or reset,
+    timeouts, throttling, 5xx) with exponential backoff for up to `budget` seconds; other errors raise at once."""
     budget = RETRY_SECONDS if budget is None else budget
     deadline, delay = time.monotonic() + budget, 0.5
     while True:
         try:
             return fn()
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError):
             raise
         except Exception as exc:
-            if not _transient(exc) or time.monotonic() + delay > deadline:
+            if not faults.is_transient(exc) or time.monotonic() + delay > deadline:
                 raise
             log.warning("%s failed (%s: %s); retrying in %.1f s", what, type(exc).__name__, str(exc)[:200], delay)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
-
-
-def _transient(exc: BaseException) -> bool:
-    text = f"{type(exc).__name__} {exc}".lower()
-    markers = ("connect", "timeout", "timed out", "reset", "throttl", "slow down", "slowdown",
-               "internalerror", "serviceunavailable", "503", "500", "502", "504", "broken pipe")
-    return isinstance(exc, (ConnectionError, TimeoutError)) or any(m in text for m in markers)
 
 
 def is_remote(path: str) -> bool:
@@ -55,20 +50,25 @@ def is_remote(path: str) -> bool:
 
 
 def filesystem(path: str) -> fsspec.AbstractFileSystem:
-    """The fsspec filesystem for `path`; S3 gets botocore's adaptive retries."""
-    if path.startswith("s3://"):
+    """The fsspec filesystem for `path`, one per process and endpoint (an S3 client is costly to
+    build: connection pool, credential chain); S3 gets botocore's adaptive retries."""
+    protocol = path.split("://", 1)[0] if is_remote(path) else "file"
+    endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")) if protocol == "s3" else None
+    return _filesystem(protocol, endpoint, os.getpid())
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(protocol: str, endpoint: str | None, pid: int) -> fsspec.AbstractFileSystem:
+    """Cached by (protocol, endpoint, process): a forked worker builds its own client."""
+    if protocol == "s3":
         import s3fs
 
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        client_kwargs = {"endpoint_url": endpoint} if endpoint else {}
         return s3fs.S3FileSystem(
-            client_kwargs=client_kwargs,
+            client_kwargs={"endpoint_url": endpoint} if endpoint else {},
             config_kwargs={"retries": {"max_attempts": 8, "mode": "adaptive"}},
             skip_instance_cache=True,
         )
-    if is_remote(path):
-        return fsspec.filesystem(path.split("://", 1)[0])
-    return fsspec.filesystem("file")
+    return fsspec.filesystem(protocol)
 
 
 def strip(path: str) -> str:
@@ -97,20 +97,36 @@ def exists(path: str) -> bool:
 
 def list_files(path: str, suffix: str = ".parquet") -> list[str]:
     """Files under a directory (recursive), a glob, or a single file; sorted, hidden files skipped."""
+    return [f for f, _ in list_files_with_sizes(path, suffix)]
+
+
+def list_files_with_sizes(path: str, suffix: str = ".parquet") -> list[tuple[str, int]]:
+    """(file, size in bytes) for list_files, from the one listing (no extra request per file)."""
     fs, raw = filesystem(path), strip(path)
     if any(ch in raw for ch in "*?["):
-        found = fs.glob(raw)
+        found = fs.glob(raw, detail=True)
     elif fs.isfile(raw):
-        found = [raw]
+        found = {raw: fs.info(raw)}
     elif fs.exists(raw):
-        found = fs.find(raw)
+        found = fs.find(raw, detail=True)
     else:
         raise FileNotFoundError(f"input path does not exist: {path}")
     keep = [
-        f for f in found
-        if f.endswith(suffix) and not any(p.startswith(("_", ".")) for p in posixpath.relpath(f, raw).split("/") if p != ".")
+        (f, int(info.get("size") or 0)) for f, info in found.items()
+        if f.endswith(suffix) and info.get("type", "file") != "directory"
+        and not any(p.startswith(("_", ".")) for p in posixpath.relpath(f, raw).split("/") if p != ".")
     ]
-    return sorted(_with_scheme(f, path) for f in keep)
+    return sorted((_with_scheme(f, path), size) for f, size in keep)
+
+
+def parallel_map(fn: Callable[[Any], T], items: Sequence[Any], threads: int = 32) -> list[T]:
+    """fn over items on a thread pool (footers and small objects: I/O-bound, the GIL released)."""
+    if len(items) <= 1:
+        return [fn(i) for i in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def read_bytes(path: str) -> bytes:
@@ -140,6 +156,26 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
 
 
 ROW_GROUP_ROWS = 32  # the unit caption_corpus reads in parallel
+
+
+def create_exclusive(path: str, data: bytes) -> bool:
+    """Write `path` only if it does not exist yet (O_EXCL locally, a conditional PUT with
+    If-None-Match on S3); False when it already exists."""
+    fs, raw = filesystem(path), strip(path)
+    try:
+        if is_remote(path):
+            with_retries(f"create {path}", lambda: fs.pipe_file(raw, data, mode="create"))
+        else:
+            os.makedirs(os.path.dirname(raw), exist_ok=True)
+            with open(raw, "xb") as fh:
+                fh.write(data)
+        return True
+    except FileExistsError:
+        return False
+    except Exception as exc:  # S3 answers 412 Precondition Failed for an existing key
+        if "precondition" in str(exc).lower() or "412" in str(exc):
+            return False
+        raise
 
 
 def write_table_atomic(table: pa.Table, path: str, row_group_size: int | None = None) -> None:

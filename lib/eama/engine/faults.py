@@ -1,0 +1,64 @@
+"""Which failures are transient (worth retrying: the same input may succeed later) and which are
+the data's fault (permanent: an error row).
+
+Transient: lost connections, timeouts, throttling and 5xx answers from object stores, CUDA out of
+memory, a device-side assert or another CUDA / NCCL runtime failure, a lost Ray actor, node or
+object. Everything else (an undecodable image, a missing column, a value out of range) is
+permanent. Stages isolate permanent failures row by row and let transient ones propagate, so the
+batch runner can retry them and, when they keep failing, commit them as *retryable* error rows
+that the next run redoes.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+
+_TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+                     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN}
+_TRANSIENT_TEXT = re.compile(
+    r"cuda out of memory|out of memory on device|device-side assert|cuda error|cublas_status|cudnn_status"
+    r"|nccl|connection (?:was )?(?:reset|refused|aborted|closed)|could not connect|broken pipe"
+    r"|timed out|read timeout|connect timeout|temporarily unavailable|slow ?down|throttl|service ?unavailable"
+    r"|internal ?error|request ?limit ?exceeded|too many requests",
+    re.IGNORECASE,
+)
+_HTTP_STATUS = re.compile(r"\b(?:429|500|502|503|504)\b")
+_NETWORK_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "fsspec", "http")
+_RAY_TRANSIENT = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ObjectLostError",
+                  "NodeDiedError", "OwnerDiedError", "WorkerCrashedError", "RaySystemError",
+                  "ObjectFetchTimedOutError", "GetTimeoutError")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a failure that retrying the same input may cure (see the module docstring)."""
+    for e in _chain(exc):
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+        name, module = type(e).__name__, type(e).__module__ or ""
+        if name == "OutOfMemoryError" or name in _RAY_TRANSIENT:
+            return True
+        if module.split(".")[0] in ("torch", "builtins") and isinstance(e, RuntimeError) and _TRANSIENT_TEXT.search(str(e)):
+            return True
+        if module.split(".")[0] in _NETWORK_MODULES and (_TRANSIENT_TEXT.search(f"{name} {e}")
+                                                          or _HTTP_STATUS.search(str(e))
+                                                          or "Connect" in name or "Timeout" in name):
+            return True
+    return False
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and its causes / contexts (a wrapped ConnectionError counts)."""
+    seen: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and e not in seen and len(seen) < 8:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return seen
+
+
+def describe(exc: BaseException, limit: int = 2000) -> str:
+    """'Type: message', bounded, for an error row's reason."""
+    return f"{type(exc).__name__}: {exc}"[:limit]

@@ -1,0 +1,547 @@
+"""The exactly-once batch runner: one way to write a Ray Data job over Parquet input.
+
+A job declares a `BatchJob`: its input contract, its stages (callables run as CPU tasks or as
+CPU / GPU actor pools, sized by the job's resource plan), how a finished work row becomes output
+rows, and its output schema. `run` then does the rest:
+
+1. takes the output's lease (lease.py: a second run on the same output refuses);
+2. plans against the ledger (ledger.py): input files whose rows are all accounted for are skipped
+   without being read; a changed or new file's footer is read (in parallel); only the pending
+   positions of each row group are read; a sample id seen earlier in the input, or already
+   committed as a real outcome, becomes a 'duplicate' error row;
+3. streams read -> stages -> commit on Ray Data. Every stage runs behind a guard: a transient
+   fault (faults.is_transient) is retried, and when it outlives `transient_retries` the batch's
+   rows are committed as retryable errors that the next run redoes; any other exception of a
+   whole batch becomes permanent error rows naming the stage. Commits hold `commit_rows` rows;
+4. compacts the ledger, writes the run manifest, releases the lease.
+
+Rows in = output rows + error rows, for every run and for the output as a whole.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import functools
+import json
+import logging
+import time
+import uuid
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from eama.engine import faults, ledger, schema, storage
+from eama.engine.lease import Lease
+
+log = logging.getLogger("eama.runner")
+
+Row = dict[str, Any]
+
+
+@dataclasses.dataclass
+class RunnerConfig:
+    """Settings every batch job shares (each job's config extends this)."""
+
+    input: str = ""  # Parquet file, directory or glob, local or s3://
+    output: str = ""  # output directory, local or s3://
+    overwrite: bool = False  # discard the committed output and redo everything
+    retry_errors: bool = False  # also redo committed permanent error rows (retryable ones always are)
+    commit_rows: int = 2000  # rows per committed file; a crash loses at most the uncommitted ones
+    batch_size: int = 8  # rows per block between stages
+    on_bad_shard: str = "continue"  # continue (an error row per unusable file) | fail
+    transient_retries: int = 2  # retries of a batch hit by a transient fault before it is recorded as retryable
+    lease_seconds: float = 300.0  # the output lease lapses this long after its holder stops renewing it
+    wait_for_resources_seconds: float = 900.0  # how long to wait for the autoscaler to add what the plan needs
+    planning_threads: int = 32  # parallel footer / id reads while planning
+
+
+@dataclasses.dataclass
+class Stage:
+    """One step of a job. A function stage runs as Ray tasks; a class stage (actors > 0) runs as an
+    actor pool whose members construct the class once (load a model) and call it per batch.
+    A stage takes and returns a pyarrow batch in the job's work schema, one row out per row in;
+    rows whose error_stage is set must pass through unchanged."""
+
+    name: str
+    fn: Callable[..., pa.Table] | type
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    actors: int = 0
+    cpus: float = 0.25
+    gpus: float = 0.0
+    batch_size: int | None = None  # None: the job's batch_size
+
+    def describe(self) -> str:
+        kind = f"{self.actors} actors x {self.cpus} CPU" if self.actors else f"tasks x {self.cpus} CPU"
+        return kind + (f" + {self.gpus} GPU" if self.gpus else "")
+
+
+@dataclasses.dataclass
+class BatchJob:
+    """What a job declares; `run` supplies planning, exactly-once commits, errors and the manifest."""
+
+    name: str
+    input_schema: pa.Schema  # the input contract (schema.check_schema / conform)
+    required: tuple[str, ...]  # columns an input file must have
+    work_schema: pa.Schema  # schema.work_schema(...): what flows between stages
+    output_schema: pa.Schema
+    stages: list[Stage]
+    emit: Callable[[Row], list[Row]]  # output rows of one finished work row ([]: accounted, no output)
+    prepare: Callable[[Row], str | None] | None = None  # per-row check after read: a reason = error row
+    check_table: Callable[[pa.Table, str], None] | None = None  # extra per-row-group contract check
+    stats: Callable[[list[Row]], dict[str, Any]] | None = None  # job counters summed into the manifest
+    io_cpus: float = 0.25  # per read and commit task
+    describe: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra manifest fields
+
+
+def new_run_id() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def fail(row: Row, stage: str, reason: str, retryable: bool = False) -> None:
+    """Mark a work row as failed in `stage`; later stages pass it through."""
+    row["error_stage"], row["error_reason"], row["error_retryable"] = stage, reason[:2000], retryable
+
+
+def pending(rows: list[Row]) -> list[Row]:
+    return [r for r in rows if not r.get("error_stage")]
+
+
+def validate(cfg: RunnerConfig) -> None:
+    if cfg.on_bad_shard not in ("continue", "fail"):
+        raise SystemExit(f"on_bad_shard must be continue or fail, got {cfg.on_bad_shard!r}")
+    if cfg.commit_rows < 1 or cfg.batch_size < 1:
+        raise SystemExit("commit_rows and batch_size must be >= 1")
+    if not cfg.output:
+        raise SystemExit("an output path is needed (--output)")
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclasses.dataclass
+class Plan:
+    items: list[Row]  # one per (file, row group) with pending rows
+    file_errors: list[Row]  # error rows of unusable input files
+    inspected: dict[str, tuple[int, list[int]]]  # file -> (size, rows per row group) read this run
+    files: int = 0
+    input_rows: int = 0
+    pending_rows: int = 0
+    files_done: int = 0
+    duplicates: int = 0
+    seconds: float = 0.0
+
+
+def inspect_file(path: str, job: BatchJob) -> list[int]:
+    """Rows per row group of an input file (footer only), after checking its columns."""
+    schema.check_schema(storage.read_schema(path), job.input_schema, path, job.required)
+    return storage.row_group_rows(path)
+
+
+def plan_run(job: BatchJob, cfg: RunnerConfig, led: ledger.Ledger) -> Plan:
+    """Which positions of the input still need work (see the module docstring)."""
+    started = time.perf_counter()
+    listing = storage.list_files_with_sizes(cfg.input)
+    opened = led.open_positions(cfg.retry_errors)
+    plan = Plan([], [], {}, files=len(listing))
+    groups: dict[str, list[int]] = {}
+    to_inspect = []
+    for path, size in listing:
+        known = led.known_row_groups(path, size)
+        if known is not None:
+            groups[path] = known
+        elif led.file_failed(path, size, opened):
+            plan.files_done += 1
+        else:
+            to_inspect.append((path, size))
+
+    def look(item: tuple[str, int]) -> tuple[str, int, list[int] | None, BaseException | None]:
+        try:
+            return item[0], item[1], inspect_file(item[0], job), None
+        except Exception as exc:  # not Parquet, a contract column missing or mistyped, unreachable
+            return item[0], item[1], None, exc
+
+    for path, size, sizes, exc in storage.parallel_map(look, to_inspect, cfg.planning_threads):
+        if exc is None:
+            groups[path] = sizes
+            plan.inspected[path] = (size, sizes)
+            continue
+        if cfg.on_bad_shard == "fail" and not faults.is_transient(exc):
+            raise SystemExit(f"unusable input shard: {path}: {faults.describe(exc)}")
+        plan.inspected[path] = (size, [])
+        plan.file_errors.append({"sample_id": None, "source_file": path, "row_group": ledger.FILE_ROW_GROUP,
+                                 "row": 0, "stage": "read", "reason": faults.describe(exc),
+                                 "retryable": faults.is_transient(exc)})
+
+    wanted: list[tuple[str, int, list[int]]] = []  # (file, row group, pending offsets)
+    for path in sorted(groups):
+        done = led.done_ranges(path, open_positions=opened)
+        file_pending = 0
+        for g, n in enumerate(groups[path]):
+            plan.input_rows += n
+            rows = [r for r in range(n) if not ledger.contains(done.get(g, []), r)]
+            if rows:
+                wanted.append((path, g, rows))
+                file_pending += len(rows)
+        plan.files_done += file_pending == 0
+    plan.pending_rows = sum(len(rows) for _, _, rows in wanted)
+    plan.items = mark_duplicates(wanted, led, cfg)
+    plan.duplicates = sum(len(i["dup_rows"]) for i in plan.items)
+    plan.seconds = time.perf_counter() - started
+    return plan
+
+
+def read_ids(item: tuple[str, int, list[int]]) -> list[str | None]:
+    path, group, rows = item
+    with storage.filesystem(path).open(storage.strip(path), "rb") as fh:
+        import pyarrow.parquet as pq
+
+        col = pq.ParquetFile(fh).read_row_group(group, columns=["sample_id"]).column("sample_id").to_pylist()
+    return [col[r] for r in rows]
+
+
+def mark_duplicates(wanted: list[tuple[str, int, list[int]]], led: ledger.Ledger, cfg: RunnerConfig) -> list[Row]:
+    """Read items for the pending positions. The first pending occurrence of a sample id (in input
+    order) is processed unless the id is committed already; every other occurrence is a duplicate.
+    Only a real outcome marks an id taken, so a committed duplicate error row never hides the first
+    occurrence."""
+    ids = storage.parallel_map(read_ids, wanted, cfg.planning_threads) if wanted else []
+    taken = led.taken_ids({i for chunk in ids for i in chunk if i is not None},
+                          count_errors=not cfg.retry_errors, threads=cfg.planning_threads)
+    first: dict[str, str] = {}
+    items = []
+    for (path, group, rows), chunk in zip(wanted, ids):
+        dup_rows, dup_reasons = [], []
+        for row, sid in zip(rows, chunk):
+            if sid is None:
+                continue  # the read stage reports it against the contract
+            if sid in taken:
+                dup_rows.append(row)
+                dup_reasons.append(f"duplicate sample_id {sid!r}: already committed in {led.output}")
+            elif sid in first:
+                dup_rows.append(row)
+                dup_reasons.append(f"duplicate sample_id {sid!r}: first seen in {first[sid]}")
+            else:
+                first[sid] = path
+        items.append({"path": path, "row_group": group, "rows": rows, "dup_rows": dup_rows,
+                      "dup_reasons": dup_reasons})
+    return items
+
+
+# ---------------------------------------------------------------- the read stage
+
+
+def read_positions(batch: pa.Table, job: BatchJob) -> pa.Table:
+    """Read planned (file, row group, rows) items into work rows: contract check, duplicates and the
+    job's per-row check marked. An unreadable row group gives an error row per planned position."""
+    out: list[Row] = []
+    for item in batch.to_pylist():
+        path, group, rows = item["path"], item["row_group"], item["rows"]
+        where = {"source_file": path, "source_row_group": group}
+        try:
+            table = storage.read_row_group(path, group)
+            if job.check_table:
+                job.check_table(table, path)
+            table = schema.conform(table, job.input_schema, path).select(job.input_schema.names)
+        except Exception as exc:
+            for row in rows:
+                r = dict(where, source_row=row)
+                fail(r, "read", f"row group {group}: {faults.describe(exc)}", faults.is_transient(exc))
+                out.append(r)
+            continue
+        dups = dict(zip(item["dup_rows"], item["dup_reasons"]))
+        records = table.to_pylist()
+        for row in rows:
+            r = records[row]
+            r.update(where, source_row=row)
+            if row in dups:
+                fail(r, "duplicate", dups[row])
+            elif not r.get("sample_id"):
+                fail(r, "read", "empty sample_id")
+            elif job.prepare and (why := job.prepare(r)):
+                fail(r, "read", why)
+            out.append(r)
+    return pa.Table.from_pylist(out, schema=job.work_schema)
+
+
+# ---------------------------------------------------------------- stage guard
+
+
+def guarded(call: Callable[[pa.Table], pa.Table], batch: pa.Table, name: str, retries: int) -> pa.Table:
+    """Run one stage on a batch: retry transient faults, turn what is left into error rows, and
+    record the stage's busy seconds on the rows it served."""
+    todo = pc.is_null(batch.column("error_stage"))
+    served = max(1, pc.sum(pc.cast(todo, pa.int64())).as_py() or 0)
+    started = time.perf_counter()
+    out, attempt = None, 0
+    while out is None:
+        try:
+            out = call(batch)
+        except Exception as exc:
+            transient = faults.is_transient(exc)
+            if transient and attempt < retries:
+                attempt += 1
+                log.warning("stage %s: transient fault (%s), retry %d/%d", name, faults.describe(exc, 300),
+                            attempt, retries)
+                _free_accelerator_memory()
+                time.sleep(min(30.0, 2.0 ** attempt))
+                continue
+            out = _fail_batch(batch, name, exc, transient)
+    column = f"seconds_{name}"
+    if column in out.column_names and out.num_rows == batch.num_rows:
+        share = (time.perf_counter() - started) / served
+        values = pc.if_else(todo, pa.scalar(share, pa.float64()), out.column(column))
+        out = out.set_column(out.schema.get_field_index(column), column, values)
+    return out
+
+
+def _fail_batch(batch: pa.Table, name: str, exc: BaseException, transient: bool) -> pa.Table:
+    rows = batch.to_pylist()
+    for r in pending(rows):
+        fail(r, name, faults.describe(exc), transient)
+    return pa.Table.from_pylist(rows, schema=batch.schema)
+
+
+def _free_accelerator_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # no torch, or no CUDA: nothing to free
+        pass
+
+
+def task_stage(label: str) -> Callable[..., pa.Table]:
+    """A guarded task-stage function named `label` (the name Ray Data's progress shows)."""
+
+    def run_stage(batch: pa.Table, fn: Callable[..., pa.Table], kwargs: dict[str, Any], name: str,
+                  retries: int) -> pa.Table:
+        return guarded(functools.partial(fn, **kwargs), batch, name, retries)
+
+    run_stage.__name__ = run_stage.__qualname__ = label
+    return run_stage
+
+
+class ActorStage:
+    """An actor-pool member: builds the stage's class once, then guards every call."""
+
+    def __init__(self, cls: type, kwargs: dict[str, Any], name: str, retries: int) -> None:
+        self.impl, self.name, self.retries = cls(**kwargs), name, retries
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return guarded(self.impl, batch, self.name, self.retries)
+
+
+# ---------------------------------------------------------------- commit
+
+
+def commit_batch(batch: pa.Table, job: BatchJob, output: str, run_id: str) -> pa.Table:
+    """Commit one batch of finished work rows; return one stats row for progress and the manifest."""
+    rows = batch.to_pylist()
+    positions = [(r["source_file"], r["source_row_group"], r["source_row"]) for r in rows]
+    errors, outputs = [], []
+    for r in rows:
+        if r.get("error_stage"):
+            errors.append({"sample_id": r.get("sample_id"), "source_file": r["source_file"],
+                           "row_group": r["source_row_group"], "row": r["source_row"], "stage": r["error_stage"],
+                           "reason": r["error_reason"] or "", "retryable": bool(r.get("error_retryable"))})
+        else:
+            outputs += job.emit(r)
+    name = "part-" + ledger.digest(f"{f}\0{g}\0{i}" for f, g, i in positions)
+    ledger.commit(output, run_id, name, outputs, errors, positions, job.output_schema)
+    seconds = {c: float(pc.sum(batch.column(c)).as_py() or 0.0) for c in batch.column_names if c.startswith("seconds_")}
+    by_stage = collections.Counter(e["stage"] for e in errors)
+    return pa.Table.from_pylist([{
+        "rows": len(rows), "written": len(outputs), "errors": len(errors),
+        "retryable": sum(e["retryable"] for e in errors), "errors_by_stage": json.dumps(by_stage),
+        "seconds": json.dumps(seconds), "extra": json.dumps(job.stats(rows) if job.stats else {}),
+    }])
+
+
+def commit_file_errors(errors: list[Row], output: str, run_id: str) -> None:
+    if errors:
+        positions = [(e["source_file"], e["row_group"], e["row"]) for e in errors]
+        name = "part-" + ledger.digest(f"{f}\0{g}\0{i}" for f, g, i in positions)
+        ledger.commit(output, run_id, name, [], errors, positions, schema.ERROR)
+
+
+# ---------------------------------------------------------------- progress and resources
+
+
+def add_counts(total: dict[str, Any], part: dict[str, Any]) -> None:
+    """total += part, for nested dicts of numbers."""
+    for k, v in part.items():
+        if isinstance(v, dict):
+            add_counts(total.setdefault(k, {}), v)
+        else:
+            total[k] = total.get(k, 0) + v
+
+
+class Progress:
+    """Sums the commit stats rows and logs progress every `every` seconds."""
+
+    def __init__(self, total: int, every: float = 10.0) -> None:
+        self.total, self.every = total, every
+        self.rows = self.written = self.errors = self.retryable = 0
+        self.errors_by_stage: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self.extra: dict[str, Any] = {}
+        self.t0 = self.last = time.time()
+        self.first_commit: float | None = None
+
+    def add(self, row: Row) -> None:
+        self.first_commit = self.first_commit or time.time()
+        self.rows += row["rows"]
+        self.written += row["written"]
+        self.errors += row["errors"]
+        self.retryable += row["retryable"]
+        add_counts(self.errors_by_stage, json.loads(row["errors_by_stage"]))
+        add_counts(self.seconds, json.loads(row["seconds"]))
+        add_counts(self.extra, json.loads(row["extra"]))
+        now = time.time()
+        if now - self.last > self.every or self.rows >= self.total:
+            self.last = now
+            rate = self.rows / max(1e-9, now - self.t0)
+            eta = (self.total - self.rows) / rate if rate > 0 else float("inf")
+            log.info("committed %d/%d rows (%d errors), %.2f rows/s, ETA %s", self.rows, self.total,
+                     self.errors, rate, _clock(eta))
+
+    def throughput(self, wall: float) -> dict[str, float | None]:
+        out: dict[str, float | None] = {s.removeprefix("seconds_"): (self.rows / v if v > 0 else None)
+                                        for s, v in self.seconds.items()}
+        out["end_to_end"] = self.rows / wall if wall > 0 else None
+        return out
+
+
+def _clock(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60:d}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:d}:{s:02d}"
+
+
+def demand(stages: Sequence[Stage]) -> list[dict[str, float]]:
+    """One resource bundle per actor the plan places (what the autoscaler must provide)."""
+    out = []
+    for st in stages:
+        bundle = {"CPU": st.cpus, **({"GPU": st.gpus} if st.gpus else {})}
+        out += [dict(bundle) for _ in range(st.actors)]
+    return out
+
+
+def ensure_resources(stages: Sequence[Stage], timeout: float, poll: float = 5.0) -> None:
+    """Ask the autoscaler for the GPUs the plan's actor pools need and wait until the cluster has
+    them (a GPU worker group that scales from zero starts only when asked)."""
+    import ray
+
+    need = sum(st.actors * st.gpus for st in stages)
+    if need <= 0 or ray.cluster_resources().get("GPU", 0) >= need:
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=demand(stages))
+    deadline, last_log = time.time() + timeout, 0.0
+    while (have := ray.cluster_resources().get("GPU", 0)) < need:
+        if time.time() > deadline:
+            raise SystemExit(f"the plan needs {need:g} GPUs; asked the autoscaler, but after {timeout:.0f} s the "
+                             f"cluster has {have:g}. Check the GPU worker type in ray_cluster.yaml (max_workers, "
+                             f"quota) or set mllm_actors / device to what the cluster has.")
+        if time.time() - last_log > 30:
+            log.info("waiting for the autoscaler: %g of %g GPUs", have, need)
+            last_log = time.time()
+        time.sleep(poll)
+    log.info("the cluster has the %g GPUs the plan needs", need)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def build_dataset(job: BatchJob, cfg: RunnerConfig, items: list[Row], run_id: str) -> Any:
+    """read -> the job's stages -> commit, as one streaming Ray Data chain."""
+    import ray.data
+
+    io = {"num_cpus": job.io_cpus}
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 256)))
+    ds = ds.map_batches(read_positions, batch_size=1, batch_format="pyarrow", fn_kwargs={"job": job}, **io)
+    for st in job.stages:
+        common = {"batch_size": st.batch_size or cfg.batch_size, "batch_format": "pyarrow", "num_cpus": st.cpus}
+        if st.gpus:
+            common["num_gpus"] = st.gpus
+        label = "".join(part.capitalize() for part in st.name.split("_"))  # Ray's progress bars show it
+        if st.actors:  # Ray Data restarts pool actors and retries their tasks
+            ds = ds.map_batches(type(label, (ActorStage,), {}),
+                                fn_constructor_kwargs={"cls": st.fn, "kwargs": st.kwargs, "name": st.name,
+                                                       "retries": cfg.transient_retries},
+                                compute=ray.data.ActorPoolStrategy(size=st.actors), **common)
+        else:
+            ds = ds.map_batches(task_stage(label), fn_kwargs={"fn": st.fn, "kwargs": st.kwargs, "name": st.name,
+                                                              "retries": cfg.transient_retries}, **common)
+    return ds.map_batches(commit_batch, batch_size=cfg.commit_rows, batch_format="pyarrow",
+                          fn_kwargs={"job": job, "output": cfg.output, "run_id": run_id}, **io)
+
+
+def clear_output(output: str) -> None:
+    """Remove everything under `output` but the lease."""
+    if not storage.exists(output):
+        return
+    fs, raw = storage.filesystem(output), storage.strip(output)
+    for entry in fs.ls(raw, detail=False):
+        if entry.rstrip("/").rsplit("/", 1)[-1] != "_lease.json":
+            fs.rm(entry, recursive=True)
+
+
+def run(job: BatchJob, cfg: RunnerConfig, run_id: str | None = None) -> dict[str, Any]:
+    """Process every pending input row of `cfg.input` into `cfg.output`, exactly once; return the
+    run manifest (also written to OUTPUT/_manifests/<run_id>.json)."""
+    import ray
+
+    validate(cfg)
+    cfg.input, cfg.output = storage.absolute(cfg.input), storage.absolute(cfg.output)
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster under `ray job submit`, else starts a local one
+    run_id, started = run_id or new_run_id(), time.time()
+    with Lease(cfg.output, run_id, cfg.lease_seconds):
+        if cfg.overwrite:
+            clear_output(cfg.output)
+        led = ledger.Ledger.load(cfg.output)
+        if (broken := led.discard_broken()):
+            log.info("discarded %d commits a crash cut short; their rows are redone", broken)
+        plan = plan_run(job, cfg, led)
+        commit_file_errors(plan.file_errors, cfg.output, run_id)
+        for e in plan.file_errors:
+            log.warning("unusable input %s: %s", e["source_file"], e["reason"])
+        log.info("%s: %d input files (%d unusable, %d done); %d of %d rows to process (%d duplicates); planned in %.2f s",
+                 job.name, plan.files, len(plan.file_errors), plan.files_done, plan.pending_rows, plan.input_rows,
+                 plan.duplicates, plan.seconds)
+        progress = Progress(plan.pending_rows)
+        if plan.items:
+            ensure_resources(job.stages, cfg.wait_for_resources_seconds)
+            for stats in build_dataset(job, cfg, plan.items, run_id).iter_rows():
+                progress.add(stats)
+        led.compact(plan.inspected)
+        out_rows, err_rows = led.totals()
+        wall = time.time() - started
+        manifest = {
+            "run_id": run_id, "job": job.name, **job.describe,
+            "config": {k: v for k, v in dataclasses.asdict(cfg).items()},
+            "plan": {st.name: st.describe() for st in job.stages}, "wall_seconds": round(wall, 2),
+            "planning_seconds": round(plan.seconds, 3),
+            "first_commit_seconds": round(progress.first_commit - started, 2) if progress.first_commit else None,
+            "input": {"files": plan.files, "rows": plan.input_rows, "unusable_files": len(plan.file_errors),
+                      "files_done_before": plan.files_done, "rows_pending": plan.pending_rows},
+            "this_run": {"rows": progress.rows + len(plan.file_errors), "written": progress.written,
+                         "errors": progress.errors + len(plan.file_errors),
+                         "retryable_errors": progress.retryable + sum(e["retryable"] for e in plan.file_errors),
+                         "errors_by_stage": dict(progress.errors_by_stage, **(
+                             {"read": progress.errors_by_stage.get("read", 0) + len(plan.file_errors)}
+                             if plan.file_errors else {})),
+                         "counts": progress.extra,
+                         "error_reasons": [f"{e['source_file']}: {e['reason']}" for e in plan.file_errors]},
+            "output_total": {"rows": out_rows, "error_rows": err_rows},
+            "throughput_rows_per_s": progress.throughput(wall),
+        }
+        ledger.write_manifest(cfg.output, manifest)
+    return manifest
