@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
-from eama.engine import config, images, schema, storage
+from eama.engine import config, images, resources, schema, storage
 from eama.news import captioning, demo, models
 
 
@@ -38,6 +38,8 @@ class BenchConfig:
     selection_max_new_tokens: int = 24
     end_to_end: bool = True  # also run the Ray pipeline (tiny / path models only)
     repeats: int = 3  # MLLM variants run this many times, interleaved; the median is reported
+    steady_rows: int = 0  # > 0: also run the eama pipeline on this many rows (the samples repeated) for its
+    #                       steady-state rate and start-up (two sizes, a straight line through both)
 
 
 FLAGS = [
@@ -137,7 +139,7 @@ def token_rates(lm: models.LoadedModel, rows: list[dict], batch: int, max_new: i
 
 
 def end_to_end(cfg: BenchConfig, rows: list[dict], mode: str) -> float:
-    """Wall seconds of the whole Ray pipeline (a fresh output) on the same rows."""
+    """Wall seconds of the whole Ray pipeline (a fresh output, actors warm) on these rows."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import caption_corpus
 
@@ -149,10 +151,43 @@ def end_to_end(cfg: BenchConfig, rows: list[dict], mode: str) -> float:
             input=corpus, output=os.path.join(tmp, "out"), model=cfg.model, mode=mode, device=cfg.device,
             batch_size=cfg.batch_size, generate_batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
             selection_max_new_tokens=cfg.selection_max_new_tokens)
-        caption_corpus.run(run_cfg)  # warm: actors, model build, spaCy load
+        caption_corpus.run(run_cfg)  # warm: Ray workers, imports, spaCy and model files in the page cache
         run_cfg.overwrite = True
         _, seconds = timed(lambda: caption_corpus.run(run_cfg))
     return seconds
+
+
+def repeated(rows: list[dict], n: int) -> list[dict]:
+    """n rows cycling through `rows`, each with its own sample id."""
+    return [dict(rows[k % len(rows)], sample_id=f"{rows[k % len(rows)]['sample_id']}-r{k}") for k in range(n)]
+
+
+def steady_state(cfg: BenchConfig, rows: list[dict], slowest_rate: float, mllm: Callable[[], Any]) -> None:
+    """Start-up and steady-state rate of the eama pipeline: wall time at n and N rows, where
+    rate = (N - n) / (T_N - T_n) and start-up = T_n - n / rate; compared with the slowest stage
+    alone, both with this process's threads and with the threads the pipeline gives its MLLM actor."""
+    import torch
+
+    plan = resources.plan_stages(os.cpu_count() or 1, 0)
+    threads, before = max(1, int(plan.mllm_cpus)), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, seconds = timed(mllm)
+    finally:
+        torch.set_num_threads(before)
+    actor_rate = len(rows) / seconds
+    small, large = repeated(rows, len(rows)), repeated(rows, cfg.steady_rows)
+    t_small, t_large = end_to_end(cfg, small, "eama"), end_to_end(cfg, large, "eama")
+    rate = (len(large) - len(small)) / max(1e-9, t_large - t_small)
+    startup = max(0.0, t_small - len(small) / rate)
+    print(f"\n| eama pipeline | rows | wall s | rows/s |\n|---|---:|---:|---:|\n"
+          f"| small corpus | {len(small)} | {t_small:.1f} | {len(small) / t_small:.2f} |\n"
+          f"| large corpus | {len(large)} | {t_large:.1f} | {len(large) / t_large:.2f} |\n"
+          f"| steady state (slope) | | | {rate:.2f} |\n")
+    print(f"start-up {startup:.1f} s ({100 * startup / t_large:.1f}% of the large run); steady state {rate:.2f} rows/s"
+          f" = {rate / slowest_rate:.2f}x the slowest stage alone with {torch.get_num_threads()} threads "
+          f"({slowest_rate:.2f} rows/s), {rate / min(actor_rate, slowest_rate):.2f}x it with the MLLM actor's "
+          f"{threads} thread(s) ({min(actor_rate, slowest_rate):.2f} rows/s)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -214,6 +249,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"| {label} | {results[label] / results['plain']:.2f}x | {work[label][0] / work['plain'][0]:.2f}x "
               f"| {work[label][1] / work['plain'][1]:.2f}x |")
     print("\n(goal: eama <= 1.5x the time of plain; the paper's whole-article alternative costs about 2x)")
+    if cfg.steady_rows and not cfg.shape:
+        slowest_eama = max(t for name, t in stages if name.startswith(("decode", "spaCy", "MLLM eama"))
+                           and "no prefix" not in name)
+        steady_state(cfg, rows, n / slowest_eama, lambda: in_batches(captioners["eama"], annotated, cfg.batch_size))
     if cfg.device == "cuda":
         rates = token_rates(lm, decoded.to_pylist(), cfg.batch_size, cfg.max_new_tokens)
         import torch

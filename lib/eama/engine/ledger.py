@@ -89,6 +89,16 @@ def subtract(a: Ranges, rows: Iterable[int]) -> Ranges:
     return out
 
 
+def missing(a: Ranges, n: int) -> list[int]:
+    """The offsets of [0, n) that `a` does not cover (cost: the ranges plus what is missing)."""
+    out, at = [], 0
+    for s, e in a:
+        out += range(at, min(s, n))
+        at = max(at, e)
+    out += range(at, n)
+    return out
+
+
 def contains(a: Ranges, row: int) -> bool:
     return any(s <= row < e for s, e in a)
 

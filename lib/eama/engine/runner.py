@@ -181,7 +181,7 @@ def plan_run(job: BatchJob, cfg: RunnerConfig, led: ledger.Ledger) -> Plan:
         file_pending = 0
         for g, n in enumerate(groups[path]):
             plan.input_rows += n
-            rows = [r for r in range(n) if not ledger.contains(done.get(g, []), r)]
+            rows = ledger.missing(done.get(g, []), n)
             if rows:
                 wanted.append((path, g, rows))
                 file_pending += len(rows)
