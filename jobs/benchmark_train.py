@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pyarrow as pa  # noqa: E402
 
 from eama.engine import config, schema, storage
-from eama.news import alignment, demo, models, training
+from eama.news import alignment, alignment_training, demo, models
 
 
 @dataclasses.dataclass
@@ -44,20 +44,18 @@ FLAGS = [
 
 def demo_tasks(directory: str, samples: int) -> str:
     """Task rows of the demo corpus, built in-process with the job's builder."""
-    rows = alignment.TaskBuilder(alignment.BuildConfig())(
-        pa.Table.from_pylist(list(demo.generate_samples(samples, seed=0)))).to_pylist()
-    table = pa.Table.from_pylist([{k: r[k] for k in schema.TASK.names} for r in rows if r["kind"] == "task"],
-                                 schema=schema.TASK)
+    rows, _ = alignment.build_in_process(list(demo.generate_samples(samples, seed=0)))
+    table = pa.Table.from_pylist([{k: r[k] for k in schema.TASK.names} for r in rows], schema=schema.TASK)
     storage.write_table_atomic(table, os.path.join(directory, "tasks", "part-00000.parquet"))
     return os.path.join(directory, "tasks")
 
 
-def measure(cfg: training.TrainConfig, warmup: int) -> dict:
+def measure(cfg: alignment_training.TrainConfig, warmup: int) -> dict:
     """Run one configuration; median step time and throughput after the warm-up steps."""
-    result = training.fit(cfg)
+    result = alignment_training.fit(cfg)
     if result.error:
         raise SystemExit(f"{cfg.run_name} failed: {result.error}")
-    timed = training.read_metrics(training.run_dir(cfg))[warmup:]
+    timed = alignment_training.read_metrics(alignment_training.run_dir(cfg))[warmup:]
     out = {
         "zero_stage": cfg.zero_stage, "workers": cfg.num_workers, "steps_timed": len(timed),
         "step_s": statistics.median(r["step_seconds"] for r in timed),
@@ -74,7 +72,7 @@ def cpu_benchmark(bench: BenchConfig, workdir: str) -> list[dict]:
     results = []
     for workers in (1, 2):
         for stage in (2, 3):
-            cfg = training.TrainConfig(
+            cfg = alignment_training.TrainConfig(
                 data=data, model="tiny-llava", output=os.path.join(workdir, "runs"),
                 run_name=f"zero{stage}-x{workers}", num_workers=workers, cpus_per_worker=0.5,
                 zero_stage=stage, micro_batch_size=bench.micro_batch_size, epochs=20, max_steps=bench.steps,
@@ -123,7 +121,7 @@ def cuda_benchmark(bench: BenchConfig, workdir: str) -> list[dict]:
     layers = bench.layers or layers_that_fit(torch.cuda.get_device_properties(0).total_memory)
     print(f"7B shape with {layers}/32 decoder layers on {torch.cuda.get_device_name()}")
     model = synthetic_7b(os.path.join(workdir, "llava-7b-shape"), layers)
-    cfg = training.TrainConfig(
+    cfg = alignment_training.TrainConfig(
         data=demo_tasks(workdir, bench.samples), model=model, output=os.path.join(workdir, "runs"),
         run_name="cuda-7b", num_workers=1, use_gpu=True, cpus_per_worker=4, zero_stage=3,
         micro_batch_size=bench.micro_batch_size, epochs=20, max_steps=bench.steps, lr=2e-5,

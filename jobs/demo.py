@@ -26,8 +26,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import caption_corpus  # noqa: E402
 
-from eama.engine import config, storage
-from eama.news import alignment, demo, evaluation, importers, training
+from eama.engine import config, storage, trainer
+from eama.news import alignment, alignment_training, demo, evaluation, importers
 
 
 @dataclasses.dataclass
@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.time()
     ray.init(log_to_driver=False)  # worker logs stay in /tmp/ray/session_latest/logs
     ray.data.DataContext.get_current().enable_progress_bars = False
+    trainer.show_progress(sys.stdout)  # the training's plan and progress lines, relayed from rank 0
     w = cfg.workdir
 
     step("1. demo corpus")
@@ -90,27 +91,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     print({k: built[k] for k in ("samples_in", "samples_with_tasks", "task_rows")})
 
     step("5. train (Ray Train + DeepSpeed ZeRO-3)")
-    train_cfg = training.TrainConfig(
+    train_cfg = alignment_training.TrainConfig(
         data=tasks, model=cfg.model, output=storage.join(w, "runs"), run_name=f"demo-{int(started)}",
         num_workers=cfg.num_workers, zero_stage=cfg.zero_stage, max_steps=cfg.train_steps, epochs=100,
         lr=cfg.lr, checkpoint_every=max(1, cfg.train_steps // 2), freeze_vision=False)
-    result = training.fit(train_cfg)
+    result = alignment_training.fit(train_cfg)
     if result.error:
         raise SystemExit(f"training failed: {result.error}")
-    history = training.read_metrics(training.run_dir(train_cfg))
+    history = alignment_training.read_metrics(alignment_training.run_dir(train_cfg))
     print(f"loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f} over {history[-1]['step']} steps; "
-          f"curves: {storage.join(training.run_dir(train_cfg), 'loss_curves.png')}")
+          f"curves: {storage.join(alignment_training.run_dir(train_cfg), 'loss_curves.png')}")
 
     step("6. caption + evaluate with the trained model")
-    after = caption_and_score(cfg, eval_corpus, "captions_trained", training.export_dir(train_cfg))
+    after = caption_and_score(cfg, eval_corpus, "captions_trained", alignment_training.export_dir(train_cfg))
 
     print(f"\n=== training helped? ({time.time() - started:.0f} s in all)\n")
     print("| metric (x100) | untrained | trained |\n|---|---:|---:|")
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.2f}"
+
     for name in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
-        b, a = before["metrics"].get(name), after["metrics"].get(name)
-        print(f"| {name} | {'n/a' if b is None else f'{100 * b:.2f}'} | {'n/a' if a is None else f'{100 * a:.2f}'} |")
+        print(f"| {name} | {pct(before['metrics'].get(name))} | {pct(after['metrics'].get(name))} |")
     for key in ("precision", "recall", "f1"):
-        print(f"| entity {key} | {100 * before['entities']['all'][key]:.2f} | {100 * after['entities']['all'][key]:.2f} |")
+        print(f"| entity {key} | {pct(before['entities']['all'][key])} | {pct(after['entities']['all'][key])} |")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from eama.engine import config, storage
-from eama.news import training
+from eama.news import alignment_training
 
 FLAGS = [
     config.Flag("--data", "data", "task rows (build_alignment_data output), local or s3://"),
@@ -37,23 +37,23 @@ FLAGS = [
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = config.parse_args(training.TrainConfig, __doc__.splitlines()[0], FLAGS)
+    cfg = config.parse_args(alignment_training.TrainConfig, __doc__.splitlines()[0], FLAGS)
     if not cfg.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    result = training.fit(cfg)
+    result = alignment_training.fit(cfg)
     if result.error:
         raise SystemExit(f"training failed: {result.error}")
-    history = training.read_metrics(training.run_dir(cfg))
+    history = alignment_training.read_metrics(alignment_training.run_dir(cfg))
     first, last = history[0], history[-1]
     print(json.dumps({
-        "run": training.run_dir(cfg),
+        "run": alignment_training.run_dir(cfg),
         "steps": last["step"],
         "loss_first": round(first["loss"], 4),
         "loss_last": round(last["loss"], 4),
         "tokens_per_s_median": sorted(r["tokens_per_s"] for r in history)[len(history) // 2],
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "export": training.export_dir(cfg) if cfg.export else None,
-        "loss_curves": storage.join(training.run_dir(cfg), "loss_curves.png"),
+        "export": alignment_training.export_dir(cfg) if cfg.export else None,
+        "loss_curves": storage.join(alignment_training.run_dir(cfg), "loss_curves.png"),
     }, indent=2))
 
 

@@ -66,13 +66,13 @@ def test_hostile_corpus_every_row_accounted_for(ray_local, tmp_path):
 
 
 def _captioner_pids() -> list[int]:
-    """Worker processes of live Captioner actors (Ray titles them 'ray::MapWorker(...Captioner...)')."""
+    """Worker processes of live MLLM actors (Ray titles them 'ray::MapWorker(MapBatches(Mllm))')."""
     import psutil
 
     pids = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        if cmd.startswith("ray::") and "Captioner" in cmd:
+        if cmd.startswith("ray::") and "(Mllm)" in cmd:
             pids.append(proc.pid)
     return pids
 
@@ -100,7 +100,7 @@ def _wait_for_commits(out: Path, count: int, timeout: float = 240) -> None:
 def test_killed_mllm_actor_is_restarted_and_nothing_is_lost(ray_local, tmp_path):
     corpus, out = tmp_path / "in", tmp_path / "out"
     demo.write_demo_corpus(str(corpus), num_samples=48, shard_size=16, seed=12)
-    thread, result = _in_thread(run_job, str(corpus), str(out), "batch_size=2", "max_new_tokens=24")
+    thread, result = _in_thread(run_job, str(corpus), str(out), "batch_size=2", "commit_rows=4", "max_new_tokens=24")
     _wait_for_commits(out, 2)
     pids = _captioner_pids()
     assert pids, "no Captioner actor found"
@@ -116,7 +116,7 @@ def test_s3_outage_mid_run_is_retried_and_leaves_no_partial_object(ray_local, s3
     endpoint, server = s3_server
     corpus, out = "s3://eama-test/outage-in", "s3://eama-test/outage-out"
     demo.write_demo_corpus(corpus, num_samples=32, shard_size=8, seed=13)
-    thread, result = _in_thread(run_job, corpus, out, "batch_size=2", "max_new_tokens=16")
+    thread, result = _in_thread(run_job, corpus, out, "batch_size=2", "commit_rows=4", "max_new_tokens=16")
     fs = storage.filesystem(out)
     deadline = time.time() + 240
     while time.time() < deadline and not [p for p in fs.find("eama-test/outage-out") if "/part-" in p]:
@@ -172,7 +172,7 @@ def test_killed_worker_node_mid_run_loses_nothing(tmp_path):
         result = {{}}
         def go():
             result["m"] = caption_corpus.main(["--input", {str(corpus)!r}, "--output", {str(out)!r}, "batch_size=2",
-                                               "max_new_tokens=24", "selection_max_new_tokens=8"])
+                                               "commit_rows=4", "max_new_tokens=24", "selection_max_new_tokens=8"])
         t = threading.Thread(target=go, daemon=True)
         t.start()
         deadline = time.time() + 240
@@ -204,11 +204,11 @@ def test_training_checkpoints_are_unpickled_weights_only(tmp_path):
 
     import torch
 
-    from eama.news import training
+    from eama.engine import trainer
 
     marker = tmp_path / "pwned"
     torch.save({"optimizer_state_dict": _Payload(str(marker))}, tmp_path / "evil.pt")
-    engine = training.safe_checkpoint_engine(types.SimpleNamespace(_config=None))
+    engine = trainer.safe_checkpoint_engine(types.SimpleNamespace(_config=None))
     with pytest.raises(pickle.UnpicklingError):
         engine.load(str(tmp_path / "evil.pt"))
     assert not marker.exists()

@@ -1,11 +1,15 @@
 """train_alignment: the loop's pieces alone, then real Ray Train + DeepSpeed (ZeRO-3, gloo, CPU)
-runs of a tiny LLaVA: learning, 1 vs 2 worker equivalence, a killed worker, a relaunch, s3://."""
+runs of a tiny LLaVA: learning, 1 vs 2 worker equivalence, a killed worker, a relaunch, s3://;
+and the engine's trainer with a second, non-MLLM task (a small classifier) under ZeRO-2 and ZeRO-3."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,17 +17,16 @@ import pyarrow as pa
 import pytest
 import torch
 
-from eama.engine import deepspeed_config, schema, storage
-from eama.news import alignment, demo, models, training
+from eama.engine import deepspeed_config, images, schema, storage, trainer
+from eama.news import alignment, alignment_training, demo, models
 
 # ---------------------------------------------------------------- data
 
 
 def task_rows(num_samples: int, seed: int) -> list[dict]:
     """Task rows of demo samples, built in-process by the job's own builder (no Ray needed)."""
-    samples = list(demo.generate_samples(num_samples, seed=seed))
-    out = alignment.TaskBuilder(alignment.BuildConfig())(pa.Table.from_pylist(samples)).to_pylist()
-    return [{k: r[k] for k in schema.TASK.names} for r in out if r["kind"] == "task"]
+    rows, _ = alignment.build_in_process(list(demo.generate_samples(num_samples, seed=seed)))
+    return [{k: r[k] for k in schema.TASK.names} for r in rows]
 
 
 def write_tasks(rows: list[dict], directory: Path, shards: int = 2) -> str:
@@ -72,12 +75,12 @@ def test_cosine_schedule_with_warmup():
 
 
 def test_task_weights_and_step_plan():
-    assert training.parse_task_weights("captioning=0.5") == {
+    assert alignment_training.parse_task_weights("captioning=0.5") == {
         "sentence_selection": 1.0, "entity_selection": 1.0, "captioning": 0.5}
     with pytest.raises(ValueError):
-        training.parse_task_weights("captions=1")
-    one = training.plan_steps(101, training.TrainConfig(num_workers=1, micro_batch_size=2, grad_accum=2))
-    two = training.plan_steps(101, training.TrainConfig(num_workers=2, micro_batch_size=2, grad_accum=1))
+        alignment_training.parse_task_weights("captions=1")
+    one = trainer.plan_steps(101, alignment_training.TrainConfig(num_workers=1, micro_batch_size=2, grad_accum=2))
+    two = trainer.plan_steps(101, alignment_training.TrainConfig(num_workers=2, micro_batch_size=2, grad_accum=1))
     assert one.total_steps == two.total_steps == 25 and one.rows_per_step == two.rows_per_step == 4
 
 
@@ -85,16 +88,17 @@ def test_task_weights_and_step_plan():
 def test_collator_labels_only_the_target(family, small_rows):
     lm = models.load_model(family, for_training=True)
     rows = [next(r for r in small_rows if r["task"] == t) for t in schema.TASK_NAMES]
-    batch = training.Collator(lm, training.parse_task_weights("captioning=0.5"))(as_batch(rows))
+    weights = alignment_training.parse_task_weights("captioning=0.5")
+    batch = alignment_training.Collator(lm, weights)(as_batch(rows))
     ids, labels = batch.inputs["input_ids"], batch.labels
     assert ids.shape == labels.shape and batch.inputs["attention_mask"][:, -1].all()  # left padded
     for i, r in enumerate(rows):
-        mask = labels[i] != training.IGNORE
+        mask = labels[i] != alignment_training.IGNORE
         n = int(mask.sum())
         assert mask[-n:].all() and not mask[:-n].any()  # the last n tokens, nothing else
         assert lm.tokenizer.decode(labels[i, -n:]).strip() == f"{r['target']}{lm.tokenizer.eos_token}"
     assert batch.weights.tolist() == [1.0, 1.0, 0.5]
-    loss, per_row = training.forward_loss(lm.model, batch, micro_batch_size=3)
+    loss, per_row = alignment_training.forward_loss(lm.model, batch, micro_batch_size=3)
     assert loss.requires_grad and per_row.shape == (3,) and math.isclose(float(loss), float(
         (per_row * batch.weights).sum() / 3), rel_tol=1e-5)
 
@@ -102,21 +106,21 @@ def test_collator_labels_only_the_target(family, small_rows):
 def test_loss_does_not_depend_on_how_rows_are_split(small_rows):
     """Two half batches (two ranks or two accumulation steps) average to the whole batch's loss."""
     lm = models.load_model("tiny-llava")
-    col = training.Collator(lm, training.parse_task_weights("entity_selection=2"))
+    col = alignment_training.Collator(lm, alignment_training.parse_task_weights("entity_selection=2"))
     rows = small_rows[:4]
     with torch.no_grad():
-        whole = training.forward_loss(lm.model, col(as_batch(rows)), 4)[0]
-        halves = [training.forward_loss(lm.model, col(as_batch(rows[k : k + 2])), 2)[0] for k in (0, 2)]
+        whole = alignment_training.forward_loss(lm.model, col(as_batch(rows)), 4)[0]
+        halves = [alignment_training.forward_loss(lm.model, col(as_batch(rows[k : k + 2])), 2)[0] for k in (0, 2)]
     assert float(whole) == pytest.approx(float(sum(halves) / 2), rel=1e-5)
 
 
 def test_load_for_training_with_gradient_checkpointing(small_rows):
-    cfg = training.TrainConfig(zero_stage=2, gradient_checkpointing=True)
+    cfg = alignment_training.TrainConfig(zero_stage=2, gradient_checkpointing=True)
     ds_config = deepspeed_config.build_config(zero_stage=2, micro_batch_size=2, grad_accum=1, world_size=1, lr=1e-3)
-    lm, handle = training.load_for_training(cfg, ds_config)
+    lm, handle = alignment_training.load_for_training(cfg, ds_config)
     assert handle is None and lm.model.is_gradient_checkpointing and lm.model.training
-    loss, _ = training.forward_loss(lm.model, training.Collator(lm, training.parse_task_weights(""))(
-        as_batch(small_rows[:2])), 2)
+    collate = alignment_training.Collator(lm, alignment_training.parse_task_weights(""))
+    loss, _ = alignment_training.forward_loss(lm.model, collate(as_batch(small_rows[:2])), 2)
     loss.backward()
     assert lm.model.lm_head.weight.grad is not None
     assert all(p.grad is None for n, p in lm.model.named_parameters() if ".vision_tower." in n)
@@ -124,7 +128,7 @@ def test_load_for_training_with_gradient_checkpointing(small_rows):
 
 def test_freeze_vision_tower():
     lm = models.load_model("tiny-llava", for_training=True)
-    assert training.freeze(lm.model, training.VISION_MODULES) == ["model.vision_tower"]
+    assert alignment_training.freeze(lm.model, alignment_training.VISION_MODULES) == ["model.vision_tower"]
     frozen = {n for n, p in lm.model.named_parameters() if not p.requires_grad}
     assert frozen and all(".vision_tower." in n for n in frozen)
     assert any(p.requires_grad for n, p in lm.model.named_parameters() if "multi_modal_projector" in n)
@@ -133,13 +137,13 @@ def test_freeze_vision_tower():
 # ---------------------------------------------------------------- real runs
 
 
-def fit(tmp: Path, **overrides) -> tuple[training.TrainConfig, list[dict], object]:
-    cfg = training.TrainConfig(**{"output": str(tmp / "runs"), "num_workers": 2, "cpus_per_worker": 0.5,
-                                  "zero_stage": 3, "param_persistence_threshold": 0, "lr": 1e-3,
-                                  "warmup_ratio": 0.1, "keep_checkpoints": 2, **overrides})
-    result = training.fit(cfg)
+def fit(tmp: Path, **overrides) -> tuple[alignment_training.TrainConfig, list[dict], object]:
+    cfg = alignment_training.TrainConfig(**{"output": str(tmp / "runs"), "num_workers": 2, "cpus_per_worker": 0.5,
+                                            "zero_stage": 3, "param_persistence_threshold": 0, "lr": 1e-3,
+                                            "warmup_ratio": 0.1, "keep_checkpoints": 2, **overrides})
+    result = alignment_training.fit(cfg)
     assert result.error is None, result.error
-    return cfg, training.read_metrics(training.run_dir(cfg)), result
+    return cfg, alignment_training.read_metrics(alignment_training.run_dir(cfg)), result
 
 
 @pytest.fixture(scope="module")
@@ -163,17 +167,18 @@ def test_two_workers_zero3_learn_the_demo_and_export(tmp_path, ray_local):
         first = next(r[f"loss/{task}"] for r in history if r[f"loss/{task}"] is not None)
         assert np.mean([r[f"loss/{task}"] for r in history[-20:] if r[f"loss/{task}"] is not None]) < 0.5 * first
     assert all(r["tokens_per_s"] > 0 and r["rows/captioning"] >= 0 for r in history)
-    assert storage.exists(storage.join(training.run_dir(cfg), "loss_curves.png"))
+    assert storage.exists(storage.join(alignment_training.run_dir(cfg), "loss_curves.png"))
 
-    trained = models.load_model(training.export_dir(cfg))
+    trained = models.load_model(alignment_training.export_dir(cfg))
     untrained = models.load_model("tiny-llava")
-    after, before = training.selection_scores(trained, held_out), training.selection_scores(untrained, held_out)
+    after = alignment_training.selection_scores(trained, held_out)
+    before = alignment_training.selection_scores(untrained, held_out)
     print("selection before", json.dumps(before), "after", json.dumps(after))
     for task in ("sentence_selection", "entity_selection"):
         assert after[task]["f1"] > before[task]["f1"] + 0.05, (task, before, after)
         assert after[task]["accuracy"] >= before[task]["accuracy"]
     out = trained.model.generate(**models.encode(trained, [models.format_prompt("llava", held_out[0]["prompt"])],
-                                                 [training.images.load_rgb(held_out[0]["image"])]),
+                                                 [images.load_rgb(held_out[0]["image"])]),
                                  max_new_tokens=8, do_sample=False)
     assert out.shape[1] > 0
 
@@ -217,13 +222,13 @@ def test_killed_worker_resumes_from_last_checkpoint_on_s3(interrupted_run):
     assert history[-1]["step"] == 8
     assert [r["attempt"] for r in history] == [1, 1, 1, 2, 2, 2, 2, 2]  # steps 4-8 redone after the restart
     fs = storage.filesystem(cfg.output)
-    kept = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(storage.strip(training.run_dir(cfg)))
+    kept = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(storage.strip(alignment_training.run_dir(cfg)))
                   if p.rsplit("/", 1)[-1].startswith("checkpoint-"))
     assert kept == ["checkpoint-00000006", "checkpoint-00000008"]  # keep-last-2 on S3
     assert result.checkpoint.path.endswith("checkpoint-00000008")
-    lm = models.load_model(training.export_dir(cfg))  # the export round-trips through s3://
+    lm = models.load_model(alignment_training.export_dir(cfg))  # the export round-trips through s3://
     row = task_rows(1, seed=11)[0]
-    answer = models.generate_text(lm, [row["prompt"]], [training.images.load_rgb(row["image"])], 6)
+    answer = models.generate_text(lm, [row["prompt"]], [images.load_rgb(row["image"])], 6)
     assert isinstance(answer[0], str)
 
 
@@ -231,10 +236,104 @@ def test_killed_worker_resumes_from_last_checkpoint_on_s3(interrupted_run):
 def test_relaunch_with_the_same_run_name_resumes(interrupted_run, small_tasks):
     cfg, before, _, _ = interrupted_run
     again = dataclasses.replace(cfg, max_steps=10, fail_at_step=0, export=False)
-    result = training.fit(again)
+    result = alignment_training.fit(again)
     assert result.error is None
-    after = training.read_metrics(training.run_dir(again))
+    after = alignment_training.read_metrics(alignment_training.run_dir(again))
     assert [r["step"] for r in after] == list(range(1, 11))
     assert after[:8] == before  # the history came back from the checkpoint
     assert all(r["attempt"] == 3 for r in after[8:])  # started from checkpoint 8, not from scratch
     assert result.checkpoint.path.endswith("checkpoint-00000010")
+
+
+# ---------------------------------------------------------------- a second task on the engine
+
+
+def toy_rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """8 features; the label is whether a fixed linear score is positive (learnable, about balanced)."""
+    x = np.random.default_rng(seed).normal(size=(n, 8)).astype(np.float32)
+    return x, (x @ (np.linspace(-1, 1, 8, dtype=np.float32) + 0.3) > 0).astype(np.int64)
+
+
+@dataclasses.dataclass
+class ToyConfig(trainer.TrainerConfig):
+    data: str = ""
+
+
+class ToyClassifierTask(trainer.TrainingTask):
+    """A small encoder-style classifier (plain torch, no Hugging Face): the engine's second task."""
+
+    sort_columns = ("row_id",)
+    columns = ("row_id", "x", "y")
+    group_names = ("negative", "positive")
+    title = "toy classifier"
+
+    def data_files(self):
+        files = storage.list_files(self.config.data)
+        return files, sum(storage.parquet_num_rows(f) for f in files)
+
+    def build_model(self, ds_config, device, dtype):
+        torch.manual_seed(self.config.seed)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
+        return trainer.ModelParts(model.to(device, dtype))
+
+    def collate(self, rows):
+        return torch.from_numpy(np.stack(rows["x"]).astype(np.float32)), torch.from_numpy(rows["y"].astype(np.int64))
+
+    def loss(self, engine, batch):
+        x, y = batch
+        per_row = torch.nn.functional.cross_entropy(engine(x), y, reduction="none")
+        return per_row.sum() / self.config.micro_batch_size, per_row.detach(), y
+
+    def counts(self, batch):
+        return {"examples": len(batch[1])}
+
+    def save_export(self, module, state_dict, directory):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(directory, "model.safetensors"))
+
+    def evaluate(self, engine, step):
+        x, y = toy_rows(128, seed=1)  # held out; every rank runs the same forward (ZeRO-3 needs them all)
+        return {"accuracy": float((engine(torch.from_numpy(x)).argmax(1).numpy() == y).mean())}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_engine_trains_a_small_classifier_task(zero_stage, tmp_path, ray_local, caplog):
+    import ray.cloudpickle
+    from safetensors.torch import load_file
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this file
+    x, y = toy_rows(256, seed=0)
+    storage.write_table_atomic(pa.table({"row_id": [f"r{i}" for i in range(256)], "x": list(x), "y": y}),
+                               str(tmp_path / "toy" / "part-00000.parquet"))
+    cfg = ToyConfig(data=str(tmp_path / "toy"), output=str(tmp_path / "runs"), run_name=f"toy-zero{zero_stage}",
+                    num_workers=2, zero_stage=zero_stage, param_persistence_threshold=0, micro_batch_size=8,
+                    epochs=3, lr=1e-2, warmup_ratio=0.05, checkpoint_every=100, eval_every=16)
+    caplog.set_level(logging.INFO, logger="eama.trainer")
+    result = trainer.fit(ToyClassifierTask(cfg))
+    assert result.error is None, result.error
+
+    history = trainer.read_metrics(trainer.run_dir(cfg))
+    losses = [r["loss"] for r in history]
+    assert [r["step"] for r in history] == list(range(1, 49))  # 256 rows x 3 epochs / (2 x 8)
+    assert np.mean(losses[-5:]) < 0.5 * losses[0], (losses[0], losses[-5:])
+    assert all(r["examples"] == 16 and r["rows/negative"] + r["rows/positive"] == 16 for r in history)
+    assert [r["step"] for r in history if "eval/accuracy" in r] == [16, 32, 48]
+    assert history[-1]["eval/accuracy"] > 0.85
+    assert storage.exists(storage.join(trainer.run_dir(cfg), "loss_curves.png"))
+    assert result.checkpoint.path.endswith("checkpoint-00000048")
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
+    model.load_state_dict(load_file(os.path.join(trainer.export_dir(cfg), "model.safetensors")))  # gathered whole
+    xt, yt = toy_rows(128, seed=1)
+    with torch.no_grad():
+        accuracy = (model(torch.from_numpy(xt)).argmax(1).numpy() == yt).mean()
+    assert accuracy == pytest.approx(history[-1]["eval/accuracy"], abs=1 / 128)
+    info = json.loads(Path(trainer.export_dir(cfg), "eama_export.json").read_text())
+    assert (info["zero_stage"], info["world_size"], info["step"]) == (zero_stage, 2, 48)
+
+    lines = caplog.messages  # rank 0's lines, relayed to the driver
+    assert any(m.startswith("step ") and "ETA" in m and "s/step" in m for m in lines), lines
+    assert any("engine ready" in m for m in lines) and any("model loaded" in m for m in lines)
+    assert any(m.startswith("step 48/48") for m in lines) and any("exported" in m for m in lines)

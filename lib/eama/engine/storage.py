@@ -63,10 +63,10 @@ def _filesystem(protocol: str, endpoint: str | None, pid: int) -> fsspec.Abstrac
     if protocol == "s3":
         import s3fs
 
-        return s3fs.S3FileSystem(
+        return s3fs.S3FileSystem(  # no listing cache: other processes rewrite objects (metrics, leases)
             client_kwargs={"endpoint_url": endpoint} if endpoint else {},
             config_kwargs={"retries": {"max_attempts": 8, "mode": "adaptive"}},
-            skip_instance_cache=True,
+            skip_instance_cache=True, use_listings_cache=False,
         )
     return fsspec.filesystem(protocol)
 

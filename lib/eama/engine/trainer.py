@@ -1,0 +1,830 @@
+"""The generic trainer: Ray Train workers running DeepSpeed (ZeRO-2 or ZeRO-3) for any task.
+
+A system brings a `TrainingTask` (its data, model, collation, loss and export); the engine does
+the rest, the same way for every task:
+
+* `training_dataset` / `plan_steps`: rows from Ray Data in a deterministic order (one seeded hash
+  sort per epoch, keyed on the task's `sort_columns`), cut into blocks of exactly one micro-batch,
+  so Ray Train's ordered streaming split hands micro-batch j to rank j % world_size. A global step
+  therefore holds the same rows for any world size (1 worker x 2 accumulation steps == 2 workers
+  x 1), and resuming means skipping step x grad_accum micro-batches of the shard.
+* the DeepSpeed config from `deepspeed_config.build_config` (the one builder) and its schedule;
+* `StepStats`: the objective, per-group mean row losses and the task's counts, all-reduced per
+  optimizer step into metrics.jsonl (+ MFU on GPU) and a loss PNG;
+* `save_checkpoint` / `trainer_state` + `load_engine_state`: DeepSpeed's sharded checkpoint inside
+  a ray.train.Checkpoint (every rank reports its shard; Ray merges them) plus the trainer state
+  (step, history); ray.train.get_checkpoint() finds it after a worker failure (FailureConfig) and
+  after a relaunch under the same run name. Shards are unpickled with weights_only=True;
+* `export_model`: the (ZeRO-3: gathered) full state dict handed to the task's `save_export`;
+* progress lines (logger 'eama.trainer'): rank 0's are relayed to the driver by a small actor,
+  so they show there even when Ray does not forward worker output (log_to_driver=False).
+
+`fit(task)` is the driver side; `train_loop_per_worker` the worker side. This module never imports
+a system's code (eama.news): tasks come in as objects.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from eama.engine import deepspeed_config, storage
+
+log = logging.getLogger("eama.trainer")
+
+TRAINER_STATE = "trainer_state.json"
+EXPORT_INFO = "eama_export.json"
+DS_TAG = "deepspeed"
+
+
+# ---------------------------------------------------------------- config
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """Settings every task shares; a task's config subclasses this dataclass and adds its own keys."""
+
+    output: str = "runs"  # storage root, local or s3://; the run lives in OUTPUT/RUN_NAME
+    run_name: str = "run"  # a relaunch with the same name resumes from its last checkpoint
+    num_workers: int = 2  # one per GPU (or per CPU slot without GPUs)
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # keep CPUs free for Ray Data's read tasks on small machines
+    zero_stage: int = 3
+    micro_batch_size: int = 2  # rows per worker per forward pass
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int = 0  # 0 = as many as the epochs give
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.0
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    param_persistence_threshold: int = -1  # ZeRO-3: params below this many elements stay whole; -1 = DeepSpeed's
+    shuffle: bool = True  # one seeded global shuffle per epoch
+    seed: int = 0
+    checkpoint_every: int = 50  # optimizer steps (and at the end); 0 = never (benchmarks)
+    keep_checkpoints: int = 2
+    max_failures: int = 2  # worker-group restarts from the last checkpoint
+    eval_every: int = 0  # optimizer steps between the task's evaluate calls (it also runs at the end); 0 = end only
+    export: bool = True
+    # Test hook: rank `fail_rank` (-1 = last) exits hard after step `fail_at_step`, once: the
+    # marker file `fail_marker` records that it happened.
+    fail_at_step: int = 0
+    fail_rank: int = -1
+    fail_marker: str = ""
+
+
+def validate(cfg: TrainerConfig) -> None:
+    """Reject settings no run can use (SystemExit with the reason)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", cfg.run_name):
+        raise SystemExit(f"run_name may hold letters, digits, '_', '-' and '.', got {cfg.run_name!r}")
+    if min(cfg.num_workers, cfg.micro_batch_size, cfg.grad_accum, cfg.epochs) < 1 or cfg.checkpoint_every < 0:
+        raise SystemExit("num_workers, micro_batch_size, grad_accum and epochs must be >= 1, checkpoint_every >= 0")
+    if cfg.eval_every < 0:
+        raise SystemExit("eval_every must be >= 0")
+    if cfg.epochs > 1 and not cfg.shuffle:
+        raise SystemExit("epochs > 1 needs shuffle=true (each epoch is a seeded order of the rows)")
+
+
+def run_dir(cfg: TrainerConfig) -> str:
+    return storage.join(cfg.output, cfg.run_name)
+
+
+def export_dir(cfg: TrainerConfig) -> str:
+    return storage.join(run_dir(cfg), "export")
+
+
+# ---------------------------------------------------------------- the task interface
+
+
+@dataclasses.dataclass
+class ModelParts:
+    """What a task's `build_model` returns."""
+
+    module: Any  # the torch.nn.Module deepspeed.initialize wraps
+    parameters: Iterable[Any] | None = None  # what the optimizer trains; None = every requires_grad parameter
+    keep_alive: Any = None  # held for the whole run (e.g. transformers' HfDeepSpeedConfig under ZeRO-3)
+
+
+class TrainingTask(abc.ABC):
+    """One system's training: data, model, collation, loss and export. The engine does the rest.
+
+    The instance is built on the driver (from `config` only) and a copy is sent to every worker,
+    where `build_model` runs first; it may keep what collate / loss / save_export need (a
+    tokenizer, a processor) on `self`."""
+
+    #: columns hashed (with seed and epoch) for the deterministic order; together unique per row
+    sort_columns: Sequence[str] = ()
+    #: columns read from the data files (None = all)
+    columns: Sequence[str] | None = None
+    #: names of the row groups whose losses are logged apart (`loss` returns indexes into it)
+    group_names: Sequence[str] = ()
+    #: title of the loss PNG
+    title: str = "training"
+
+    def __init__(self, config: TrainerConfig):
+        self.config = config
+
+    def validate(self) -> None:
+        """Driver side, before anything starts: raise SystemExit on unusable settings."""
+        validate(self.config)
+
+    @abc.abstractmethod
+    def data_files(self) -> tuple[list[str], int]:
+        """Driver side: the Parquet files to train on (local or s3://) and their total row count."""
+
+    @abc.abstractmethod
+    def build_model(self, ds_config: dict[str, Any], device: str, dtype: Any) -> ModelParts:
+        """Worker side: the model to train, on `device` in `dtype`. `ds_config` is the DeepSpeed
+        config the engine will use (under ZeRO-3 a large model is built inside zero.Init or an
+        HfDeepSpeedConfig so no rank holds it whole). `config.gradient_checkpointing` is applied by
+        the engine (`enable_gradient_checkpointing`) unless the module already checkpoints."""
+
+    @abc.abstractmethod
+    def collate(self, rows: dict[str, np.ndarray]) -> Any:
+        """One micro-batch of rows (numpy columns) -> the batch object `loss` takes."""
+
+    @abc.abstractmethod
+    def loss(self, engine: Any, batch: Any) -> tuple[Any, Any, Any]:
+        """(scalar loss to backpropagate, per-row losses [B] detached, group ids [B] or None).
+
+        `engine` is the DeepSpeed engine (call it like the module). The loss should not depend on
+        how rows are spread over ranks and accumulation steps (e.g. a sum over rows divided by
+        micro_batch_size): DeepSpeed averages it over both."""
+
+    def counts(self, batch: Any) -> Mapping[str, int]:
+        """Quantities summed over a step's micro-batches and ranks into the step's metrics (the same
+        keys for every batch). 'tokens' also gives tokens_per_s and, on GPU, MFU."""
+        return {}
+
+    @abc.abstractmethod
+    def save_export(self, module: Any, state_dict: dict[str, Any], directory: str) -> None:
+        """Rank 0: write the consolidated model (`state_dict` is full, also under ZeRO-3) to the
+        local `directory`, which the engine then copies to OUTPUT/RUN/export."""
+
+    def export_info(self) -> dict[str, Any]:
+        """Extra keys for the export's eama_export.json."""
+        return {}
+
+    def evaluate(self, engine: Any, step: int) -> Mapping[str, float] | None:
+        """Optional: metrics after step `step` (every eval_every steps and at the end), run under
+        torch.no_grad with the engine in eval mode. Called on every rank, because a ZeRO-3 forward
+        needs all of them; the dict rank 0 returns goes into metrics.jsonl as eval/<key>."""
+        return None
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class StepPlan:
+    rows: int  # rows in the data
+    world_size: int
+    micro_batches_per_rank: int
+    total_steps: int
+    warmup_steps: int
+    rows_per_step: int  # rows in one optimizer step over all workers
+
+
+def plan_steps(rows: int, cfg: TrainerConfig) -> StepPlan:
+    """Optimizer steps the data gives: every rank gets an equal share of the epochs' rows in whole
+    micro-batches; a step takes grad_accum of them on every rank."""
+    per_rank = (rows * cfg.epochs // cfg.num_workers) // cfg.micro_batch_size
+    steps = per_rank // cfg.grad_accum
+    if cfg.max_steps:
+        steps = min(steps, cfg.max_steps)
+    if steps < 1:
+        raise SystemExit(
+            f"{rows} rows x {cfg.epochs} epochs give no full step of "
+            f"{cfg.num_workers} workers x {cfg.micro_batch_size} rows x {cfg.grad_accum} accumulation"
+        )
+    return StepPlan(rows, cfg.num_workers, per_rank, steps,
+                    deepspeed_config.warmup_steps_for(steps, cfg.warmup_ratio),
+                    rows_per_step=cfg.num_workers * cfg.micro_batch_size * cfg.grad_accum)
+
+
+ORDER_BITS = 40  # sort key: epoch * 2**40 + a 40-bit hash of the row
+ROWS_PER_SORT_PARTITION = 50_000
+
+
+def training_dataset(files: Sequence[str], cfg: TrainerConfig, rows: int, sort_columns: Sequence[str],
+                     columns: Sequence[str] | None = None) -> Any:
+    """One pass over `epochs` copies of the rows, each in its own seeded order (or the files'
+    order with shuffle=false), in blocks of exactly one micro-batch.
+
+    The order is a sort on a hash of (seed, epoch, the row's `sort_columns`), so it does not depend
+    on how Ray Data splits files into blocks; the data is read once (a union of per-epoch reads
+    would run one file-listing task per copy, which starves a small cluster), and the sort's
+    partitions are given as key ranges sized from the row count (Ray's default is 200 reduce tasks)."""
+    import ray.data
+
+    ds = ray.data.read_parquet(list(files), columns=list(columns) if columns is not None else None)
+    if cfg.shuffle:
+        if not sort_columns:
+            raise ValueError("shuffle=true needs the task's sort_columns (the columns that identify a row)")
+        ds = ds.map_batches(epoch_order, batch_format="pyarrow",
+                            fn_kwargs={"epochs": cfg.epochs, "seed": cfg.seed, "key_columns": list(sort_columns)})
+        ds = ds.sort("order", boundaries=sort_boundaries(rows, cfg.epochs)).drop_columns(["order"])
+    return ds.repartition(target_num_rows_per_block=cfg.micro_batch_size, strict=True)
+
+
+def epoch_order(batch: Any, epochs: int, seed: int, key_columns: Sequence[str]) -> Any:
+    """Each row once per epoch, with `order` = epoch * 2**40 + a seeded hash of the row's key
+    columns (joined by NUL)."""
+    import pyarrow as pa
+
+    cols = [batch.column(c).to_pylist() for c in key_columns]
+    keys = ["\0".join(str(v) for v in values) for values in zip(*cols)]
+    copies = []
+    for epoch in range(epochs):
+        order = [(epoch << ORDER_BITS) + (int.from_bytes(
+            hashlib.blake2b(f"{seed}:{epoch}:{k}".encode(), digest_size=8).digest(), "big") >> (64 - ORDER_BITS))
+            for k in keys]
+        copies.append(batch.append_column("order", pa.array(order, pa.int64())))
+    return pa.concat_tables(copies)
+
+
+def sort_boundaries(rows: int, epochs: int) -> list[int]:
+    """Key-range boundaries: about ROWS_PER_SORT_PARTITION rows per partition, epochs apart."""
+    per_epoch = max(1, math.ceil(rows / ROWS_PER_SORT_PARTITION))
+    span = 1 << ORDER_BITS
+    bounds = [e * span + k * span // per_epoch for e in range(epochs) for k in range(per_epoch)][1:]
+    return bounds or [epochs * span]  # one boundary past every key: Ray needs at least one
+
+
+def micro_batches(shard: Any, micro_batch_size: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
+    """This rank's micro-batches in order, after skipping the first `skip` (already trained on)."""
+    for k, batch in enumerate(shard.iter_batches(batch_size=micro_batch_size, batch_format="numpy",
+                                                 drop_last=True, prefetch_batches=2)):
+        if k >= skip:
+            yield batch
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class StepStats:
+    """Sums over one optimizer step's micro-batches on this rank; `reduce` makes them global."""
+
+    def __init__(self, groups: int) -> None:
+        self.group_loss = [0.0] * groups
+        self.group_rows = [0] * groups
+        self.objective = 0.0
+        self.counts: dict[str, float] = {}
+
+    def add(self, loss: Any, row_losses: Any, group_ids: Any, counts: Mapping[str, int]) -> None:
+        self.objective += float(loss.detach())
+        if group_ids is not None and self.group_loss:
+            ids = group_ids.tolist() if hasattr(group_ids, "tolist") else list(group_ids)
+            for g, l in zip(ids, row_losses.tolist()):
+                self.group_loss[g] += l
+                self.group_rows[g] += 1
+        for k, v in counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+
+    def reduce(self, device: Any, world_size: int, grad_accum: int, group_names: Sequence[str]) -> dict[str, Any]:
+        import torch
+        import torch.distributed as dist
+
+        keys = sorted(self.counts)
+        n = len(self.group_loss)
+        v = torch.tensor(self.group_loss + self.group_rows + [self.objective] + [self.counts[k] for k in keys],
+                         dtype=torch.float64, device=device)
+        if dist.is_initialized() and world_size > 1:
+            dist.all_reduce(v)
+        v = v.tolist()
+        out: dict[str, Any] = {"loss": v[2 * n] / (world_size * grad_accum)}
+        out.update({k: int(x) for k, x in zip(keys, v[2 * n + 1:])})
+        for i, name in enumerate(group_names):
+            out[f"loss/{name}"] = v[i] / v[n + i] if v[n + i] else None
+            out[f"rows/{name}"] = int(v[n + i])
+        return out
+
+
+def write_metrics(history: list[dict[str, Any]], directory: str) -> None:
+    """metrics.jsonl (one line per optimizer step) under `directory`."""
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
+    storage.write_bytes_atomic(storage.join(directory, "metrics.jsonl"), text.encode())
+
+
+def read_metrics(directory: str) -> list[dict[str, Any]]:
+    raw = storage.read_bytes(storage.join(directory, "metrics.jsonl")).decode()
+    return [json.loads(line) for line in raw.splitlines() if line.strip()]
+
+
+def plot_losses(history: list[dict[str, Any]], path: str, group_names: Sequence[str] = (),
+                title: str = "training") -> None:
+    """A PNG of the loss and each group's loss against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    steps = [r["step"] for r in history]
+    ax.plot(steps, [r["loss"] for r in history], label="loss (objective)", color="black", linewidth=2)
+    for name in group_names:
+        pts = [(r["step"], r[f"loss/{name}"]) for r in history if r.get(f"loss/{name}") is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=name, alpha=0.8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    storage.write_bytes_atomic(path, buf.getvalue())
+
+
+# Dense bf16 peak of one GPU (FLOP/s), by a substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+                   "A10G": 70e12, "V100": 125e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+
+
+def trainable_params(model: Any) -> int:
+    """Trainable parameter count (ZeRO-3 partitioned parameters report their full size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+
+
+def mfu(tokens_per_s: float, trainable: int, world_size: int, peak: float) -> float:
+    """Model FLOPs utilisation with the 6·N FLOPs-per-token rule (trainable parameters; frozen
+    parts' forward and attention's quadratic term are left out)."""
+    return 6.0 * trainable * tokens_per_s / (peak * world_size)
+
+
+def clock(seconds: float) -> str:
+    """mm:ss (h:mm:ss from an hour on)."""
+    s = int(round(max(0.0, seconds)))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    """Rank 0's step lines: every step for the first `first` steps, then at most every `every` s
+    (and the last step). The pace (s/step, hence the ETA) is this attempt's since its first step,
+    which also waits for the data pipeline to start; until a second step it is the first's time."""
+
+    def __init__(self, total_steps: int, start_step: int, first: int = 3, every: float = 10.0):
+        self.total, self.start, self.first, self.every = total_steps, start_step, first, every
+        self.began = time.perf_counter()
+        self.first_done: float | None = None
+        self.last = -math.inf
+
+    def due(self, step: int) -> bool:
+        now = time.perf_counter()
+        if self.first_done is None:
+            self.first_done = now
+        return step <= self.first or step == self.total or now - self.last >= self.every
+
+    def line(self, step: int, record: dict[str, Any]) -> str:
+        now = time.perf_counter()
+        self.last = now
+        done = step - self.start
+        first_done = self.first_done if self.first_done is not None else now
+        per_step = (now - first_done) / (done - 1) if done > 1 else now - self.began
+        return (f"step {step}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                f"{per_step:.2f} s/step ETA {clock(per_step * (self.total - step))}")
+
+
+# ---------------------------------------------------------------- progress relay to the driver
+
+
+class ProgressRelay:
+    """A Ray actor (num_cpus=0) holding log lines from the workers until the driver drains them."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def emit(self, line: str) -> None:
+        self.lines.append(line)
+
+    def drain(self) -> list[str]:
+        out, self.lines = self.lines, []
+        return out
+
+
+class RelayHandler(logging.Handler):
+    """Sends each record's message to the relay actor (fire and forget; order is kept)."""
+
+    def __init__(self, relay: Any):
+        super().__init__(logging.INFO)
+        self.relay = relay
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.relay.emit.remote(self.format(record))
+        except Exception:  # the driver went away: the step must not fail for a log line
+            self.handleError(record)
+
+
+class DriverEcho:
+    """On the driver: a thread that logs the relayed lines as 'eama.trainer' records while fit runs."""
+
+    def __init__(self, relay: Any, interval: float = 0.5):
+        self.relay, self.interval = relay, interval
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="eama-trainer-progress", daemon=True)
+
+    def __enter__(self) -> "DriverEcho":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=10)
+        self._drain()
+
+    def _drain(self) -> bool:
+        import ray
+
+        try:
+            lines = ray.get(self.relay.drain.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - the relay is gone; progress lines are best effort
+            return False
+        for line in lines:
+            log.info("%s", line)
+        return True
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            if not self._drain():
+                return
+
+
+def show_progress(stream: Any = None) -> None:
+    """For jobs that configure no logging: print 'eama.trainer' INFO lines (the driver's plan and
+    the workers' relayed progress) to `stream` (stderr by default)."""
+    logger = logging.getLogger("eama.trainer")
+    logger.setLevel(logging.INFO)
+    if not any(getattr(h, "_eama_progress", False) for h in logger.handlers):
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(asctime)s train: %(message)s", "%H:%M:%S"))
+        handler._eama_progress = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def worker_logging(relay: Any = None) -> None:
+    """Send eama's INFO logs to the worker's stderr (Ray forwards it to the driver with
+    log_to_driver); with a relay, 'eama.trainer' lines go to the driver through it instead."""
+    root = logging.getLogger("eama")
+    root.setLevel(logging.INFO)
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.propagate = False  # Ray Train's own root handler would print every line twice
+    if relay is not None:
+        for h in [h for h in log.handlers if isinstance(h, RelayHandler)]:
+            log.removeHandler(h)
+        log.addHandler(RelayHandler(relay))
+        log.propagate = False  # not twice on the driver when Ray forwards worker output too
+
+
+# ---------------------------------------------------------------- model, checkpoints and export
+
+
+def enable_gradient_checkpointing(module: Any) -> None:
+    """Activation checkpointing on a Hugging Face-style module (gradient_checkpointing_enable);
+    a no-op when it is already on."""
+    if getattr(module, "is_gradient_checkpointing", False):
+        return
+    if not hasattr(module, "gradient_checkpointing_enable"):
+        raise ValueError(f"gradient_checkpointing=true, but {type(module).__name__} has no "
+                         "gradient_checkpointing_enable(); the task's build_model must checkpoint it")
+    module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(module, "config", None) is not None and hasattr(module.config, "use_cache"):
+        module.config.use_cache = False
+
+
+def device_and_dtype(ds_config: dict[str, Any]) -> tuple[str, Any]:
+    """Where and in what precision a worker builds its model: bf16 on GPU, fp32 on CPU."""
+    import torch
+
+    bf16 = ds_config["bf16"]["enabled"]
+    return ("cuda" if bf16 else "cpu"), (torch.bfloat16 if bf16 else torch.float32)
+
+
+@dataclasses.dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    world_size: int = 0
+    attempts: int = 1
+
+
+def save_checkpoint(engine: Any, state: TrainerState, metrics: dict[str, Any], rank: int) -> None:
+    """Every rank writes its DeepSpeed shard into a temporary folder and reports it; Ray Train
+    merges the folders into one checkpoint in storage and keeps the newest `keep_checkpoints`.
+    Returns once the checkpoint is committed, so a failure after this call resumes from it."""
+    import ray.train
+    from ray.train import CheckpointConsistencyMode
+
+    with tempfile.TemporaryDirectory(prefix="eama-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=DS_TAG)
+        if rank == 0:
+            with open(os.path.join(tmp, TRAINER_STATE), "w") as fh:
+                json.dump(dataclasses.asdict(state), fh)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint-{state.step:08d}")
+    ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+
+
+def trainer_state(ckpt: Any) -> TrainerState:
+    """The trainer state stored in checkpoint `ckpt` (a fresh one for None), read without
+    downloading the shards."""
+    if ckpt is None:
+        return TrainerState()
+    with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{TRAINER_STATE}") as fh:
+        state = TrainerState(**json.loads(fh.read()))
+    state.attempts += 1
+    return state
+
+
+def safe_checkpoint_engine(engine: Any) -> Any:
+    """DeepSpeed's torch checkpoint engine, but unpickling with torch.load(weights_only=True):
+    besides tensors and containers only DeepSpeed's ZeRO-stage enum and loss scalers may load."""
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine(engine._config)
+
+
+def load_engine_state(engine: Any, ckpt: Any) -> None:
+    """Weights, optimizer and schedule of every rank's shard from checkpoint `ckpt`, unpickled
+    with weights_only=True."""
+    engine.checkpoint_engine = safe_checkpoint_engine(engine)
+    with ckpt.as_directory() as path:
+        engine.load_checkpoint(path, tag=DS_TAG)
+
+
+def gather_state_dict(engine: Any, zero_stage: int, rank: int) -> dict[str, Any] | None:
+    """The full model state dict on rank 0 (None elsewhere); every rank must call it."""
+    if zero_stage == 3:
+        return engine._zero3_consolidated_16bit_state_dict()  # gathers the shards layer by layer
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if rank == 0 else None
+
+
+def export_model(engine: Any, task: TrainingTask, dest: str, zero_stage: int, rank: int,
+                 info: dict[str, Any]) -> None:
+    """The task's consolidated export (+ eama_export.json with `info`) in `dest` (local or s3://).
+    Every rank must call it."""
+    import torch.distributed as dist
+
+    state_dict = gather_state_dict(engine, zero_stage, rank)
+    if rank == 0:
+        with tempfile.TemporaryDirectory(prefix="eama-export-") as tmp:
+            task.save_export(engine.module, state_dict, tmp)
+            with open(os.path.join(tmp, EXPORT_INFO), "w") as fh:
+                json.dump(info, fh, indent=2, sort_keys=True)
+            upload_dir(tmp, dest)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def upload_dir(local: str, dest: str) -> None:
+    """Copy a local folder's files to `dest` (local path or s3://), replacing what was there."""
+    storage.remove(dest)
+    fs = storage.filesystem(dest)
+    for root, _, files in os.walk(local):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), local)
+            target = storage.join(dest, *rel.split(os.sep))
+            if storage.is_remote(dest):
+                fs.put_file(os.path.join(root, name), storage.strip(target))
+            else:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copyfile(os.path.join(root, name), target)
+
+
+# ---------------------------------------------------------------- the worker loop
+
+
+def train_step(engine: Any, task: TrainingTask, batches: Iterator[dict[str, np.ndarray]],
+               cfg: TrainerConfig) -> StepStats:
+    """One optimizer step: grad_accum micro-batches forward and backward (DeepSpeed scales each
+    loss by 1/grad_accum, averages gradients over ranks, clips, and steps at the boundary)."""
+    stats = StepStats(len(task.group_names))
+    for _ in range(cfg.grad_accum):
+        batch = task.collate(next(batches))
+        loss, row_losses, group_ids = task.loss(engine, batch)
+        engine.backward(loss)
+        engine.step()
+        stats.add(loss, row_losses, group_ids, task.counts(batch))
+    return stats
+
+
+def evaluate(engine: Any, task: TrainingTask, step: int) -> dict[str, Any]:
+    """The task's evaluate on every rank (eval mode, no grad); rank 0's dict as eval/<key>."""
+    import torch
+
+    engine.eval()
+    try:
+        with torch.no_grad():
+            out = task.evaluate(engine, step)
+    finally:
+        engine.train()
+    return {f"eval/{k}": v for k, v in (out or {}).items()}
+
+
+def maybe_fail(cfg: TrainerConfig, rank: int, world_size: int, step: int) -> None:
+    """Test hook: die like a lost node (no cleanup) once, after step `fail_at_step`."""
+    target = cfg.fail_rank if cfg.fail_rank >= 0 else world_size - 1
+    if cfg.fail_at_step and step == cfg.fail_at_step and rank == target and cfg.fail_marker:
+        if not os.path.exists(cfg.fail_marker):
+            with open(cfg.fail_marker, "w") as fh:
+                fh.write(f"rank {rank} exited after step {step}\n")
+            os._exit(1)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: DeepSpeed engine, resume, the step loop, checkpoints, export."""
+    import deepspeed
+    import ray.train
+    import torch
+
+    started = time.time()
+    worker_logging(config.get("relay"))
+    task: TrainingTask = config["task"]
+    cfg = task.config
+    plan = StepPlan(**config["plan"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def info(msg: str, *args: Any) -> None:
+        if rank == 0:
+            log.info(msg, *args)
+
+    torch.manual_seed(cfg.seed)
+    if not cfg.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # reuses Ray Train's group
+    ckpt = ray.train.get_checkpoint()  # the latest reported one: after a failure or a relaunch
+    state = trainer_state(ckpt)
+    state.world_size = world
+    info("%d workers started (attempt %d, %s)", world, state.attempts,
+         f"resuming after step {state.step}" if ckpt is not None else "from scratch")
+
+    ds_config = deepspeed_config.build_config(
+        zero_stage=cfg.zero_stage, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
+        world_size=world, lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        bf16=cfg.use_gpu, offload_optimizer=cfg.offload_optimizer, offload_params=cfg.offload_params,
+        param_persistence_threshold=None if cfg.param_persistence_threshold < 0 else cfg.param_persistence_threshold,
+    )
+    t0 = time.time()
+    parts = task.build_model(ds_config, *device_and_dtype(ds_config))  # `parts` lives as long as this frame
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(parts.module)
+    trainable = trainable_params(parts.module)
+    info("model loaded in %.1fs: %s trainable parameters", time.time() - t0, f"{trainable:,}")
+    params = parts.parameters if parts.parameters is not None else [
+        p for p in parts.module.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=parts.module, model_parameters=params, config=ds_config,
+        lr_scheduler=deepspeed_config.cosine_schedule(plan.total_steps, plan.warmup_steps, cfg.min_lr_ratio),
+    )
+    if ckpt is not None:
+        load_engine_state(engine, ckpt)
+        info("resumed from %s", ckpt.path)
+    info("engine ready (ZeRO-%d) at step %d, %.1fs after start", cfg.zero_stage, state.step, time.time() - started)
+    peak = peak_flops(torch.cuda.get_device_name()) if cfg.use_gpu else None
+    batches = micro_batches(ray.train.get_dataset_shard("train"), cfg.micro_batch_size,
+                            skip=state.step * cfg.grad_accum)
+    progress = Progress(plan.total_steps, state.step)
+    engine.train()
+    while state.step < plan.total_steps:
+        t0 = time.perf_counter()
+        stats = train_step(engine, task, batches, cfg)
+        state.step += 1
+        record = stats.reduce(engine.device, world, cfg.grad_accum, task.group_names)
+        seconds = time.perf_counter() - t0
+        record.update(step=state.step, lr=engine.get_lr()[0], step_seconds=seconds,
+                      rows_per_s=plan.rows_per_step / seconds, attempt=state.attempts)
+        if "tokens" in record:
+            record["tokens_per_s"] = record["tokens"] / seconds
+            if peak:
+                record["mfu"] = mfu(record["tokens_per_s"], trainable, world, peak)
+        state.history.append(record)
+        if progress.due(state.step):
+            info("%s", progress.line(state.step, record))
+        maybe_fail(cfg, rank, world, state.step)
+        if (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == plan.total_steps:
+            t0 = time.time()
+            scores = evaluate(engine, task, state.step)
+            if scores:
+                record.update(scores)
+                info("eval at step %d in %.1fs: %s", state.step, time.time() - t0,
+                     ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
+        if cfg.checkpoint_every and (state.step % cfg.checkpoint_every == 0 or state.step == plan.total_steps):
+            t0 = time.time()
+            save_checkpoint(engine, state, {"step": state.step, "loss": record["loss"]}, rank)
+            info("checkpoint at step %d in %.1fs", state.step, time.time() - t0)
+            if rank == 0:
+                write_metrics(state.history, run_dir(cfg))
+
+    if rank == 0 and state.history:
+        write_metrics(state.history, run_dir(cfg))
+        plot_losses(state.history, storage.join(run_dir(cfg), "loss_curves.png"), task.group_names, task.title)
+    if cfg.export:
+        t0 = time.time()
+        export_info = {"run_name": cfg.run_name, "step": state.step, "zero_stage": cfg.zero_stage,
+                       "world_size": world, **task.export_info()}
+        export_model(engine, task, export_dir(cfg), cfg.zero_stage, rank, export_info)
+        info("exported to %s in %.1fs", export_dir(cfg), time.time() - t0)
+    info("done: %d steps, %.1fs in this attempt", state.step, time.time() - started)
+
+
+# ---------------------------------------------------------------- the driver
+
+
+WORKER_ENV = ("DS_ACCELERATOR", "EAMA_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM",
+              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
+
+
+def worker_env(cfg: TrainerConfig) -> dict[str, str]:
+    """Settings the workers need from the driver's environment (credentials are not copied: they
+    come from the cluster's own environment or instance role)."""
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    env["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
+    return env
+
+
+def fit(task: TrainingTask) -> Any:
+    """Run (or resume, when OUTPUT/RUN_NAME holds checkpoints) the task's training; returns Ray's
+    Result. Progress lines are logged on the driver under 'eama.trainer'."""
+    import ray
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    task.validate()
+    cfg = task.config
+    cfg.output = storage.absolute(cfg.output)
+    if not ray.is_initialized():
+        ray.init()
+    files, rows = task.data_files()
+    plan = plan_steps(rows, cfg)
+    log.info("%s: %d rows in %d files -> %d steps of %d rows (%d workers x %d x %d accumulation, "
+             "%d epochs, %d warm-up steps, ZeRO-%d); run %s", task.title, rows, len(files), plan.total_steps,
+             plan.rows_per_step, cfg.num_workers, cfg.micro_batch_size, cfg.grad_accum, cfg.epochs,
+             plan.warmup_steps, cfg.zero_stage, run_dir(cfg))
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # with one-micro-batch blocks: micro-batch j goes to rank j % world
+    relay = ray.remote(num_cpus=0)(ProgressRelay).remote()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"task": task, "plan": dataclasses.asdict(plan), "relay": relay},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        datasets={"train": training_dataset(files, cfg, rows, task.sort_columns, task.columns)},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=cfg.output,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env={"env_vars": worker_env(cfg)},
+        ),
+    )
+    log.info("starting %d training workers", cfg.num_workers)
+    started = time.time()
+    try:
+        with DriverEcho(relay):
+            result = trainer.fit()
+    finally:
+        ray.kill(relay)
+    log.info("training finished in %.0fs%s", time.time() - started,
+             f" with an error: {result.error}" if result.error else "")
+    return result
