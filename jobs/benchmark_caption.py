@@ -38,6 +38,7 @@ class BenchConfig:
     selection_max_new_tokens: int = 24
     end_to_end: bool = True  # also run the Ray pipeline (tiny / path models only)
     repeats: int = 3  # MLLM variants run this many times, interleaved; the median is reported
+    mllm_threads: int = 0  # the pipeline's MLLM actor threads (caption_corpus's key; 0 = from the plan)
     steady_rows: int = 0  # > 0: also run the eama pipeline on this many rows (the samples repeated) for its
     #                       steady-state rate and start-up (two sizes, a straight line through both)
 
@@ -150,7 +151,7 @@ def end_to_end(cfg: BenchConfig, rows: list[dict], mode: str) -> float:
         run_cfg = caption_corpus.CaptionCorpusConfig(
             input=corpus, output=os.path.join(tmp, "out"), model=cfg.model, mode=mode, device=cfg.device,
             batch_size=cfg.batch_size, generate_batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-            selection_max_new_tokens=cfg.selection_max_new_tokens)
+            selection_max_new_tokens=cfg.selection_max_new_tokens, mllm_threads=cfg.mllm_threads)
         caption_corpus.run(run_cfg)  # warm: Ray workers, imports, spaCy and model files in the page cache
         run_cfg.overwrite = True
         _, seconds = timed(lambda: caption_corpus.run(run_cfg))
@@ -169,7 +170,7 @@ def steady_state(cfg: BenchConfig, rows: list[dict], slowest_rate: float, mllm: 
     import torch
 
     plan = resources.plan_stages(os.cpu_count() or 1, 0)
-    threads, before = max(1, int(plan.mllm_cpus)), torch.get_num_threads()
+    threads, before = cfg.mllm_threads or max(1, int(plan.mllm_cpus)), torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         _, seconds = timed(mllm)

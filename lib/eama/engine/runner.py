@@ -167,6 +167,10 @@ def plan_run(job: BatchJob, cfg: RunnerConfig, led: ledger.Ledger) -> Plan:
         if exc is None:
             groups[path] = sizes
             plan.inspected[path] = (size, sizes)
+            if path in led.files and led.files[path].row_groups:
+                log.warning("input %s changed since it was committed (%d -> %d bytes): rows already committed "
+                            "from it are kept, new positions are processed; --overwrite redoes everything",
+                            path, led.files[path].size, size)
             continue
         if cfg.on_bad_shard == "fail" and not faults.is_transient(exc):
             raise SystemExit(f"unusable input shard: {path}: {faults.describe(exc)}")

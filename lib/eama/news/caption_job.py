@@ -26,6 +26,7 @@ class CaptionCorpusConfig(runner.RunnerConfig):
     ner_on_gpu: bool = False
     mllm_actors: int = 0  # 0 = one per GPU (or 1 per 8 CPUs without GPUs)
     gpus_per_mllm: float = 1.0
+    mllm_threads: int = 0  # torch threads per MLLM actor on CPU; 0 = the CPUs the plan reserves (at least 1)
     ner_actors: int = 0  # 0 = fill the CPUs the MLLM and I/O leave
     generate_batch_size: int = 8
     max_new_tokens: int = 48
@@ -74,7 +75,7 @@ def caption_job(cfg: CaptionCorpusConfig, plan: resources.StagePlan, label: str,
         model=cfg.model, mode=cfg.mode, device=plan.device, max_new_tokens=cfg.max_new_tokens,
         selection_max_new_tokens=cfg.selection_max_new_tokens, generate_batch_size=cfg.generate_batch_size,
         share_image_prefix=cfg.share_image_prefix, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
-        threads=max(1, int(plan.mllm_cpus)),
+        threads=cfg.mllm_threads or max(1, int(plan.mllm_cpus)),
     )
     stages = [
         runner.Stage("decode", captioning.decode_images, {"max_side": cfg.max_image_side,
