@@ -145,6 +145,33 @@ def test_a_commit_cut_off_by_a_crash_is_discarded_and_redone(ray_local, tmp_path
     assert [r["shout"] for r in rows if r["sample_id"] in ids[:4]] == ["OLD"] * 4  # committed work kept
 
 
+def test_a_glob_input_and_a_file_that_grows(ray_local, tmp_path):
+    inp, out = tmp_path / "in", str(tmp_path / "out")
+    inp.mkdir()
+    write_input(inp, "a.parquet", ["a0", "a1", "a2", "a3"])
+    assert runner.run(toy_job(), cfg_for(str(inp / "*.parquet"), out))["this_run"]["rows"] == 4
+    write_input(inp, "a.parquet", ["a0", "a1", "a2", "a3", "a4", "a5"])  # rewritten with two more rows
+    assert runner.run(toy_job(), cfg_for(str(inp / "*.parquet"), out))["this_run"]["rows"] == 2
+    m = runner.run(toy_job(), cfg_for(str(inp / "*.parquet"), out))
+    rows, errs = outputs(out)
+    assert m["this_run"]["rows"] == 0 and sorted(r["sample_id"] for r in rows) == [f"a{i}" for i in range(6)]
+    assert not errs and m["output_total"] == {"rows": 6, "error_rows": 0}
+
+
+def test_a_batch_that_failed_whole_is_redone_without_stale_errors(ray_local, tmp_path):
+    inp, out, marker = tmp_path / "in", str(tmp_path / "out"), tmp_path / "faulty"
+    inp.mkdir()
+    marker.write_text("on")
+    write_input(inp, "a.parquet", ["f1", "f2"], ["flaky one", "flaky two"])
+    first = runner.run(toy_job(str(marker)), cfg_for(str(inp), out))
+    assert first["this_run"]["retryable_errors"] == 2 and first["output_total"] == {"rows": 0, "error_rows": 2}
+    marker.unlink()
+    second = runner.run(toy_job(str(marker)), cfg_for(str(inp), out))
+    rows, errs = outputs(out)
+    assert sorted(r["sample_id"] for r in rows) == ["f1", "f2"] and errs == []
+    assert second["output_total"] == {"rows": 2, "error_rows": 0}
+
+
 def test_noop_replan_reads_no_committed_data_and_no_footer(ray_local, tmp_path, monkeypatch):
     inp, out = tmp_path / "in", str(tmp_path / "out")
     inp.mkdir()
@@ -200,6 +227,23 @@ def test_fault_classes(exc, transient):
     assert faults.is_transient(exc) is transient
 
 
+def test_a_fault_raised_from_none_is_judged_alone():
+    try:
+        try:
+            raise TimeoutError("slow disk")
+        except TimeoutError:
+            raise ValueError("bad row") from None
+    except ValueError as exc:
+        assert not faults.is_transient(exc)
+    try:
+        try:
+            raise ConnectionResetError("reset")
+        except ConnectionResetError as inner:
+            raise RuntimeError("fetch failed") from inner
+    except RuntimeError as exc:
+        assert faults.is_transient(exc)
+
+
 def test_real_library_faults_are_classified():
     import botocore.exceptions
     import torch
@@ -207,6 +251,11 @@ def test_real_library_faults_are_classified():
 
     assert faults.is_transient(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert faults.is_transient(botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    missing = botocore.exceptions.ClientError({"Error": {"Code": "NoSuchKey", "Message": "img-500.jpg"},
+                                               "ResponseMetadata": {"HTTPStatusCode": 404}}, "GetObject")
+    busy = botocore.exceptions.ClientError({"Error": {"Code": "SlowDown", "Message": "reduce your rate"},
+                                            "ResponseMetadata": {"HTTPStatusCode": 503}}, "GetObject")
+    assert not faults.is_transient(missing) and faults.is_transient(busy)
     with pytest.raises(UnidentifiedImageError) as bad:
         Image.open(__import__("io").BytesIO(b"not an image"))
     assert not faults.is_transient(bad.value)
@@ -240,6 +289,18 @@ def test_stale_leases_are_broken(tmp_path):
     Path(path).write_text(json.dumps(dead))  # this host, but the process is gone
     with Lease(out, "newer", ttl=60):
         assert json.loads(Path(path).read_text())["run_id"] == "newer"
+
+
+def test_an_unreadable_lease_is_held_until_it_is_old(tmp_path):
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    path = os.path.join(out, LEASE_FILE)
+    Path(path).write_text("")  # cut short by a crash mid-write, or another tool's file
+    with pytest.raises(LeaseHeld, match="unreadable"):
+        Lease(out, "new", ttl=60).acquire()
+    os.utime(path, (time.time() - 120, time.time() - 120))
+    with Lease(out, "new", ttl=60):
+        assert json.loads(Path(path).read_text())["run_id"] == "new"
 
 
 def test_the_lease_is_exclusive_on_s3_and_renewed(s3_server):

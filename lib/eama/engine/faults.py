@@ -16,14 +16,16 @@ import re
 
 _TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
                      errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN}
-_TRANSIENT_TEXT = re.compile(
-    r"cuda out of memory|out of memory on device|device-side assert|cuda error|cublas_status|cudnn_status"
-    r"|nccl|connection (?:was )?(?:reset|refused|aborted|closed)|could not connect|broken pipe"
-    r"|timed out|read timeout|connect timeout|temporarily unavailable|slow ?down|throttl|service ?unavailable"
-    r"|internal ?error|request ?limit ?exceeded|too many requests",
+_CUDA_TEXT = re.compile(r"cuda out of memory|out of memory on device|device-side assert|cuda error|cublas_status"
+                        r"|cudnn_status|nccl", re.IGNORECASE)
+_NETWORK_TEXT = re.compile(
+    r"connection (?:was )?(?:reset|refused|aborted|closed)|could not connect|broken pipe|timed out|read timeout"
+    r"|connect timeout|temporarily unavailable|slow ?down|throttl|service ?unavailable|internal ?error"
+    r"|request ?limit ?exceeded|too many requests",
     re.IGNORECASE,
 )
-_HTTP_STATUS = re.compile(r"\b(?:429|500|502|503|504)\b")
+_HTTP_STATUS = re.compile(r"(?:status|code|http|error)\D{0,12}\b(?:429|500|502|503|504)\b", re.IGNORECASE)
+_NETWORK_NAMES = ("IncompleteRead", "RemoteDisconnected", "ProtocolError", "ChunkedEncodingError")
 _NETWORK_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "fsspec", "http")
 _RAY_TRANSIENT = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ObjectLostError",
                   "NodeDiedError", "OwnerDiedError", "WorkerCrashedError", "RaySystemError",
@@ -40,22 +42,26 @@ def is_transient(exc: BaseException) -> bool:
         name, module = type(e).__name__, type(e).__module__ or ""
         if name == "OutOfMemoryError" or name in _RAY_TRANSIENT:
             return True
-        if module.split(".")[0] in ("torch", "builtins") and isinstance(e, RuntimeError) and _TRANSIENT_TEXT.search(str(e)):
+        if module.split(".")[0] in ("torch", "builtins") and isinstance(e, RuntimeError) and _CUDA_TEXT.search(str(e)):
             return True
-        if module.split(".")[0] in _NETWORK_MODULES and (_TRANSIENT_TEXT.search(f"{name} {e}")
-                                                          or _HTTP_STATUS.search(str(e))
+        status = getattr(e, "response", None)
+        if isinstance(status, dict) and status.get("ResponseMetadata", {}).get("HTTPStatusCode") in (429, 500, 502, 503, 504):
+            return True
+        if module.split(".")[0] in _NETWORK_MODULES and (_NETWORK_TEXT.search(f"{name} {e}")
+                                                          or _HTTP_STATUS.search(str(e)) or name in _NETWORK_NAMES
                                                           or "Connect" in name or "Timeout" in name):
             return True
     return False
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
-    """The exception and its causes / contexts (a wrapped ConnectionError counts)."""
+    """The exception and its causes / contexts (a wrapped ConnectionError counts; `raise ... from
+    None` hides the context, as it does in a traceback)."""
     seen: list[BaseException] = []
     e: BaseException | None = exc
     while e is not None and e not in seen and len(seen) < 8:
         seen.append(e)
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     return seen
 
 

@@ -53,6 +53,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _modified(path: str) -> float:
+    """Last-modified time of `path` (seconds since the epoch)."""
+    info = storage.filesystem(path).info(storage.strip(path))
+    value = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
+
+
 def is_stale(holder: dict[str, Any], now: float | None = None) -> bool:
     """Expired, or held by a process of this host that is gone."""
     now = _now() if now is None else now
@@ -70,6 +77,7 @@ class Lease:
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.lost: str | None = None  # the run that took the lease over, if one did
 
     def _record(self) -> dict[str, Any]:
         now = _now()
@@ -81,8 +89,8 @@ class Lease:
             return json.loads(storage.read_bytes(self.path))
         except FileNotFoundError:
             return None
-        except ValueError:  # a torn or foreign file: treat as expired
-            return {"expires": 0}
+        except ValueError:  # unreadable (foreign, or cut short): held until ttl after it was last written
+            return {"run_id": "unknown (unreadable lease)", "expires": _modified(self.path) + self.ttl}
 
     def acquire(self) -> "Lease":
         for _ in range(3):
@@ -99,6 +107,8 @@ class Lease:
                     f"(pid {holder.get('pid')}) since {_iso(holder.get('acquired', 0))}; its lease expires "
                     f"{_iso(holder.get('expires', 0))} unless renewed. Wait for it to finish, or delete "
                     f"{self.path} if that run is gone.")
+            if (self._read() or {}).get("token") != holder.get("token"):
+                continue  # another run broke it first and holds it now
             log.warning("breaking the stale lease of run %s on %s (expired %s)", holder.get("run_id"),
                         holder.get("host"), _iso(holder.get("expires", 0)))
             storage.remove(self.path)
@@ -106,14 +116,21 @@ class Lease:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
-            current = self._read()
-            if not current or current.get("token") != self.token:
-                log.error("the lease on %s was taken over by run %s", self.output, (current or {}).get("run_id"))
-                return
             try:
+                current = self._read()
+                if not current or current.get("token") != self.token:
+                    self.lost = (current or {}).get("run_id") or "nobody"
+                    log.error("the lease on %s was taken over by run %s", self.output, self.lost)
+                    return
                 storage.write_bytes_atomic(self.path, json.dumps(dict(current, expires=_now() + self.ttl)).encode())
             except Exception as exc:  # keep trying: the lease only lapses after ttl
                 log.warning("could not renew the lease on %s: %s", self.output, exc)
+
+    def verify(self) -> None:
+        """Raise LeaseHeld if another run took the output over while this one ran."""
+        if self.lost:
+            raise LeaseHeld(f"lost the lease on {self.output} to run {self.lost} (this run stopped renewing it "
+                            f"for over {self.ttl:.0f} s?); its commits are kept, the ledger is left for the next run")
 
     def release(self) -> None:
         self._stop.set()

@@ -115,6 +115,12 @@ def digest(keys: Iterable[str]) -> str:
     return h.hexdigest()[:24]
 
 
+def commit_name(run_id: str, positions: Iterable[tuple[str, int, int]]) -> str:
+    """part-<digest of the run and the positions>: a retried task of the same run rewrites the same
+    objects; a later run redoing the same positions writes new ones, which supersede the old."""
+    return "part-" + digest([run_id] + [f"{f}\0{g}\0{i}" for f, g, i in positions])
+
+
 # ---------------------------------------------------------------- records
 
 
@@ -195,6 +201,7 @@ class Ledger:
         self.broken: list[Record] = []  # incomplete commits of a crashed run
         self.superseded: dict[str, set[tuple[str, int, int]]] = {}  # record -> error positions
         self.fresh_by_file: dict[str, list[tuple[str, str, int, Ranges]]] = {}
+        self.folded: list[str] = []  # commit records already in the index, left by an interrupted compaction
 
     # ------------------------------------------------ loading
 
@@ -211,7 +218,9 @@ class Ledger:
         data = {_stem(p) for p in _listing(output)}
         errors = {_stem(p) for p in _listing(storage.join(output, ERRORS_DIR))}
         commit_files = _listing(storage.join(output, COMMITS_DIR), ".json")
-        for raw in storage.parallel_map(storage.read_json, commit_files):
+        folded = {f for f in commit_files if _stem(f) in led.records}  # compaction stopped before deleting them
+        led.folded = sorted(folded)
+        for raw in storage.parallel_map(storage.read_json, [f for f in commit_files if f not in folded]):
             rec = Record(**raw)
             last = rec.last_object()
             if last is None or rec.name in (data if last == "data" else errors):
@@ -345,8 +354,11 @@ class Ledger:
         self.refresh()  # a commit written after this run planned (a retried task) must count too
         for path, (size, groups) in inspected.items():
             old = self.files.get(path)
-            if old is None or old.size != size or old.row_groups != groups:
+            if old is None:
                 self.files[path] = FileInfo(size, list(groups))
+            elif old.size != size or old.row_groups != groups:  # changed: committed positions stay committed
+                cover = {str(g): [[0, n]] for g, n in enumerate(old.row_groups)} if old.done else dict(old.partial)
+                self.files[path] = FileInfo(size, list(groups), partial=cover)
         self._prune_superseded()
         for name in sorted(self.fresh):
             for path, group, ranges in self.records[name].positions():
@@ -362,13 +374,16 @@ class Ledger:
         for name in self.fresh:
             self.records[name].rows = {}
             storage.remove(storage.join(self.output, COMMITS_DIR, f"{name}.json"))
-        self.fresh = set()
+        for path in self.folded:
+            storage.remove(path)
+        self.fresh, self.folded = set(), []
 
     def refresh(self) -> None:
         """Re-read the commit records written since load (this run's)."""
         latest = Ledger.load(self.output)
         self.records.update(latest.records)
         self.fresh |= latest.fresh
+        self.folded = sorted(set(self.folded) | set(latest.folded))
         self._find_superseded()
 
     @staticmethod
@@ -401,6 +416,8 @@ class Ledger:
                 info = self.files.get(path_)
                 if info is not None and not info.done and str(group) in info.partial:
                     info.partial[str(group)] = subtract(info.partial[str(group)], [row])
+                    if not info.partial[str(group)]:
+                        del info.partial[str(group)]
         self.superseded = {}
 
 

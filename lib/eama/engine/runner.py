@@ -219,8 +219,8 @@ def mark_duplicates(wanted: list[tuple[str, int, list[int]]], led: ledger.Ledger
     for (path, group, rows), chunk in zip(wanted, ids):
         dup_rows, dup_reasons = [], []
         for row, sid in zip(rows, chunk):
-            if sid is None:
-                continue  # the read stage reports it against the contract
+            if not sid:
+                continue  # the read stage reports it ('empty sample_id')
             if sid in taken:
                 dup_rows.append(row)
                 dup_reasons.append(f"duplicate sample_id {sid!r}: already committed in {led.output}")
@@ -293,6 +293,9 @@ def guarded(call: Callable[[pa.Table], pa.Table], batch: pa.Table, name: str, re
                 time.sleep(min(30.0, 2.0 ** attempt))
                 continue
             out = _fail_batch(batch, name, exc, transient)
+    if out.num_rows != batch.num_rows or out.column("source_row") != batch.column("source_row"):
+        out = _fail_batch(batch, name, RuntimeError(f"stage {name} returned {out.num_rows} rows for "
+                                                     f"{batch.num_rows} (a stage keeps one row per row, in order)"), False)
     column = f"seconds_{name}"
     if column in out.column_names and out.num_rows == batch.num_rows:
         share = (time.perf_counter() - started) / served
@@ -354,7 +357,7 @@ def commit_batch(batch: pa.Table, job: BatchJob, output: str, run_id: str) -> pa
                            "reason": r["error_reason"] or "", "retryable": bool(r.get("error_retryable"))})
         else:
             outputs += job.emit(r)
-    name = "part-" + ledger.digest(f"{f}\0{g}\0{i}" for f, g, i in positions)
+    name = ledger.commit_name(run_id, positions)
     ledger.commit(output, run_id, name, outputs, errors, positions, job.output_schema)
     seconds = {c: float(pc.sum(batch.column(c)).as_py() or 0.0) for c in batch.column_names if c.startswith("seconds_")}
     by_stage = collections.Counter(e["stage"] for e in errors)
@@ -368,8 +371,7 @@ def commit_batch(batch: pa.Table, job: BatchJob, output: str, run_id: str) -> pa
 def commit_file_errors(errors: list[Row], output: str, run_id: str) -> None:
     if errors:
         positions = [(e["source_file"], e["row_group"], e["row"]) for e in errors]
-        name = "part-" + ledger.digest(f"{f}\0{g}\0{i}" for f, g, i in positions)
-        ledger.commit(output, run_id, name, [], errors, positions, schema.ERROR)
+        ledger.commit(output, run_id, ledger.commit_name(run_id, positions), [], errors, positions, schema.ERROR)
 
 
 # ---------------------------------------------------------------- progress and resources
@@ -507,7 +509,7 @@ def run(job: BatchJob, cfg: RunnerConfig, run_id: str | None = None) -> dict[str
     if not ray.is_initialized():
         ray.init()  # joins the cluster under `ray job submit`, else starts a local one
     run_id, started = run_id or new_run_id(), time.time()
-    with Lease(cfg.output, run_id, cfg.lease_seconds):
+    with Lease(cfg.output, run_id, cfg.lease_seconds) as lease:
         if cfg.overwrite:
             clear_output(cfg.output)
         led = ledger.Ledger.load(cfg.output)
@@ -525,6 +527,7 @@ def run(job: BatchJob, cfg: RunnerConfig, run_id: str | None = None) -> dict[str
             ensure_resources(job.stages, cfg.wait_for_resources_seconds)
             for stats in build_dataset(job, cfg, plan.items, run_id).iter_rows():
                 progress.add(stats)
+        lease.verify()
         led.compact(plan.inspected)
         out_rows, err_rows = led.totals()
         wall = time.time() - started

@@ -103,8 +103,10 @@ def list_files(path: str, suffix: str = ".parquet") -> list[str]:
 def list_files_with_sizes(path: str, suffix: str = ".parquet") -> list[tuple[str, int]]:
     """(file, size in bytes) for list_files, from the one listing (no extra request per file)."""
     fs, raw = filesystem(path), strip(path)
+    base = raw
     if any(ch in raw for ch in "*?["):
         found = fs.glob(raw, detail=True)
+        base = raw[: min(raw.index(ch) for ch in "*?[" if ch in raw)].rsplit("/", 1)[0] or "/"
     elif fs.isfile(raw):
         found = {raw: fs.info(raw)}
     elif fs.exists(raw):
@@ -114,7 +116,7 @@ def list_files_with_sizes(path: str, suffix: str = ".parquet") -> list[tuple[str
     keep = [
         (f, int(info.get("size") or 0)) for f, info in found.items()
         if f.endswith(suffix) and info.get("type", "file") != "directory"
-        and not any(p.startswith(("_", ".")) for p in posixpath.relpath(f, raw).split("/") if p != ".")
+        and not any(p.startswith(("_", ".")) for p in posixpath.relpath(f, base).split("/") if p != ".")
     ]
     return sorted((_with_scheme(f, path), size) for f, size in keep)
 
@@ -165,10 +167,15 @@ def create_exclusive(path: str, data: bytes) -> bool:
     try:
         if is_remote(path):
             with_retries(f"create {path}", lambda: fs.pipe_file(raw, data, mode="create"))
-        else:
+        else:  # written whole to a hidden temp file, then linked into place: never seen half-written
             os.makedirs(os.path.dirname(raw), exist_ok=True)
-            with open(raw, "xb") as fh:
+            tmp = os.path.join(os.path.dirname(raw), f".{os.path.basename(raw)}.tmp-{uuid.uuid4().hex}")
+            with open(tmp, "wb") as fh:
                 fh.write(data)
+            try:
+                os.link(tmp, raw)
+            finally:
+                os.remove(tmp)
         return True
     except FileExistsError:
         return False
