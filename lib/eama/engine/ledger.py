@@ -260,9 +260,8 @@ class Ledger:
                     out[(path, group)].add(row)
         return out
 
-    def done_ranges(self, path: str, retry_errors: bool = False,
-                    open_positions: dict[tuple[str, int], set[int]] | None = None) -> dict[int, Ranges]:
-        """Row group -> settled row ranges of one input file."""
+    def done_ranges(self, path: str, open_positions: dict[tuple[str, int], set[int]]) -> dict[int, Ranges]:
+        """Row group -> settled row ranges of one input file (open_positions: to be redone)."""
         info = self.files.get(path)
         done: dict[int, Ranges] = {}
         if info is not None:
@@ -274,9 +273,8 @@ class Ledger:
                 done = {int(g): list(r) for g, r in info.partial.items()}
         for _run, _name, group, ranges in self.fresh_by_file.get(path, ()):
             done[group] = union(done.get(group, []), ranges)
-        opened = open_positions if open_positions is not None else self.open_positions(retry_errors)
         for group in list(done):
-            rows = opened.get((path, group))
+            rows = open_positions.get((path, group))
             if rows:
                 done[group] = subtract(done[group], rows)
         return done
@@ -293,7 +291,7 @@ class Ledger:
         info = self.files.get(path)
         if info is not None and info.size != size:
             return False  # the file changed: look at it again
-        return contains(self.done_ranges(path, open_positions=open_positions).get(FILE_ROW_GROUP, []), 0)
+        return contains(self.done_ranges(path, open_positions).get(FILE_ROW_GROUP, []), 0)
 
     # ------------------------------------------------ counts
 

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 
 from eama.engine import faults, ledger, schema, storage
 from eama.engine.lease import Lease
+from eama.engine.trainer import clock
 
 log = logging.getLogger("eama.runner")
 
@@ -181,7 +182,7 @@ def plan_run(job: BatchJob, cfg: RunnerConfig, led: ledger.Ledger) -> Plan:
 
     wanted: list[tuple[str, int, list[int]]] = []  # (file, row group, pending offsets)
     for path in sorted(groups):
-        done = led.done_ranges(path, open_positions=opened)
+        done = led.done_ranges(path, opened)
         file_pending = 0
         for g, n in enumerate(groups[path]):
             plan.input_rows += n
@@ -199,10 +200,7 @@ def plan_run(job: BatchJob, cfg: RunnerConfig, led: ledger.Ledger) -> Plan:
 
 def read_ids(item: tuple[str, int, list[int]]) -> list[str | None]:
     path, group, rows = item
-    with storage.filesystem(path).open(storage.strip(path), "rb") as fh:
-        import pyarrow.parquet as pq
-
-        col = pq.ParquetFile(fh).read_row_group(group, columns=["sample_id"]).column("sample_id").to_pylist()
+    col = storage.read_row_group(path, group, columns=["sample_id"]).column("sample_id").to_pylist()
     return [col[r] for r in rows]
 
 
@@ -413,20 +411,13 @@ class Progress:
             rate = self.rows / max(1e-9, now - self.t0)
             eta = (self.total - self.rows) / rate if rate > 0 else float("inf")
             log.info("committed %d/%d rows (%d errors), %.2f rows/s, ETA %s", self.rows, self.total,
-                     self.errors, rate, _clock(eta))
+                     self.errors, rate, clock(eta))
 
     def throughput(self, wall: float) -> dict[str, float | None]:
         out: dict[str, float | None] = {s.removeprefix("seconds_"): (self.rows / v if v > 0 else None)
                                         for s, v in self.seconds.items()}
         out["end_to_end"] = self.rows / wall if wall > 0 else None
         return out
-
-
-def _clock(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60:d}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:d}:{s:02d}"
 
 
 def demand(stages: Sequence[Stage]) -> list[dict[str, float]]:
@@ -529,6 +520,8 @@ def run(job: BatchJob, cfg: RunnerConfig, run_id: str | None = None) -> dict[str
                 progress.add(stats)
         lease.verify()
         led.compact(plan.inspected)
+        if plan.file_errors:
+            add_counts(progress.errors_by_stage, {"read": len(plan.file_errors)})
         out_rows, err_rows = led.totals()
         wall = time.time() - started
         manifest = {
@@ -542,9 +535,7 @@ def run(job: BatchJob, cfg: RunnerConfig, run_id: str | None = None) -> dict[str
             "this_run": {"rows": progress.rows + len(plan.file_errors), "written": progress.written,
                          "errors": progress.errors + len(plan.file_errors),
                          "retryable_errors": progress.retryable + sum(e["retryable"] for e in plan.file_errors),
-                         "errors_by_stage": dict(progress.errors_by_stage, **(
-                             {"read": progress.errors_by_stage.get("read", 0) + len(plan.file_errors)}
-                             if plan.file_errors else {})),
+                         "errors_by_stage": progress.errors_by_stage,
                          "counts": progress.extra,
                          "error_reasons": [f"{e['source_file']}: {e['reason']}" for e in plan.file_errors]},
             "output_total": {"rows": out_rows, "error_rows": err_rows},

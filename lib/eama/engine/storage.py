@@ -214,10 +214,10 @@ def row_group_rows(path: str) -> list[int]:
         return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
-def read_row_group(path: str, index: int) -> pa.Table:
+def read_row_group(path: str, index: int, columns: list[str] | None = None) -> pa.Table:
     def read() -> pa.Table:
         with filesystem(path).open(strip(path), "rb") as fh:
-            return pq.ParquetFile(fh).read_row_group(index)
+            return pq.ParquetFile(fh).read_row_group(index, columns=columns)
 
     return with_retries(f"read {path} row group {index}", read) if is_remote(path) else read()
 

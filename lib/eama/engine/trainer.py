@@ -377,7 +377,9 @@ def mfu(tokens_per_s: float, trainable: int, world_size: int, peak: float) -> fl
 
 
 def clock(seconds: float) -> str:
-    """mm:ss (h:mm:ss from an hour on)."""
+    """mm:ss (h:mm:ss from an hour on); '?' when unknown (infinite)."""
+    if seconds == float("inf"):
+        return "?"
     s = int(round(max(0.0, seconds)))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
 

@@ -331,7 +331,7 @@ def alignment_job(cfg: BuildConfig) -> runner.BatchJob:
         work_schema=WORK, output_schema=schema.TASK,
         stages=[runner.Stage("build", TaskBuilder, {"cfg": cfg}, actors=cfg.actors, cpus=cfg.actor_cpus)],
         emit=emit_tasks, stats=block_stats, io_cpus=cfg.io_cpus,
-        check_table=captioning.check_images,
+        check_table=schema.check_sample_images,
         prepare=functools.partial(captioning.prepare_sample, max_article_words=cfg.max_article_words),
     )
 

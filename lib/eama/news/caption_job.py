@@ -94,7 +94,7 @@ def caption_job(cfg: CaptionCorpusConfig, plan: resources.StagePlan, label: str,
         work_schema=schema.WORK, output_schema=schema.CAPTION_OUTPUT, stages=stages,
         emit=functools.partial(emit_caption, model=label, mode=cfg.mode, run_id=run_id),
         prepare=functools.partial(captioning.prepare_sample, max_article_words=cfg.max_article_words),
-        check_table=captioning.check_images, io_cpus=plan.io_cpus,
+        check_table=schema.check_sample_images, io_cpus=plan.io_cpus,
         describe={"model": label, "mode": cfg.mode},
     )
 

@@ -25,11 +25,6 @@ def to_work(rows: list[Row]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema.WORK)
 
 
-def check_images(table: pa.Table, source: str) -> None:
-    """A sample row group must carry an image column (bytes or URI)."""
-    schema.check_sample_images(table, source)
-
-
 def prepare_sample(row: Row, max_article_words: int) -> str | None:
     """Per-row check after read: an empty article is an error; a long one is cut to the budget."""
     if not (row.get("article") or "").strip():
