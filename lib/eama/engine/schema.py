@@ -112,6 +112,51 @@ CAPTION_STAGES = ("decode", "ner", "mllm", "caption_ner")
 WORK = work_schema(list(SAMPLE) + [pa.field("image_rgb", pa.binary())] + ANNOTATIONS, CAPTION_STAGES)
 
 
+# Multimodal NER: one post (tweet) per row, its tokens and BIO tags, its image, and the
+# image-text views (ITA) that jobs/image_views.py fills from the image or an importer joins in.
+MNER_SAMPLE = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("tokens", pa.list_(pa.string()), nullable=False),
+        pa.field("tags", pa.list_(pa.string())),  # gold BIO tags, one per token (null: unlabelled)
+        pa.field("image_id", pa.string()),
+        pa.field("image", pa.binary()),
+        pa.field("image_uri", pa.string()),
+        pa.field("caption", pa.string()),  # view: a caption of the image
+        pa.field("ocr", pa.string()),  # view: text read from the image
+        pa.field("object_tags", pa.list_(pa.string())),  # view: tags of what the image shows
+    ]
+)
+MNER_REQUIRED = ("sample_id", "tokens")
+MNER_VIEWS = ("caption", "ocr", "object_tags")
+
+# What image_views writes: the sample with its view columns filled, and where they came from.
+MNER_VIEWS_OUTPUT = pa.schema(
+    list(MNER_SAMPLE)
+    + [
+        pa.field("views_model", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("source_file", pa.string()),
+    ]
+)
+
+# What tag_entities writes: one row per post; entities hold token offsets (start inclusive, end
+# exclusive) and the entity's tokens joined by spaces.
+MNER_OUTPUT = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("tokens", pa.list_(pa.string())),
+        pa.field("tags", pa.list_(pa.string())),
+        pa.field("predicted_tags", pa.list_(pa.string())),
+        pa.field("entities", pa.list_(ENTITY)),
+        pa.field("view", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("source_file", pa.string()),
+    ]
+)
+
+
 class SchemaError(ValueError):
     """A shard does not match the contract; the message names the file and the column."""
 

@@ -1,0 +1,1 @@
+"""Multimodal NER (ITA): import, image-text views, tagger training, batch tagging, scoring."""
