@@ -2,7 +2,7 @@
 
 Everything DeepSpeed is told comes from `build_config`: ZeRO stage, precision (bf16 on GPU, fp32 on
 CPU), batch geometry, clipping, optional CPU offload, and a torch AdamW (DeepSpeed's `torch_adam`)
-so that no C++ optimizer op is compiled. The schedule (linear warm-up then cosine decay) is a torch
+so that no C++ optimizer op is compiled. The schedule (linear warm-up then cosine or linear decay) is a torch
 LambdaLR that deepspeed.initialize builds from the optimizer and saves in every checkpoint.
 """
 
@@ -74,23 +74,29 @@ def build_config(
     }
 
 
-def lr_ratio(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
+SCHEDULES = ("cosine", "linear")
+
+
+def lr_ratio(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0, shape: str = "cosine") -> float:
     """Multiplier of the peak learning rate for optimizer step `step` (0-based): linear warm-up
-    to 1 over `warmup_steps`, then cosine decay to `min_ratio` at `total_steps`."""
+    to 1 over `warmup_steps`, then cosine or linear decay to `min_ratio` at `total_steps`."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if shape == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * decay
 
 
-def cosine_schedule(total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> Callable[[Any], Any]:
-    """What deepspeed.initialize(lr_scheduler=...) takes: optimizer -> LambdaLR with `lr_ratio`."""
+def lr_schedule(total_steps: int, warmup_steps: int, min_ratio: float = 0.0,
+                shape: str = "cosine") -> Callable[[Any], Any]:
+    """What deepspeed.initialize(lr_scheduler=...) takes: optimizer -> LambdaLR with `lr_ratio`
+    (each parameter group's own learning rate is scaled by it)."""
 
     def make(optimizer: Any) -> Any:
         from torch.optim.lr_scheduler import LambdaLR
 
-        return LambdaLR(optimizer, functools.partial(lr_ratio, total_steps=total_steps,
-                                                     warmup_steps=warmup_steps, min_ratio=min_ratio))
+        return LambdaLR(optimizer, functools.partial(lr_ratio, total_steps=total_steps, warmup_steps=warmup_steps,
+                                                     min_ratio=min_ratio, shape=shape))
 
     return make
 

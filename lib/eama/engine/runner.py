@@ -110,6 +110,29 @@ def pending(rows: list[Row]) -> list[Row]:
     return [r for r in rows if not r.get("error_stage")]
 
 
+def isolate(todo: list[Row], size: int, fn: Callable[[list[Row]], None], stage: str) -> None:
+    """Call `fn` on chunks of `size` rows. A chunk that raises a permanent error is redone row by
+    row, so only the rows that break it fail (runner.fail with the exception); transient faults
+    propagate to the stage guard, which retries the whole batch."""
+    for k in range(0, len(todo), size):
+        chunk = todo[k:k + size]
+        try:
+            fn(chunk)
+        except Exception as exc:
+            if faults.is_transient(exc):
+                raise
+            if len(chunk) == 1:
+                fail(chunk[0], stage, f"{type(exc).__name__}: {exc}")
+                continue
+            for r in chunk:
+                try:
+                    fn([r])
+                except Exception as inner:
+                    if faults.is_transient(inner):
+                        raise
+                    fail(r, stage, f"{type(inner).__name__}: {inner}")
+
+
 def validate(cfg: RunnerConfig) -> None:
     if cfg.on_bad_shard not in ("continue", "fail"):
         raise SystemExit(f"on_bad_shard must be continue or fail, got {cfg.on_bad_shard!r}")

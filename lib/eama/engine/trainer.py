@@ -70,6 +70,7 @@ class TrainerConfig:
     max_steps: int = 0  # 0 = as many as the epochs give
     lr: float = 2e-5
     min_lr_ratio: float = 0.0
+    schedule: str = "cosine"  # decay after warm-up: cosine | linear
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -84,6 +85,7 @@ class TrainerConfig:
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     eval_every: int = 0  # optimizer steps between the task's evaluate calls (it also runs at the end); 0 = end only
     export: bool = True
+    select_metric: str = ""  # an evaluate() key (higher is better): export the model at the eval where it peaked (model selection on validation data); empty = the last step
     # Test hook: rank `fail_rank` (-1 = last) exits hard after step `fail_at_step`, once: the
     # marker file `fail_marker` records that it happened.
     fail_at_step: int = 0
@@ -99,6 +101,8 @@ def validate(cfg: TrainerConfig) -> None:
         raise SystemExit("num_workers, micro_batch_size, grad_accum and epochs must be >= 1, checkpoint_every >= 0")
     if cfg.eval_every < 0:
         raise SystemExit("eval_every must be >= 0")
+    if cfg.schedule not in deepspeed_config.SCHEDULES:
+        raise SystemExit(f"schedule must be one of {', '.join(deepspeed_config.SCHEDULES)}, got {cfg.schedule!r}")
     if cfg.epochs > 1 and not cfg.shuffle:
         raise SystemExit("epochs > 1 needs shuffle=true (each epoch is a seeded order of the rows)")
 
@@ -536,6 +540,8 @@ class TrainerState:
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     world_size: int = 0
     attempts: int = 1
+    best_value: float | None = None  # select_metric's best value so far, and its step
+    best_step: int = 0
 
 
 def save_checkpoint(engine: Any, state: TrainerState, metrics: dict[str, Any], rank: int) -> None:
@@ -671,6 +677,39 @@ def maybe_fail(cfg: TrainerConfig, rank: int, world_size: int, step: int) -> Non
             os._exit(1)
 
 
+def export_info(task: TrainingTask, cfg: TrainerConfig, state: TrainerState, world: int) -> dict[str, Any]:
+    info = {"run_name": cfg.run_name, "step": state.step, "zero_stage": cfg.zero_stage, "world_size": world,
+            **task.export_info()}
+    if cfg.select_metric:
+        info.update(selected_on=cfg.select_metric, selected_value=state.best_value)
+    return info
+
+
+def select_model(engine: Any, task: TrainingTask, cfg: TrainerConfig, state: TrainerState,
+                 scores: Mapping[str, Any], rank: int, world: int) -> None:
+    """Model selection: export when rank 0's `select_metric` beats the best so far (every rank
+    takes rank 0's value, so all of them join the collective export or none does)."""
+    import torch
+    import torch.distributed as dist
+
+    key = f"eval/{cfg.select_metric}"
+    if rank == 0 and key not in scores:
+        raise KeyError(f"select_metric={cfg.select_metric!r} is not among the evaluation keys: "
+                       f"{', '.join(k.removeprefix('eval/') for k in scores) or 'none (the task evaluates nothing)'}")
+    value = torch.tensor([float(scores.get(key, float("nan")))], dtype=torch.float64, device=engine.device)
+    if dist.is_initialized() and world > 1:
+        dist.broadcast(value, src=0)
+    v = float(value.item())
+    if state.best_value is not None and not v > state.best_value:
+        return
+    state.best_value, state.best_step = v, state.step
+    t0 = time.time()
+    export_model(engine, task, export_dir(cfg), cfg.zero_stage, rank, export_info(task, cfg, state, world))
+    if rank == 0:
+        log.info("step %d is the best so far (%s %.4g): exported in %.1fs", state.step, cfg.select_metric, v,
+                 time.time() - t0)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: DeepSpeed engine, resume, the step loop, checkpoints, export."""
     import deepspeed
@@ -715,7 +754,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         p for p in parts.module.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
         model=parts.module, model_parameters=params, config=ds_config,
-        lr_scheduler=deepspeed_config.cosine_schedule(plan.total_steps, plan.warmup_steps, cfg.min_lr_ratio),
+        lr_scheduler=deepspeed_config.lr_schedule(plan.total_steps, plan.warmup_steps, cfg.min_lr_ratio, cfg.schedule),
     )
     if ckpt is not None:
         load_engine_state(engine, ckpt)
@@ -749,6 +788,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 record.update(scores)
                 info("eval at step %d in %.1fs: %s", state.step, time.time() - t0,
                      ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
+            if cfg.select_metric and cfg.export:
+                select_model(engine, task, cfg, state, scores, rank, world)
         if cfg.checkpoint_every and (state.step % cfg.checkpoint_every == 0 or state.step == plan.total_steps):
             t0 = time.time()
             save_checkpoint(engine, state, {"step": state.step, "loss": record["loss"]}, rank)
@@ -759,12 +800,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0 and state.history:
         write_metrics(state.history, run_dir(cfg))
         plot_losses(state.history, storage.join(run_dir(cfg), "loss_curves.png"), task.group_names, task.title)
-    if cfg.export:
+    if cfg.export and not cfg.select_metric:
         t0 = time.time()
-        export_info = {"run_name": cfg.run_name, "step": state.step, "zero_stage": cfg.zero_stage,
-                       "world_size": world, **task.export_info()}
-        export_model(engine, task, export_dir(cfg), cfg.zero_stage, rank, export_info)
+        export_model(engine, task, export_dir(cfg), cfg.zero_stage, rank, export_info(task, cfg, state, world))
         info("exported to %s in %.1fs", export_dir(cfg), time.time() - t0)
+    elif cfg.export:
+        info("the export holds step %d (%s %.4g, the best of the evaluations)", state.best_step,
+             cfg.select_metric, state.best_value if state.best_value is not None else float("nan"))
     info("done: %d steps, %.1fs in this attempt", state.step, time.time() - started)
 
 

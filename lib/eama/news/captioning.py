@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 from eama.engine import entities, faults, images, schema
-from eama.engine.runner import fail, pending
+from eama.engine.runner import fail, isolate, pending
 from eama.news import candidates, prompts
 
 Row = dict[str, Any]
@@ -71,6 +71,10 @@ class EntityAnnotator:
         return to_work(rows)
 
     def _annotate(self, todo: list[Row]) -> None:
+        """spaCy over the batch; a row that breaks it fails alone ('spaCy failed: ...')."""
+        isolate(todo, max(1, len(todo)), self._annotate_chunk, "ner" if self.field == "article" else "caption_ner")
+
+    def _annotate_chunk(self, todo: list[Row]) -> None:
         texts = [r[self.field] or "" for r in todo]
         try:
             if self.field == "article":
@@ -79,14 +83,10 @@ class EntityAnnotator:
             else:
                 for r, ents in zip(todo, entities.extract_entities(self.nlp, texts, self.batch_size)):
                     r["caption_entities"] = ents
-        except Exception as exc:  # isolate the bad row instead of failing the batch
+        except Exception as exc:
             if faults.is_transient(exc):
                 raise
-            if len(todo) == 1:
-                fail(todo[0], "ner" if self.field == "article" else "caption_ner", f"spaCy failed: {exc}")
-            else:
-                for r in todo:
-                    self._annotate([r])
+            raise RuntimeError(f"spaCy failed: {exc}") from exc
 
 
 # ---------------------------------------------------------------- MLLM
@@ -133,24 +133,7 @@ class Captioner:
         return to_work(rows)
 
     def _run_isolated(self, todo: list[Row]) -> None:
-        size = self.cfg.generate_batch_size
-        for k in range(0, len(todo), size):
-            chunk = todo[k : k + size]
-            try:
-                self.caption(chunk)
-            except Exception as exc:
-                if faults.is_transient(exc):
-                    raise  # CUDA OOM, a device-side assert, a lost connection: the runner retries
-                if len(chunk) == 1:
-                    fail(chunk[0], "mllm", f"{type(exc).__name__}: {exc}")
-                else:  # find the row that breaks the batch; the others still get captions
-                    for r in chunk:
-                        try:
-                            self.caption([r])
-                        except Exception as inner:
-                            if faults.is_transient(inner):
-                                raise
-                            fail(r, "mllm", f"{type(inner).__name__}: {inner}")
+        isolate(todo, self.cfg.generate_batch_size, self.caption, "mllm")
 
     def _generate(self, instructions: list[str], rows: list[int], imgs: list[Any], prefix: Any, max_new: int,
                   lists: list[tuple[str, list[str]]] | None = None) -> list[str]:

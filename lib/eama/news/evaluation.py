@@ -3,7 +3,6 @@ scorable rows, compute pycocoevalcap metrics and pooled entity P/R, render repor
 
 from __future__ import annotations
 
-import io
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from eama.engine import storage
+from eama.engine import reports, storage
 from eama.news import generations, metrics
 from eama.engine.config import ConfigError, to_dict
 from eama.engine.entities import DEFAULT_SPACY_MODEL
@@ -276,32 +275,10 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 def chart_png(report: dict[str, Any]) -> bytes:
     """A bar chart of the headline scores (x100); unavailable ones are marked n/a."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     items = [(n, v) for n, v, _ in summary_rows(report) if n not in ("BLEU-1", "BLEU-2", "BLEU-3")]
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(items)), 4))
-    values = [0.0 if v is None else 100 * v for _, v in items]
-    bars = ax.bar(range(len(items)), values, color="#4477aa")
-    for bar, (_, v) in zip(bars, items):
-        ax.annotate("n/a" if v is None else f"{100 * v:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(items)), [n for n, _ in items], rotation=30, ha="right")
-    ax.set_ylabel("score x100")
-    ax.set_title(f"{report['rows']['scored']} captions scored")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return reports.bar_chart_png(items, f"{report['rows']['scored']} captions scored")
 
 
 def write_report(report: dict[str, Any], output: str) -> str:
     """Write report.json / .md / .png under `output`; returns the markdown."""
-    text = markdown_report(report)
-    storage.write_json_atomic(storage.join(output, "report.json"), report)
-    storage.write_bytes_atomic(storage.join(output, "report.md"), text.encode())
-    storage.write_bytes_atomic(storage.join(output, "report.png"), chart_png(report))
-    return text
+    return reports.write_report(report, markdown_report(report), chart_png(report), output)

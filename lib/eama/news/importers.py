@@ -13,9 +13,8 @@ import json
 import os
 from typing import Any, Iterator
 
-import pyarrow as pa
-
-from eama.engine import images, schema, storage
+from eama.engine import images, storage
+from eama.engine.importing import error as _error, write_shards  # noqa: F401  (write_shards: for callers)
 
 Row = dict[str, Any]
 Error = dict[str, Any]
@@ -136,46 +135,3 @@ def _jsonl_image(obj: dict, base: str) -> bytes:
     except Exception as exc:
         raise ValueError(f"unreadable image: {exc}") from None
     return data
-
-
-def _error(sample_id: str | None, source: str, reason: str) -> Error:
-    return {"sample_id": sample_id, "source_file": source, "stage": "import", "reason": reason, "run_id": None}
-
-
-def write_shards(
-    items: Iterator[tuple[Row | None, Error | None]], output: str, shard_size: int = 256
-) -> dict[str, int]:
-    """Write samples as `part-NNNNN.parquet` shards and errors to `_errors/import.parquet` under
-    `output`; a sample_id seen twice becomes an error row. Returns counts."""
-    buffer: list[Row] = []
-    errors: list[Error] = []
-    seen: set[str] = set()
-    shards = 0
-
-    def flush() -> None:
-        nonlocal shards
-        if buffer:
-            table = pa.Table.from_pylist(buffer, schema=schema.SAMPLE)
-            storage.write_table_atomic(table, storage.join(output, f"part-{shards:05d}.parquet"), storage.ROW_GROUP_ROWS)
-            shards += 1
-            buffer.clear()
-
-    samples = 0
-    for row, err in items:
-        if err is not None:
-            errors.append(err)
-            continue
-        assert row is not None
-        if row["sample_id"] in seen:
-            errors.append(_error(row["sample_id"], "", "duplicate sample_id (first occurrence kept)"))
-            continue
-        seen.add(row["sample_id"])
-        buffer.append(row)
-        samples += 1
-        if len(buffer) >= shard_size:
-            flush()
-    flush()
-    if errors:
-        storage.write_table_atomic(pa.Table.from_pylist(errors, schema=schema.ERROR),
-                                   storage.join(output, "_errors", "import.parquet"))
-    return {"samples": samples, "errors": len(errors), "shards": shards}

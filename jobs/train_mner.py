@@ -1,0 +1,69 @@
+"""train_mner: train an ITA multimodal NER tagger (encoder + CRF, optional image-text view and CVA) on Ray Train + DeepSpeed.
+
+    python jobs/train_mner.py --train TRAIN --valid VALID --output RUNS --run-name NAME
+        [--view text|caption|ocr|tags|all] [--cva] [--encoder minilm|mpnet|ID_OR_PATH]
+        [--config FILE.yaml] [key=value ...]
+
+TRAIN and VALID are MNER Parquet rows (import_corpus --format twitter-mner, or image_views output).
+The model is evaluated on VALID after every epoch in both evaluation views (text-only input and
+text+view input); RUNS/NAME/export holds the model of the epoch with the best mean of the two
+(`select_metric=dev_f1`), a folder tag_entities loads with --model. The test set is never read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from eama.engine import config, storage, trainer
+from eama.mner import training
+
+FLAGS = [
+    config.Flag("--train", "train", "MNER Parquet rows to train on, local or s3://"),
+    config.Flag("--valid", "valid", "MNER Parquet rows for model selection (never the test set)"),
+    config.Flag("--output", "output", "storage root for checkpoints, metrics and the export, local or s3://"),
+    config.Flag("--run-name", "run_name", "run folder under --output; the same name resumes"),
+    config.Flag("--view", "view", "image-text view appended to each post: text | caption | ocr | tags | all"),
+    config.Flag("--cva", "cva", "cross-view alignment (KL between text+view and text-only marginals)", switch=True),
+    config.Flag("--encoder", "encoder", "minilm | mpnet | a Hugging Face id | a local or s3:// folder"),
+    config.Flag("--num-workers", "num_workers", "training workers (one per GPU)"),
+    config.Flag("--use-gpu", "use_gpu", "one GPU per worker, bf16", switch=True),
+]
+
+
+def summary(cfg: training.MnerTrainConfig) -> dict:
+    history = trainer.read_metrics(trainer.run_dir(cfg))
+    evals = [r for r in history if "eval/dev_f1" in r]
+    best = max(evals, key=lambda r: r["eval/dev_f1"]) if evals else None
+    return {
+        "run": trainer.run_dir(cfg),
+        "steps": history[-1]["step"],
+        "loss_first": round(history[0]["loss"], 4),
+        "loss_last": round(history[-1]["loss"], 4),
+        "train_seconds": round(sum(r["step_seconds"] for r in history), 1),
+        "dev": [{k.removeprefix("eval/"): round(v, 4) for k, v in r.items() if k.startswith("eval/")} | {"step": r["step"]}
+                for r in evals],
+        "selected_step": best["step"] if best else history[-1]["step"],
+        "export": trainer.export_dir(cfg) if cfg.export else None,
+        "loss_curves": storage.join(trainer.run_dir(cfg), "loss_curves.png"),
+    }
+
+
+def main() -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config.parse_args(training.MnerTrainConfig, __doc__.splitlines()[0], FLAGS)
+    if not cfg.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    result = training.fit(cfg)
+    if result.error:
+        raise SystemExit(f"training failed: {result.error}")
+    out = summary(cfg)
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""tag_entities as a batch-runner job: exactly-once tagging of MNER rows with a trained tagger.
+
+One stage: a pool of tagger actors (one model replica each; GPUs when there are) that tag posts in
+length-sorted batches. Output rows (schema.MNER_OUTPUT) keep sample_id, tokens and the gold tags
+when the input has them, and add predicted_tags (one BIO tag per token) and entities (text, label,
+token start / end). A post with no tokens, a token holding a tab or a line break, or gold tags that
+do not match the tokens becomes an error row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import pyarrow as pa
+
+from eama.engine import resources, runner, schema, storage
+from eama.mner import spans, tagger
+
+Row = dict[str, Any]
+
+WORK = schema.work_schema(list(schema.MNER_SAMPLE) + [pa.field("predicted_tags", pa.list_(pa.string())),
+                                                      pa.field("entities", pa.list_(schema.ENTITY))], ("tag",))
+
+
+@dataclasses.dataclass
+class TagConfig(runner.RunnerConfig):
+    """tag_entities settings; the runner's keys (input, output, commit_rows, ...) come first."""
+
+    model: str = ""  # a train_mner export folder (RUNS/NAME/export), local or s3://
+    view: str = "model"  # input view: model (the one it was trained with) | text | caption | ocr | tags | all
+    device: str = "auto"  # auto | cuda | cpu
+    actors: int = 0  # tagger replicas; 0 = one per GPU (or one per 8 CPUs without GPUs)
+    tag_batch_size: int = 64  # posts per forward pass (sorted by length within a block)
+    threads: int = 0  # torch threads per actor on CPU; 0 = the CPUs it reserves
+    batch_size: int = 256
+
+
+def validate(cfg: TagConfig) -> None:
+    if not cfg.model:
+        raise SystemExit("tag_entities needs --model (a train_mner export folder)")
+    if cfg.view != "model" and cfg.view not in tagger.VIEWS:
+        raise SystemExit(f"view must be model or one of {', '.join(tagger.VIEWS)}, got {cfg.view!r}")
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        raise SystemExit(f"device must be auto, cuda or cpu, got {cfg.device!r}")
+    if not cfg.input or (not storage.exists(cfg.input) and not any(ch in cfg.input for ch in "*?[")):
+        raise SystemExit(f"input not found: {cfg.input or '(none given: --input)'}")
+    if not storage.is_remote(cfg.model) and not os.path.isdir(cfg.model):
+        raise SystemExit(f"model not found: {cfg.model}")
+    runner.validate(cfg)
+
+
+def check_post(row: Row) -> str | None:
+    """Per-row check after read (a reason makes the row an error row)."""
+    tokens = row.get("tokens") or []
+    if not tokens:
+        return "empty post: no tokens"
+    for i, tok in enumerate(tokens):
+        if tok is None or tok == "":
+            return f"token {i} is empty"
+        if any(ch in tok for ch in "\t\n\r"):
+            return f"token {i} ({tok[:40]!r}) holds a tab or line break"
+    tags = row.get("tags")
+    if tags is not None:
+        if len(tags) != len(tokens):
+            return f"{len(tags)} gold tags for {len(tokens)} tokens"
+        if (why := spans.check_tags(tags)):
+            return f"gold tags: {why}"
+    return None
+
+
+class Tagger:
+    """One tagger replica per actor: length-sorted batches of posts -> BIO tags and entities."""
+
+    def __init__(self, model: str, view: str, device: str, batch_size: int, threads: int):
+        import torch
+
+        if device == "cpu":
+            torch.set_num_threads(max(1, threads))
+        self.model, self.tokenizer, self.spec = tagger.load(model, device)
+        self.view = self.spec.view if view == "model" else view
+        self.device, self.batch_size = device, batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = sorted(runner.pending(rows), key=lambda r: len(r["tokens"]))
+        runner.isolate(todo, self.batch_size, self.tag, "tag")
+        return pa.Table.from_pylist(rows, schema=WORK)
+
+    def tag(self, chunk: list[Row]) -> None:
+        import torch
+
+        words = [list(r["tokens"]) for r in chunk]
+        views = None if self.view == "text" else [
+            tagger.view_text(r, self.view, self.tokenizer.sep_token or "|") for r in chunk]
+        with torch.inference_mode():
+            enc = tagger.encode(self.tokenizer, words, views, self.spec.max_length, self.device)
+            predicted = tagger.predict(self.model, enc, self.spec.labels, [len(w) for w in words])
+        for r, tags in zip(chunk, predicted):
+            r["predicted_tags"] = tags
+            r["entities"] = spans.entities(r["tokens"], spans.bio_spans(tags))
+
+
+def emit(row: Row, model: str, view: str, run_id: str) -> list[Row]:
+    out = {k: row.get(k) for k in schema.MNER_OUTPUT.names}
+    out.update(model=model, view=view, run_id=run_id)
+    return [out]
+
+
+def count_entities(rows: list[Row]) -> dict[str, Any]:
+    return {"entities": sum(len(r.get("entities") or []) for r in rows)}
+
+
+def tag_job(cfg: TagConfig, plan: resources.ModelPool, view: str, run_id: str) -> runner.BatchJob:
+    stage = runner.Stage("tag", Tagger, {"model": cfg.model, "view": cfg.view, "device": plan.device,
+                                         "batch_size": cfg.tag_batch_size, "threads": cfg.threads or plan.threads},
+                         actors=plan.actors, cpus=plan.cpus, gpus=plan.gpus)
+    return runner.BatchJob(
+        name="tag_entities", input_schema=schema.MNER_SAMPLE, required=schema.MNER_REQUIRED, work_schema=WORK,
+        output_schema=schema.MNER_OUTPUT, stages=[stage],
+        emit=functools.partial(emit, model=cfg.model, view=view, run_id=run_id),
+        prepare=check_post, stats=count_entities, io_cpus=plan.io_cpus,
+        describe={"model": cfg.model, "view": view},
+    )
+
+
+def run(cfg: TagConfig) -> dict[str, Any]:
+    """Tag every uncommitted input post; return the run manifest."""
+    import ray
+
+    validate(cfg)
+    spec = tagger.read_spec(cfg.model)
+    view = spec.view if cfg.view == "model" else cfg.view
+    if not ray.is_initialized():
+        ray.init()
+    res = ray.cluster_resources()
+    plan = resources.plan_model_pool(res.get("CPU", 1), res.get("GPU", 0), cfg.device, cfg.actors)
+    run_id = runner.new_run_id()
+    return runner.run(tag_job(cfg, plan, view, run_id), cfg, run_id=run_id)

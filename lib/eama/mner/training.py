@@ -1,0 +1,261 @@
+"""ITA's tagger training as a task on the engine's trainer (eama.engine.trainer).
+
+The engine runs Ray Train + DeepSpeed, the deterministic order, checkpoints, resume, metrics and
+the export; this module supplies the MNER parts:
+
+* `MnerTrainConfig`: the engine's settings + data, encoder, view, CVA and ITA's two learning rates
+  (the encoder's `lr`, a much higher `crf_lr` for the CRF's transition scores), linear decay;
+* `MnerTask.loss`: CRF negative log-likelihood of the text+view input; with `cva`, for every post
+  that has a view, 0.5 x NLL(text+view) + 0.5 x T^2 x KL(teacher || student) over the CRF's posterior
+  marginals at temperature T, the teacher being the text+view input (detached) and the student the
+  text-only input. Summed over the micro-batch and divided by its size;
+* `MnerTask.evaluate`: entity F1 on the validation posts for both evaluation views (text-only input
+  and text+view input), every rank scoring its share and the counts all-reduced; `dev_f1` is their
+  mean (the text F1 alone for view=text): the engine's model selection (`select_metric`) exports
+  the model at the evaluation where it peaked. The test set is never read here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import numpy as np
+
+from eama.engine import schema, storage, trainer
+from eama.mner import crf as crf_module
+from eama.mner import spans, tagger
+
+
+@dataclasses.dataclass
+class MnerTrainConfig(trainer.TrainerConfig):
+    """train_mner settings; the engine's keys (epochs, micro_batch_size, zero_stage, ...) included."""
+
+    train: str = ""  # MNER Parquet rows to train on (import_corpus --format twitter-mner), local or s3://
+    valid: str = ""  # MNER Parquet rows for model selection (never the test set); empty = no selection, the last step is exported
+    encoder: str = "minilm"  # minilm | mpnet | a Hugging Face id | a local or s3:// folder
+    view: str = "text"  # image-text view appended to each post: text (none) | caption | ocr | tags | all
+    cva: bool = False  # cross-view alignment (needs a view other than text)
+    temperature: float = 2.0  # CVA temperature T (ITA: 4 for Twitter-2015, 2 for Twitter-2017)
+    crf_lr: float = 0.05  # learning rate of the CRF's transition, start and end scores
+    dropout: float = 0.1  # before the emission layer
+    max_length: int = 256  # subtokens per input (post + view)
+    eval_batch_size: int = 32  # posts per forward pass when evaluating
+    eval_per_epoch: bool = True  # evaluate on valid after every epoch (else every eval_every steps / at the end)
+    run_name: str = "mner"
+    lr: float = 5e-5  # encoder and emission layer (ITA: 5e-6 for XLM-R-large)
+    epochs: int = 5
+    micro_batch_size: int = 16
+    zero_stage: int = 2
+    schedule: str = "linear"
+    warmup_ratio: float = 0.0
+    select_metric: str = "dev_f1"
+    checkpoint_every: int = 0
+
+
+def validate(cfg: MnerTrainConfig) -> None:
+    if not cfg.train:
+        raise SystemExit("train_mner needs --train (MNER Parquet rows: import_corpus --format twitter-mner)")
+    if cfg.view not in tagger.VIEWS:
+        raise SystemExit(f"view must be one of {', '.join(tagger.VIEWS)}, got {cfg.view!r}")
+    if cfg.cva and cfg.view == "text":
+        raise SystemExit("cva=true needs an image-text view (--view caption|ocr|tags|all)")
+    if cfg.temperature <= 0:
+        raise SystemExit("temperature must be > 0")
+    for path in (cfg.train, cfg.valid):
+        if path and not storage.exists(path):
+            raise SystemExit(f"not found: {path}")
+    if not cfg.valid:
+        cfg.select_metric = ""
+    trainer.validate(cfg)
+
+
+def mner_files(path: str) -> tuple[list[str], int]:
+    """The MNER shards under `path` (checked against the contract; tags required) and their rows."""
+    files = storage.list_files(path)
+    if not files:
+        raise SystemExit(f"no Parquet files under {path}")
+    for f in files:
+        schema.check_schema(storage.read_schema(f), schema.MNER_SAMPLE, f, schema.MNER_REQUIRED + ("tags",))
+    return files, sum(storage.parquet_num_rows(f) for f in files)
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+    """Every row of an MNER dataset (the view columns and tags), in file order."""
+    cols = ["sample_id", "tokens", "tags", "caption", "ocr", "object_tags"]
+    rows: list[dict[str, Any]] = []
+    for f in mner_files(path)[0]:
+        names = storage.read_schema(f).names
+        rows.extend(storage.read_table(f, [c for c in cols if c in names]).to_pylist())
+    return rows
+
+
+def entity_types_of(path: str) -> list[str]:
+    files = mner_files(path)[0]
+    types: set[str] = set()
+    for f in files:
+        for tags in storage.read_table(f, ["tags"]).column("tags").to_pylist():
+            types.update(spans.entity_types([tags or []]))
+    return sorted(types)
+
+
+@dataclasses.dataclass
+class Batch:
+    text: Any  # tagger.Encoding of the post alone
+    with_view: Any | None  # tagger.Encoding of post + view (None for view=text)
+    has_view: Any  # [B] bool: the post has a non-empty view
+    gold: Any  # [B, W] BIOES label ids
+    words: int
+
+
+class MnerTask(trainer.TrainingTask):
+    """ITA: encoder + CRF over the post's tokens, an image-text view, optional CVA."""
+
+    sort_columns = ("sample_id",)
+    columns = ("sample_id", "tokens", "tags", "caption", "ocr", "object_tags")
+    group_names = ("text_only", "with_view")
+    title = "ITA tagger training"
+
+    def __init__(self, config: MnerTrainConfig, types: list[str]):
+        super().__init__(config)
+        self.types = types
+        self.spec = tagger.TaggerSpec(types=types, view=config.view, max_length=config.max_length,
+                                      encoder=config.encoder, cva=config.cva, temperature=config.temperature)
+
+    def validate(self) -> None:
+        validate(self.config)
+
+    def data_files(self) -> tuple[list[str], int]:
+        files, rows = mner_files(self.config.train)
+        present = set(storage.read_schema(files[0]).names)
+        self.columns = tuple(c for c in type(self).columns if c in present)
+        return files, rows
+
+    def build_model(self, ds_config: dict[str, Any], device: str, dtype: Any) -> trainer.ModelParts:
+        import torch
+
+        cfg: MnerTrainConfig = self.config  # type: ignore[assignment]
+        self.model, self.tokenizer = tagger.build(cfg.encoder, self.types, cfg.dropout, dtype)
+        self.model.to(device)
+        self.device = device
+        self.labels = self.spec.labels
+        self.valid_rows = read_rows(cfg.valid) if cfg.valid else []
+        crf_params = list(self.model.crf.parameters())
+        crf_ids = {id(p) for p in crf_params}
+        rest = [p for p in self.model.parameters() if id(p) not in crf_ids]
+        groups = [{"params": rest, "lr": cfg.lr}, {"params": crf_params, "lr": cfg.crf_lr, "weight_decay": 0.0}]
+        torch.manual_seed(cfg.seed)
+        return trainer.ModelParts(self.model, parameters=groups)
+
+    def _view(self, row: Mapping[str, Any]) -> str:
+        return tagger.view_text(row, self.config.view, self.tokenizer.sep_token or "|")
+
+    def collate(self, rows: dict[str, np.ndarray]) -> Batch:
+        import torch
+
+        cfg: MnerTrainConfig = self.config  # type: ignore[assignment]
+        n = len(rows["sample_id"])
+        words = [list(rows["tokens"][i]) for i in range(n)]
+        tags = [list(rows["tags"][i]) for i in range(n)]
+        as_rows = [{k: rows[k][i] for k in rows} for i in range(n)]
+        views = [self._view(r) for r in as_rows]
+        has_view = torch.tensor([bool(v) for v in views])
+        text = tagger.encode(self.tokenizer, words, None, cfg.max_length, self.device)
+        with_view = None if cfg.view == "text" else tagger.encode(self.tokenizer, words, views, cfg.max_length,
+                                                                   self.device)
+        gold = tagger.gold_labels(tags, self.labels, text.word_mask.shape[1]).to(self.device)
+        return Batch(text, with_view, has_view.to(self.device), gold, sum(len(w) for w in words))
+
+    def loss(self, engine: Any, batch: Batch) -> tuple[Any, Any, Any]:
+        """Per-post losses (see the module docstring). The number of forward passes depends on the
+        settings only (1, or 2 with CVA), never on the batch, as ZeRO-3 needs."""
+        import torch
+
+        cfg: MnerTrainConfig = self.config  # type: ignore[assignment]
+        crf = engine.module.crf
+        if batch.with_view is None:
+            nll = crf.nll(engine(**tagger.model_inputs(batch.text)), batch.gold, batch.text.word_mask)
+            return nll.sum() / cfg.micro_batch_size, nll.detach(), torch.zeros_like(batch.has_view, dtype=torch.long)
+        emit_v = engine(**tagger.model_inputs(batch.with_view))
+        row_loss = crf.nll(emit_v, batch.gold, batch.with_view.word_mask)
+        if cfg.cva:
+            t = cfg.temperature
+            emit_t = engine(**tagger.model_inputs(batch.text))
+            nll_t = crf.nll(emit_t, batch.gold, batch.text.word_mask)
+            teacher = crf.marginals(emit_v.detach(), batch.with_view.word_mask, t)
+            student = crf.marginals(emit_t, batch.text.word_mask, t)
+            kl = crf_module.kl_divergence(teacher, student, batch.text.word_mask & batch.with_view.word_mask)
+            row_loss = torch.where(batch.has_view, 0.5 * row_loss + 0.5 * t * t * kl, nll_t)
+        return row_loss.sum() / cfg.micro_batch_size, row_loss.detach(), batch.has_view.long()
+
+    def counts(self, batch: Batch) -> Mapping[str, int]:
+        return {"words": batch.words}
+
+    def save_export(self, module: Any, state_dict: dict[str, Any], directory: str) -> None:
+        tagger.save_export(module, state_dict, self.tokenizer, self.spec, directory)
+
+    def export_info(self) -> dict[str, Any]:
+        return {"encoder": self.config.encoder, "view": self.config.view, "cva": self.config.cva}
+
+    def evaluate(self, engine: Any, step: int) -> Mapping[str, float] | None:
+        """Validation F1 in both evaluation views; every rank scores rows rank::world."""
+        import torch
+        import torch.distributed as dist
+
+        if not self.valid_rows:
+            return None
+        cfg: MnerTrainConfig = self.config  # type: ignore[assignment]
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        mine = self.valid_rows[rank::world]
+        views = ["text"] + ([cfg.view] if cfg.view != "text" else [])
+        counts = torch.zeros(len(views), 3, dtype=torch.float64)
+        # every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively)
+        batches = -(-len(self.valid_rows) // world // cfg.eval_batch_size) + 1
+        for k in range(batches):
+            chunk = mine[k * cfg.eval_batch_size:(k + 1) * cfg.eval_batch_size] or mine[:1]
+            real = bool(mine[k * cfg.eval_batch_size:(k + 1) * cfg.eval_batch_size])
+            for j, view in enumerate(views):
+                pred = self.predict(engine, chunk, view)
+                if real:
+                    counts[j] += torch.tensor(spans.span_counts([r["tags"] for r in chunk], pred), dtype=torch.float64)
+        if dist.is_initialized() and world > 1:
+            counts = counts.to(self.device)
+            dist.all_reduce(counts)
+        scores = {f"dev_f1_{v if v == 'text' else 'view'}": spans.f1(*map(int, counts[j].tolist()))
+                  for j, v in enumerate(views)}
+        scores["dev_f1"] = float(np.mean(list(scores.values())))
+        return scores
+
+    def predict(self, engine: Any, rows: list[dict[str, Any]], view: str) -> list[list[str]]:
+        cfg: MnerTrainConfig = self.config  # type: ignore[assignment]
+        words = [list(r["tokens"]) for r in rows]
+        views = None if view == "text" else [tagger.view_text(r, view, self.tokenizer.sep_token or "|") for r in rows]
+        enc = tagger.encode(self.tokenizer, words, views, cfg.max_length, self.device)
+        return tagger.predict(_Called(engine, engine.module.crf), enc, self.labels, [len(w) for w in words])
+
+
+class _Called:
+    """The DeepSpeed engine seen as a Tagger by tagger.predict (forward through the engine)."""
+
+    def __init__(self, engine: Any, crf: Any):
+        self.engine, self.crf = engine, crf
+
+    def __call__(self, **inputs: Any) -> Any:
+        return self.engine(**inputs)
+
+
+def steps_per_epoch(rows: int, cfg: MnerTrainConfig) -> int:
+    return max(1, (rows // cfg.num_workers // cfg.micro_batch_size) // cfg.grad_accum)
+
+
+def fit(cfg: MnerTrainConfig) -> Any:
+    """Train (or resume) a tagger; returns Ray Train's Result."""
+    validate(cfg)
+    types = entity_types_of(cfg.train)
+    if not types:
+        raise SystemExit(f"{cfg.train}: the training rows tag no entities")
+    task = MnerTask(cfg, types)
+    if cfg.valid and cfg.eval_per_epoch:
+        cfg.eval_every = steps_per_epoch(mner_files(cfg.train)[1], cfg)
+    return trainer.fit(task)
