@@ -126,3 +126,29 @@ def run_on_cluster(body: str, head_cpus: int, worker_cpus: int, workers: int, ti
               + textwrap.dedent(body) + "\nray.shutdown(); cluster.shutdown()\n")
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def kill_when(cmd: list[str], ready, log_path: Path, timeout: float = 240) -> None:
+    """Start `cmd` (a job), wait until `ready()` is true, then SIGKILL the whole job at once: the
+    driver, its raylet and the Ray workers (some of which leave the process group)."""
+    import contextlib
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"),
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job finished before it could be killed: " + log_path.read_text()[-3000:]
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(workers, timeout=30)
+    proc.wait()

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
-import psutil
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import load_job, run_on_cluster
+from conftest import kill_when, load_job, run_on_cluster
 from eama.engine import ledger, schema, storage
 from eama.news import demo, importers
 
@@ -213,23 +209,8 @@ def test_crash_then_resume_is_exactly_once(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "jobs" / "caption_corpus.py"), "--input", str(corpus), "--output", str(out),
            "batch_size=2", "commit_rows=8", "max_new_tokens=24", "selection_max_new_tokens=16"]
+    kill_when(cmd, lambda: len(list(out.glob("part-*.parquet"))) >= 3, tmp_path / "killed.log")
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "killed.log", "w"),
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if len(list(out.glob("part-*.parquet"))) >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the job finished before it could be killed: " + (tmp_path / "killed.log").read_text()[-3000:]
-    # the whole job dies at once: driver, raylet and the Ray workers (some leave the process group)
-    workers = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for p in workers:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(workers, timeout=30)
-    proc.wait()
     partial = pads.dataset(str(out), format="parquet").count_rows()
     assert 0 < partial < 64
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

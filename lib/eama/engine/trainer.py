@@ -63,6 +63,7 @@ class TrainerConfig:
     num_workers: int = 2  # one per GPU (or per CPU slot without GPUs)
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # keep CPUs free for Ray Data's read tasks on small machines
+    torch_threads: int = 0  # torch threads per worker on CPU; 0 = the CPUs it reserves (at least 1)
     zero_stage: int = 3
     micro_batch_size: int = 2  # rows per worker per forward pass
     grad_accum: int = 1
@@ -730,7 +731,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.seed)
     if not cfg.use_gpu:
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # reuses Ray Train's group
     ckpt = ray.train.get_checkpoint()  # the latest reported one: after a failure or a relaunch
     state = trainer_state(ckpt)

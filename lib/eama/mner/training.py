@@ -108,6 +108,29 @@ class Batch:
     words: int
 
 
+def ita_loss(forward: Any, crf: Any, batch: Batch, temperature: float | None) -> Any:
+    """Per-post losses [B]: CRF NLL of the text+view input (of the text for view=text); with a CVA
+    `temperature` T, posts with a view get 0.5 x NLL(text+view) + 0.5 x T^2 x KL(teacher || student)
+    over the CRF marginals at T (teacher: text+view, detached; student: text only) and the others
+    NLL(text). `forward` maps an encoding's inputs to emissions (the DeepSpeed engine in training).
+    The number of forward passes depends on the settings only (1, or 2 with CVA), as ZeRO-3 needs."""
+    import torch
+
+    if batch.with_view is None:
+        return crf.nll(forward(**tagger.model_inputs(batch.text)), batch.gold, batch.text.word_mask)
+    emit_v = forward(**tagger.model_inputs(batch.with_view))
+    row_loss = crf.nll(emit_v, batch.gold, batch.with_view.word_mask)
+    if temperature is None:
+        return row_loss
+    t = temperature
+    emit_t = forward(**tagger.model_inputs(batch.text))
+    nll_t = crf.nll(emit_t, batch.gold, batch.text.word_mask)
+    teacher = crf.marginals(emit_v.detach(), batch.with_view.word_mask, t)
+    student = crf.marginals(emit_t, batch.text.word_mask, t)
+    kl = crf_module.kl_divergence(teacher, student, batch.text.word_mask & batch.with_view.word_mask)
+    return torch.where(batch.has_view, 0.5 * row_loss + 0.5 * t * t * kl, nll_t)
+
+
 class MnerTask(trainer.TrainingTask):
     """ITA: encoder + CRF over the post's tokens, an image-text view, optional CVA."""
 
@@ -167,25 +190,8 @@ class MnerTask(trainer.TrainingTask):
         return Batch(text, with_view, has_view.to(self.device), gold, sum(len(w) for w in words))
 
     def loss(self, engine: Any, batch: Batch) -> tuple[Any, Any, Any]:
-        """Per-post losses (see the module docstring). The number of forward passes depends on the
-        settings only (1, or 2 with CVA), never on the batch, as ZeRO-3 needs."""
-        import torch
-
         cfg: MnerTrainConfig = self.config  # type: ignore[assignment]
-        crf = engine.module.crf
-        if batch.with_view is None:
-            nll = crf.nll(engine(**tagger.model_inputs(batch.text)), batch.gold, batch.text.word_mask)
-            return nll.sum() / cfg.micro_batch_size, nll.detach(), torch.zeros_like(batch.has_view, dtype=torch.long)
-        emit_v = engine(**tagger.model_inputs(batch.with_view))
-        row_loss = crf.nll(emit_v, batch.gold, batch.with_view.word_mask)
-        if cfg.cva:
-            t = cfg.temperature
-            emit_t = engine(**tagger.model_inputs(batch.text))
-            nll_t = crf.nll(emit_t, batch.gold, batch.text.word_mask)
-            teacher = crf.marginals(emit_v.detach(), batch.with_view.word_mask, t)
-            student = crf.marginals(emit_t, batch.text.word_mask, t)
-            kl = crf_module.kl_divergence(teacher, student, batch.text.word_mask & batch.with_view.word_mask)
-            row_loss = torch.where(batch.has_view, 0.5 * row_loss + 0.5 * t * t * kl, nll_t)
+        row_loss = ita_loss(engine, engine.module.crf, batch, cfg.temperature if cfg.cva else None)
         return row_loss.sum() / cfg.micro_batch_size, row_loss.detach(), batch.has_view.long()
 
     def counts(self, batch: Batch) -> Mapping[str, int]:

@@ -1,22 +1,26 @@
-"""Loading image-text-to-text models (hub id, local path, s3://) and building tiny ones for tests.
+"""EAMA's models: the presets, tiny test models, and generation with EAMA's prompts.
 
-One loader serves real checkpoints and the tiny models alike: AutoProcessor +
-AutoModelForImageTextToText, safetensors only, trust_remote_code off unless asked, bf16 on GPU and
-fp32 on CPU. Tiny models are real LLaVA / InstructBLIP classes with random weights and a tokenizer
-trained locally, saved with save_pretrained and loaded back through `load_model`.
+Loading itself is the engine's (engine/hf.py: AutoProcessor + AutoModelForImageTextToText,
+safetensors only, trust_remote_code off unless asked, bf16 on GPU and fp32 on CPU, s3:// folders
+downloaded once); this module adds the preset names, the tiny models (real LLaVA / InstructBLIP
+classes with random weights and a tokenizer trained locally, saved with save_pretrained and loaded
+back through `load_model`), the Q-Former text and the image-prefix sharing of EAMA's prompts.
+The names it re-exports from engine/hf.py (LoadedModel, fingerprint, format_prompt, ...) keep
+working for its callers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 from typing import Any, Iterable, Sequence
 
 import torch
 
-from eama.engine import storage
+from eama.engine import hf
+from eama.engine.hf import (IMAGE_TOKEN, LoadedModel, cache_dir, default_dtype, fingerprint,  # noqa: F401 (re-exported)
+                            format_prompt, refuse_pickle_only)
 
 log = logging.getLogger(__name__)
 
@@ -25,36 +29,11 @@ PRESETS: dict[str, str] = {
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
 }
 TINY = ("tiny-llava", "tiny-instructblip")
-IMAGE_TOKEN = "<image>"
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    model: Any
-    processor: Any
-    family: str  # "llava" | "instructblip" | other model_type
-    name: str  # what the user asked for
-    fingerprint: str  # hub revision or a hash of the weights files
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.processor.tokenizer
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-
-def cache_dir() -> str:
-    return os.environ.get("EAMA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "eama"))
-
-
-def default_dtype(device: str) -> torch.dtype:
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
 def resolve(name: str) -> str:
-    """Map a preset or tiny-model name to a loadable location; s3:// URIs are downloaded once."""
+    """Map a preset or tiny-model name to a loadable location; other names go to hf.resolve
+    (s3:// URIs are downloaded once, hub ids and local paths pass as they are)."""
     if name in PRESETS:
         return PRESETS[name]
     if name in TINY:
@@ -62,54 +41,7 @@ def resolve(name: str) -> str:
         if not os.path.exists(os.path.join(path, "config.json")):
             build_tiny_model(name.removeprefix("tiny-"), path)
         return path
-    if name.startswith("s3://"):
-        return _download(name)
-    return name
-
-
-def _download(uri: str) -> str:
-    local = os.path.join(cache_dir(), "s3", hashlib.sha256(uri.encode()).hexdigest()[:16])
-    marker = os.path.join(local, ".complete")
-    if not os.path.exists(marker):
-        fs = storage.filesystem(uri)
-        fs.get(storage.strip(uri).rstrip("/") + "/", local, recursive=True)
-        open(marker, "w").close()
-    return local
-
-
-def fingerprint(location: str, config: Any) -> str:
-    """The hub commit when known, else a cheap hash of the local weights files (sizes + sampled bytes)."""
-    commit = getattr(config, "_commit_hash", None)
-    if commit:
-        return commit
-    if not os.path.isdir(location):
-        return "unknown"
-    h = hashlib.sha256()
-    for fname in sorted(os.listdir(location)):
-        if not fname.endswith((".safetensors", ".json")):
-            continue
-        path = os.path.join(location, fname)
-        size = os.path.getsize(path)
-        h.update(f"{fname}:{size}".encode())
-        with open(path, "rb") as fh:
-            for offset in (0, size // 2, max(0, size - (1 << 20))):
-                fh.seek(offset)
-                h.update(fh.read(1 << 20))
-    return "sha256:" + h.hexdigest()[:16]
-
-
-def refuse_pickle_only(location: str) -> None:
-    """Refuse a local checkpoint whose weights exist only as pickle files."""
-    if not os.path.isdir(location):
-        return
-    files = os.listdir(location)
-    has_safe = any(f.endswith(".safetensors") for f in files)
-    pickled = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
-    if pickled and not has_safe:
-        raise ValueError(
-            f"{location}: only pickle weights ({', '.join(sorted(pickled))}); eama loads safetensors only. "
-            "Convert them once in a trusted environment (save_pretrained(..., safe_serialization=True))."
-        )
+    return hf.resolve(name)
 
 
 def load_model(
@@ -121,31 +53,8 @@ def load_model(
     for_training: bool = False,
 ) -> LoadedModel:
     """Load any image-text-to-text model and its processor by preset, hub id, local path or s3:// URI."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    location = resolve(name)
-    refuse_pickle_only(location)
-    dtype = dtype or default_dtype(device)
-    processor = AutoProcessor.from_pretrained(location, trust_remote_code=trust_remote_code, revision=revision)
-    model = AutoModelForImageTextToText.from_pretrained(
-        location,
-        dtype=dtype,
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-        revision=revision,
-    )
-    model.to(device)
-    model.train(for_training)
-    family = model.config.model_type
-    return LoadedModel(model, processor, family, name, fingerprint(location, model.config))
-
-
-def format_prompt(family: str, instruction: str) -> str:
-    """Wrap an instruction in the chat format of the model family (the image slot included)."""
-    if family == "llava":
-        return f"USER: {IMAGE_TOKEN}\n{instruction} ASSISTANT:"
-    # InstructBLIP's processor prepends the query tokens itself.
-    return f"{instruction}\nAnswer:"
+    return hf.load_image_text_model(resolve(name), device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                    revision=revision, for_training=for_training, name=name)
 
 
 def encode(
@@ -174,15 +83,7 @@ def encode(
         )
         batch["qformer_input_ids"] = q["input_ids"]
         batch["qformer_attention_mask"] = q["attention_mask"]
-    dtype = next(lm.model.parameters()).dtype
-    out = {}
-    for key, value in batch.items():
-        if torch.is_tensor(value):
-            value = value.to(lm.device)
-            if value.is_floating_point():
-                value = value.to(dtype)
-        out[key] = value
-    return out
+    return hf.to_model_inputs(lm, batch)
 
 
 # ---------------------------------------------------------------- tiny models
@@ -494,5 +395,4 @@ def generate_text(
             pad_token_id=lm.tokenizer.pad_token_id,
             stopping_criteria=stopping,
         )
-    new_tokens = out[:, inputs["input_ids"].shape[1]:] if out.shape[1] > inputs["input_ids"].shape[1] else out
-    return [t.strip() for t in lm.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return hf.decode_new(lm, out, inputs["input_ids"].shape[1])

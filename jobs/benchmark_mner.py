@@ -1,0 +1,43 @@
+"""benchmark_mner: ITA's text / caption / caption+CVA matrix on Twitter-2015 and -2017, test F1 mean ± std over seeds, resumable.
+
+    python jobs/benchmark_mner.py [--encoder minilm|mpnet] [--output bench_out/mner] [seeds=0,1] [max_runs=N] [key=value ...]
+
+Each finished run leaves OUTPUT/results/<run>.json and is skipped next time, so the matrix (hours
+with MPNet on 2 cores) can be spread over several invocations. Prints the table of every finished
+run beside ITA's numbers, then tag_entities throughput against the tagger's raw batched forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Sequence
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from eama.engine import config
+from eama.mner import benchmark
+
+FLAGS = [
+    config.Flag("--encoder", "encoder", "minilm | mpnet | a Hugging Face id or folder"),
+    config.Flag("--output", "output", "benchmark folder; finished runs in it are skipped"),
+    config.Flag("--data", "data", "folder with twitter2015/ and twitter2017/"),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("eama").setLevel(logging.INFO)
+    cfg = config.parse_args(benchmark.BenchmarkConfig, __doc__.splitlines()[0], FLAGS, argv)
+    if not os.path.isdir(cfg.data):
+        raise config.ConfigError(f"data folder not found: {cfg.data}")
+    results = benchmark.run_matrix(cfg)
+    print("\n" + benchmark.table(results))
+    if cfg.throughput and results:
+        print("\n" + (benchmark.throughput(cfg, results) or ""))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,210 @@
+"""The MNER benchmark: ITA's text / caption (GA) / caption + CVA matrix on Twitter-2015 and -2017.
+
+Every run trains on train, selects its epoch on valid (mean of both evaluation views), tags test in
+both evaluation views (text-only input and text+view input) with tag_entities, and scores it with
+the span scorer. A finished run leaves results/<run>.json and is skipped by the next invocation, so
+the matrix can be spread over several sessions. `table` prints mean ± std over seeds beside ITA's
+numbers; `throughput` compares tag_entities with the tagger's raw batched forward on the same rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from typing import Any, Sequence
+
+from eama.engine import importing, schema, storage, trainer
+from eama.mner import conll, report, tagger, tagging, training
+
+# ITA (NAACL 2022), Table 1: test F1, BERT-base-cased CRF rows (text-only eval / text+view eval).
+ITA_BERT = {
+    ("twitter2015", "text"): (74.79, None), ("twitter2017", "text"): (85.18, None),
+    ("twitter2015", "caption"): (None, 75.17), ("twitter2017", "caption"): (None, 85.75),
+    ("twitter2015", "caption_cva"): (75.45, 75.52), ("twitter2017", "caption_cva"): (85.96, 85.85),
+}
+# ITA with XLM-R-large: ITA-All+CVA (the paper's best row).
+ITA_XLMR_ALL_CVA = {"twitter2015": (78.25, 78.03), "twitter2017": (89.47, 89.75)}
+TEMPERATURE = {"twitter2015": 4.0, "twitter2017": 2.0}  # ITA's CVA temperatures
+CONFIGS = {"text": ("text", False), "caption": ("caption", False), "caption_cva": ("caption", True)}
+SPLITS = ("train", "valid", "test")
+
+
+@dataclasses.dataclass
+class BenchmarkConfig:
+    """benchmark_mner settings."""
+
+    data: str = "../shared/data/mner"  # folder with twitter2015/ and twitter2017/ (UMT CoNLL files + blip2_captions.txt)
+    output: str = "bench_out/mner"  # imports, runs, tagged outputs and results/*.json (finished runs are skipped)
+    datasets: str = "twitter2015,twitter2017"  # comma-separated
+    configs: str = "text,caption,caption_cva"  # text | caption (GA) | caption_cva (GA + CVA)
+    seeds: str = "0,1"  # comma-separated training seeds
+    encoder: str = "minilm"  # minilm | mpnet | a Hugging Face id or folder
+    epochs: int = 5  # ITA trains 10
+    lr: float = 5e-5  # encoder learning rate (ITA: 5e-6 with XLM-R-large)
+    micro_batch_size: int = 16
+    num_workers: int = 1  # training workers
+    cpus_per_worker: float = 1.0
+    torch_threads: int = 2  # per training worker
+    tag_threads: int = 2  # torch threads of the tag_entities actor and of the raw-forward baseline
+    max_runs: int = 0  # stop after this many new runs (0 = all); finished ones never count
+    throughput: bool = True  # also measure tag_entities against the raw forward (needs one finished run)
+    throughput_rows: int = 6000  # rows for the throughput comparison (test posts repeated with new ids)
+
+
+def split_list(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def run_name(cfg: BenchmarkConfig, dataset: str, config: str, seed: int) -> str:
+    return f"{os.path.basename(cfg.encoder.rstrip('/'))}-{dataset}-{config}-s{seed}"
+
+
+def import_dataset(cfg: BenchmarkConfig, dataset: str) -> dict[str, str]:
+    """The dataset's splits as MNER Parquet (imported once, BLIP-2 captions joined)."""
+    paths = {}
+    for split in SPLITS:
+        out = storage.join(cfg.output, "data", dataset, split)
+        if not storage.exists(storage.join(out, "part-00000.parquet")):
+            items = conll.twitter_samples(os.path.join(cfg.data, dataset, f"{split}.txt"),
+                                          os.path.join(cfg.data, dataset, "blip2_captions.txt"))
+            importing.write_shards(items, out, 5000, schema.MNER_SAMPLE)
+        paths[split] = out
+    return paths
+
+
+def train_one(cfg: BenchmarkConfig, data: dict[str, str], dataset: str, config: str, seed: int) -> training.MnerTrainConfig:
+    view, cva = CONFIGS[config]
+    tcfg = training.MnerTrainConfig(
+        train=data["train"], valid=data["valid"], output=storage.join(cfg.output, "runs"),
+        run_name=run_name(cfg, dataset, config, seed), encoder=cfg.encoder, view=view, cva=cva,
+        temperature=TEMPERATURE.get(dataset, 2.0), epochs=cfg.epochs, lr=cfg.lr, seed=seed,
+        micro_batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
+        torch_threads=cfg.torch_threads)
+    result = training.fit(tcfg)
+    if result.error:
+        raise RuntimeError(f"training {tcfg.run_name} failed: {result.error}")
+    return tcfg
+
+
+def tag_and_score(cfg: BenchmarkConfig, model: str, test: str, out: str, view: str) -> dict[str, Any]:
+    tag_cfg = tagging.TagConfig(input=test, output=storage.join(out, view), model=model, view=view,
+                                threads=cfg.tag_threads)
+    manifest = tagging.run(tag_cfg)
+    scores = report.score_output(report.ScoreConfig(input=tag_cfg.output))
+    return {"f1": scores["f1"], "precision": scores["precision"], "recall": scores["recall"],
+            "gold_spans": scores["gold_spans"], "per_type": scores["per_type"],
+            "tag_seconds": manifest["wall_seconds"]}
+
+
+def run_matrix(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
+    """Every (dataset, config, seed) run not finished yet; returns all finished results."""
+    done_dir = storage.join(cfg.output, "results")
+    new = 0
+    for dataset in split_list(cfg.datasets):
+        data = None
+        for config in split_list(cfg.configs):
+            for seed in map(int, split_list(cfg.seeds)):
+                name = run_name(cfg, dataset, config, seed)
+                result_path = storage.join(done_dir, f"{name}.json")
+                if storage.exists(result_path):
+                    continue
+                if cfg.max_runs and new >= cfg.max_runs:
+                    return read_results(cfg)
+                data = data or import_dataset(cfg, dataset)
+                print(f"benchmark_mner: run {name}", flush=True)
+                started = time.time()
+                tcfg = train_one(cfg, data, dataset, config, seed)
+                train_wall = time.time() - started
+                history = trainer.read_metrics(trainer.run_dir(tcfg))
+                evals = [r for r in history if "eval/dev_f1" in r]
+                best = max(evals, key=lambda r: r["eval/dev_f1"])
+                model = trainer.export_dir(tcfg)
+                views = ["text"] + ([CONFIGS[config][0]] if CONFIGS[config][0] != "text" else [])
+                test = {v: tag_and_score(cfg, model, data["test"], storage.join(cfg.output, "tagged", name), v)
+                        for v in views}
+                result = {"run": name, "dataset": dataset, "config": config, "seed": seed, "encoder": cfg.encoder,
+                          "epochs": cfg.epochs, "lr": cfg.lr, "selected_step": best["step"],
+                          "dev": {k.removeprefix("eval/"): v for k, v in best.items() if k.startswith("eval/")},
+                          "test": test, "train_seconds": round(sum(r["step_seconds"] for r in history), 1),
+                          "train_wall_seconds": round(train_wall, 1)}
+                storage.write_json_atomic(result_path, result)
+                new += 1
+    return read_results(cfg)
+
+
+def read_results(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
+    folder = storage.join(cfg.output, "results")
+    if not storage.exists(folder):
+        return []
+    return [storage.read_json(p) for p in storage.list_files(folder, ".json")]
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    mean = 100 * statistics.fmean(values)
+    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.2f} ± {std:.2f} (n={len(values)})"
+
+
+def _anchor(pair: tuple[float | None, float | None] | None) -> str:
+    if not pair:
+        return "-"
+    return " / ".join("-" if v is None else f"{v:.2f}" for v in pair)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """Markdown: per encoder, dataset and config, test F1 mean ± std for both evaluation views."""
+    lines = ["| encoder | dataset | config | test F1, text-only eval | test F1, text+caption eval | train s/run | "
+             "ITA BERT-base (T / I+T) |", "|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["encoder"], r["dataset"], r["config"]) for r in results},
+                  key=lambda k: (k[0], k[1], list(CONFIGS).index(k[2]) if k[2] in CONFIGS else 9))
+    for enc, ds, conf in keys:
+        rows = [r for r in results if (r["encoder"], r["dataset"], r["config"]) == (enc, ds, conf)]
+        text = [r["test"]["text"]["f1"] for r in rows]
+        view = [r["test"]["caption"]["f1"] for r in rows if "caption" in r["test"]]
+        secs = statistics.fmean(r["train_seconds"] for r in rows)
+        lines.append(f"| {enc} | {ds} | {conf} | {_mean_std(text)} | {_mean_std(view)} | {secs:.0f} | "
+                     f"{_anchor(ITA_BERT.get((ds, conf)))} |")
+    return "\n".join(lines)
+
+
+def throughput(cfg: BenchmarkConfig, results: list[dict[str, Any]]) -> str | None:
+    """tag_entities rows/s (whole job, and the tag stage's busy time) against the same export's raw
+    batched forward (tokenise + forward + Viterbi in one process) on the same rows and threads."""
+    import pyarrow as pa
+    import torch
+
+    if not results:
+        return None
+    first = sorted(results, key=lambda r: r["run"])[0]
+    model = storage.join(cfg.output, "runs", first["run"], "export")
+    rows = [r for f in storage.list_files(storage.join(cfg.output, "data", first["dataset"], "test"))
+            for r in storage.read_table(f, ["sample_id", "tokens", "tags", "caption"]).to_pylist()]
+    copies = [dict(r, sample_id=f"{r['sample_id']}#{k}") for k in range(-(-cfg.throughput_rows // len(rows)))
+              for r in rows][:cfg.throughput_rows]
+    src = storage.join(cfg.output, "throughput", "input", "part-00000.parquet")
+    storage.write_table_atomic(pa.Table.from_pylist(copies, schema=schema.MNER_SAMPLE), src, 1000)
+    view = "caption" if first["config"] != "text" else "text"
+    manifest = tagging.run(tagging.TagConfig(input=os.path.dirname(src), output=storage.join(cfg.output, "throughput", "out"),
+                                             model=model, view=view, threads=cfg.tag_threads, overwrite=True))
+    torch.set_num_threads(cfg.tag_threads)
+    net, tok, spec = tagger.load(model)
+    ordered = sorted(copies, key=lambda r: len(r["tokens"]))
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for k in range(0, len(ordered), 64):
+            chunk = ordered[k:k + 64]
+            words = [r["tokens"] for r in chunk]
+            views = None if view == "text" else [tagger.view_text(r, view, tok.sep_token) for r in chunk]
+            tagger.predict(net, tagger.encode(tok, words, views, spec.max_length), spec.labels, [len(w) for w in words])
+    raw = len(ordered) / (time.perf_counter() - started)
+    job = manifest["this_run"]["written"] / manifest["wall_seconds"]
+    stage = manifest["throughput_rows_per_s"].get("tag")
+    return ("| rows | raw batched forward rows/s | tag_entities rows/s (whole job) | ratio | tag stage rows/s (busy) | ratio |\n"
+            "|---|---|---|---|---|---|\n"
+            f"| {len(copies)} | {raw:.1f} | {job:.1f} | {job / raw:.2f} | "
+            f"{stage if stage is None else f'{stage:.1f}'} | {'-' if stage is None else f'{stage / raw:.2f}'} |")
