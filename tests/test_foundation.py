@@ -73,21 +73,27 @@ JOB_CONFIGS = {
     "caption_corpus": "CaptionCorpusConfig", "import_corpus": "ImportConfig", "evaluate": "EvaluateConfig",
     "build_alignment_data": None, "train_alignment": None, "demo": "DemoConfig",
     "benchmark_caption": "BenchConfig", "benchmark_train": "BenchConfig",
+    "image_views": None, "train_mner": None, "tag_entities": None, "evaluate_mner": None, "benchmark_mner": None,
 }
 
 
 @pytest.mark.parametrize("job", sorted(JOB_CONFIGS))
 def test_every_job_yaml_validates_against_its_config(job):
     """Each jobs/configs/<job>.yaml names only keys its job knows, with the right types."""
+    from eama.mner import benchmark, report, tagging, training, views
     from eama.news import alignment, alignment_training
 
     path = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", f"{job}.yaml")
     schema_cls = {"build_alignment_data": alignment.BuildConfig,
-                  "train_alignment": alignment_training.TrainConfig}.get(job)
+                  "train_alignment": alignment_training.TrainConfig,
+                  "image_views": views.ImageViewsConfig, "train_mner": training.MnerTrainConfig,
+                  "tag_entities": tagging.TagConfig, "evaluate_mner": report.ScoreConfig,
+                  "benchmark_mner": benchmark.BenchmarkConfig}.get(job)
     if schema_cls is None:
         schema_cls = getattr(load_job(job), JOB_CONFIGS[job])
     cfg = config.build_config(schema_cls, path)
-    if job in ("caption_corpus", "import_corpus", "demo", "benchmark_caption"):
+    if job in ("caption_corpus", "import_corpus", "demo", "benchmark_caption", "image_views", "train_mner",
+               "tag_entities", "evaluate_mner", "benchmark_mner"):
         assert cfg == schema_cls()  # these files document the defaults
 
 

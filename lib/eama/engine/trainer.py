@@ -61,37 +61,37 @@ class TrainerConfig:
     output: str = "runs"  # storage root, local or s3://; the run lives in OUTPUT/RUN_NAME
     run_name: str = "run"  # a relaunch with the same name resumes from its last checkpoint
     num_workers: int = 2  # one per GPU (or per CPU slot without GPUs)
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per worker, bf16 (else fp32 on CPU)
     cpus_per_worker: float = 0.5  # keep CPUs free for Ray Data's read tasks on small machines
     torch_threads: int = 0  # torch threads per worker on CPU; 0 = the CPUs it reserves (at least 1)
-    zero_stage: int = 3
+    zero_stage: int = 3  # DeepSpeed ZeRO stage 0-3 (3 partitions parameters, gradients and optimizer state)
     micro_batch_size: int = 2  # rows per worker per forward pass
-    grad_accum: int = 1
-    epochs: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step on every worker
+    epochs: int = 1  # passes over the training rows, each in its own seeded order
     max_steps: int = 0  # 0 = as many as the epochs give
-    lr: float = 2e-5
-    min_lr_ratio: float = 0.0
+    lr: float = 2e-5  # peak learning rate (after warm-up)
+    min_lr_ratio: float = 0.0  # the schedule ends at lr x this
     schedule: str = "cosine"  # decay after warm-up: cosine | linear
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    warmup_ratio: float = 0.03  # share of the steps spent on the linear warm-up
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping (global norm)
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% more time)
+    offload_optimizer: bool = False  # keep optimizer state in CPU memory (ZeRO >= 1)
+    offload_params: bool = False  # keep parameters in CPU memory (ZeRO-3)
     param_persistence_threshold: int = -1  # ZeRO-3: params below this many elements stay whole; -1 = DeepSpeed's
     shuffle: bool = True  # one seeded global shuffle per epoch
-    seed: int = 0
+    seed: int = 0  # data order and initialisation
     checkpoint_every: int = 50  # optimizer steps (and at the end); 0 = never (benchmarks)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest checkpoints kept in storage
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     eval_every: int = 0  # optimizer steps between the task's evaluate calls (it also runs at the end); 0 = end only
-    export: bool = True
+    export: bool = True  # write OUTPUT/RUN_NAME/export (a Hugging Face-style model folder)
     select_metric: str = ""  # an evaluate() key (higher is better): export the model at the eval where it peaked (model selection on validation data); empty = the last step
     # Test hook: rank `fail_rank` (-1 = last) exits hard after step `fail_at_step`, once: the
     # marker file `fail_marker` records that it happened.
-    fail_at_step: int = 0
-    fail_rank: int = -1
-    fail_marker: str = ""
+    fail_at_step: int = 0  # test hook: a worker exits hard after this step, once (0 = never)
+    fail_rank: int = -1  # test hook: which rank fails (-1 = the last)
+    fail_marker: str = ""  # test hook: file recording that the failure happened
 
 
 def validate(cfg: TrainerConfig) -> None:

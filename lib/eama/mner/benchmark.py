@@ -44,9 +44,9 @@ class BenchmarkConfig:
     encoder: str = "minilm"  # minilm | mpnet | a Hugging Face id or folder
     epochs: int = 5  # ITA trains 10
     lr: float = 5e-5  # encoder learning rate (ITA: 5e-6 with XLM-R-large)
-    micro_batch_size: int = 16
+    micro_batch_size: int = 16  # posts per worker per forward pass
     num_workers: int = 1  # training workers
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # CPUs each training worker reserves
     torch_threads: int = 2  # per training worker
     tag_threads: int = 2  # torch threads of the tag_entities actor and of the raw-forward baseline
     max_runs: int = 0  # stop after this many new runs (0 = all); finished ones never count

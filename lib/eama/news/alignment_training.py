@@ -40,9 +40,9 @@ class TrainConfig(trainer.TrainerConfig):
     data: str = ""  # task rows from build_alignment_data: directory, file or glob, local or s3://
     model: str = "tiny-llava"  # preset, hub id, local path or s3:// URI
     run_name: str = "alignment"
-    task_weights: str = "sentence_selection=1,entity_selection=1,captioning=1"
+    task_weights: str = "sentence_selection=1,entity_selection=1,captioning=1"  # loss weight of each task, task=w,...
     freeze_vision: bool = True  # EAMA trains connector + language model
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run a model's own Python code (off: only transformers' classes)
 
 
 def parse_task_weights(spec: str) -> dict[str, float]:
