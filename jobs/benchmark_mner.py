@@ -17,7 +17,7 @@ from typing import Sequence
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from eama.engine import config
+from eama.engine import config, storage
 from eama.mner import benchmark
 
 FLAGS = [
@@ -33,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = config.parse_args(benchmark.BenchmarkConfig, __doc__.splitlines()[0], FLAGS, argv)
     if not os.path.isdir(cfg.data):
         raise config.ConfigError(f"data folder not found: {cfg.data}")
+    cfg.data, cfg.output = os.path.abspath(cfg.data), storage.absolute(cfg.output)
     results = benchmark.run_matrix(cfg)
     print("\n" + benchmark.table(results))
     if cfg.throughput and results:

@@ -292,3 +292,20 @@ def test_bad_posts_become_error_rows(trained, ray_local, tmp_path):
     assert "duplicate sample_id" in errors[("ok", 4)]
     again = job.main(["--model", str(trained / "export"), "--input", str(src), "--output", str(tmp_path / "out")])
     assert again["this_run"]["written"] == 0 and again["this_run"]["errors"] == 0
+
+
+def test_relative_paths_are_made_absolute_before_workers_see_them(tmp_path, monkeypatch):
+    """Ray Train workers and tagger actors run in other directories: a relative --train, --valid or
+    --model would not resolve there."""
+    (tmp_path / "t").mkdir()
+    (tmp_path / "v").mkdir()
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = training.MnerTrainConfig(train="t", valid="v")
+    training.validate(cfg)
+    assert (cfg.train, cfg.valid) == (str(tmp_path / "t"), str(tmp_path / "v"))
+    from eama.mner import tagging
+
+    tag = tagging.TagConfig(input="t", output="out", model="m")
+    tagging.validate(tag)
+    assert tag.model == str(tmp_path / "m")

@@ -105,8 +105,8 @@ def run_matrix(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
     new = 0
     for dataset in split_list(cfg.datasets):
         data = None
-        for config in split_list(cfg.configs):
-            for seed in map(int, split_list(cfg.seeds)):
+        for seed in map(int, split_list(cfg.seeds)):  # every config once before any second seed
+            for config in split_list(cfg.configs):
                 name = run_name(cfg, dataset, config, seed)
                 result_path = storage.join(done_dir, f"{name}.json")
                 if storage.exists(result_path):

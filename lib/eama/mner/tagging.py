@@ -49,6 +49,7 @@ def validate(cfg: TagConfig) -> None:
         raise SystemExit(f"input not found: {cfg.input or '(none given: --input)'}")
     if not storage.is_remote(cfg.model) and not os.path.isdir(cfg.model):
         raise SystemExit(f"model not found: {cfg.model}")
+    cfg.model = storage.absolute(cfg.model)  # the actors may run in another directory
     runner.validate(cfg)
 
 

@@ -65,6 +65,8 @@ def validate(cfg: MnerTrainConfig) -> None:
     for path in (cfg.train, cfg.valid):
         if path and not storage.exists(path):
             raise SystemExit(f"not found: {path}")
+    # workers run in other directories: relative paths would not resolve there
+    cfg.train, cfg.valid = storage.absolute(cfg.train), storage.absolute(cfg.valid) if cfg.valid else ""
     if not cfg.valid:
         cfg.select_metric = ""
     trainer.validate(cfg)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import pyarrow as pa
@@ -74,6 +75,8 @@ def validate(cfg: ImageViewsConfig) -> tuple[str, ...]:
         raise config.ConfigError("tags_k, max_new_tokens and generate_batch_size must be >= 1")
     if not cfg.input:
         raise config.ConfigError("an input path is needed (--input)")
+    if cfg.model and os.path.isdir(cfg.model):
+        cfg.model = storage.absolute(cfg.model)  # the actors may run in another directory
     runner.validate(cfg)
     return views
 
