@@ -4,7 +4,10 @@
                                   [--overwrite] [--config FILE.yaml] [key=value ...]
 
 With no arguments it captions the demo corpus with a tiny LLaVA. Works the same under
-`ray job submit --working-dir . -- python jobs/caption_corpus.py ...`.
+`ray job submit --working-dir . -- python jobs/caption_corpus.py ...` (give absolute or s3:// paths
+there: relative ones resolve inside the uploaded working directory). A mistake in the settings or
+a missing input ends in one line `error: ...` before Ray starts (exit status 2 for settings, 1 for
+the rest); a second run on an output another run holds exits 3, naming the holder.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 from typing import Sequence
 
 from eama.engine import config
-from eama.news.caption_job import CaptionCorpusConfig, run
+from eama.news.caption_job import CaptionCorpusConfig, manifest_error_report, run
 
 FLAGS = [
     config.Flag("--input", "input", "Parquet shards: file, directory or glob, local or s3://"),
@@ -34,8 +37,13 @@ def print_summary(m: dict) -> None:
           f"({m['input']['files_done_before']} already done, {m['input']['unusable_files']} unusable)")
     print(f"this run: {run_['written']} captioned, {run_['errors']} errors "
           f"({run_['retryable_errors']} retryable) {json.dumps(run_['errors_by_stage'])}")
-    for reason in run_["error_reasons"]:
+    unusable = run_["error_reasons"]
+    for reason in unusable[:10]:
         print(f"  unusable: {reason}")
+    if len(unusable) > 10:
+        print(f"  ... and {len(unusable) - 10} more unusable files (all in the manifest)")
+    for line in manifest_error_report(m):
+        print(line)
     print(f"output now holds {m['output_total']['rows']} rows + {m['output_total']['error_rows']} error rows")
     print("\n| stage | rows/s (per actor, busy time) |\n|---|---|")
     for stage, value in m["throughput_rows_per_s"].items():
@@ -51,4 +59,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    config.main(main, sys.argv[1:])

@@ -60,8 +60,22 @@ def caption_and_score(cfg: DemoConfig, corpus: str, name: str, model: str) -> di
     return report
 
 
+def check(cfg: DemoConfig) -> None:
+    """Settings (ConfigError) and the --nyt folder (UserError), before Ray starts."""
+    for key in ("train_samples", "eval_samples", "train_steps", "num_workers"):
+        if getattr(cfg, key) < 1:
+            raise config.ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise config.ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
+    config.require_local_if_named(cfg.model, "model")
+    if cfg.nyt:
+        for need in ("caption.json", "images"):
+            config.require_path(os.path.join(cfg.nyt, need), f"--nyt {need}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = config.parse_args(DemoConfig, __doc__.splitlines()[0], FLAGS, argv)
+    check(cfg)
     started = time.time()
     ray.init(log_to_driver=False)  # worker logs stay in /tmp/ray/session_latest/logs
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -117,4 +131,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    config.main(main, sys.argv[1:])

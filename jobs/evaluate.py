@@ -5,7 +5,9 @@
 
 CAPTIONED is caption_corpus output (a Parquet file or a directory of them, local or s3://) or a
 JSONL / Transform-and-Tell generations file. Writes report.json (raw scores), report.md and
-report.png (scores x100) into REPORT_DIR and prints the table. See the README's evaluate section.
+report.png (scores x100) into REPORT_DIR and prints the table. A mistake in the settings or an
+unreadable input ends in one line `error: ...` (exit status 2 for settings, 1 for the rest). See
+the README's evaluate section.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import sys
 from typing import Sequence
 
+from eama.engine import config
 from eama.engine.config import Flag, parse_args
 from eama.news.evaluation import REPORT_FILES, EvaluateConfig, evaluate, validate, write_report  # noqa: F401
 
@@ -38,8 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = evaluate(cfg)
     except (FileNotFoundError, ValueError) as exc:  # SchemaError and bad JSON are ValueErrors
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 1
+        print(f"error: {exc}", file=sys.stderr)
+        return config.FAILURE_EXIT
     finally:
         _shutdown_ray_if_started(ray_up)
     print(write_report(report, cfg.output))
@@ -47,4 +50,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    config.main(main, sys.argv[1:])

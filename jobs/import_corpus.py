@@ -1,7 +1,8 @@
-"""import_corpus: GoodNews-style JSON + image folder, or JSONL, into Parquet sample shards.
+"""import_corpus: GoodNews-style JSON + image folder, JSONL, or multimodal NER CoNLL files into Parquet shards.
 
     python jobs/import_corpus.py --format goodnews --source caption.json --images IMAGE_DIR --output OUT
     python jobs/import_corpus.py --format jsonl --source samples.jsonl --output s3://bucket/corpus
+    python jobs/import_corpus.py --format twitter-mner --source DIR/train.txt [--captions FILE] [--images DIR] --output OUT
 """
 
 from __future__ import annotations
@@ -11,23 +12,26 @@ import json
 import sys
 from typing import Sequence
 
-from eama.engine import config
+from eama.engine import config, importing, schema, storage
+from eama.mner import conll
 from eama.news import importers
 
 
 @dataclasses.dataclass
 class ImportConfig:
-    format: str = "goodnews"  # goodnews | jsonl
-    source: str = ""  # caption.json (goodnews) or a .jsonl file, local or s3://
-    images: str = ""  # goodnews: folder of {article_id}_{index}.jpg; jsonl: root of relative image paths
-    output: str = "demo_out/imported"
-    shard_size: int = 256
+    format: str = "goodnews"  # goodnews | jsonl | twitter-mner
+    source: str = ""  # caption.json (goodnews), a .jsonl file, or a CoNLL file (twitter-mner); local or s3://
+    images: str = ""  # goodnews: folder of {article_id}_{index}.jpg; jsonl: root of relative image paths; twitter-mner: folder of {imgid}.jpg (optional)
+    captions: str = ""  # twitter-mner: captions file of '<imgid>.jpg :<caption>' lines joined as the caption view (optional)
+    output: str = "demo_out/imported"  # output directory for Parquet shards, local or s3://
+    shard_size: int = 256  # rows per shard
 
 
 FLAGS = [
     config.Flag("--format", "format", "goodnews or jsonl"),
     config.Flag("--source", "source", "caption.json or .jsonl file"),
-    config.Flag("--images", "images", "image folder (goodnews) or root for relative paths (jsonl)"),
+    config.Flag("--images", "images", "image folder (goodnews, twitter-mner) or root for relative paths (jsonl)"),
+    config.Flag("--captions", "captions", "twitter-mner: '<imgid>.jpg :<caption>' file joined as the caption view"),
     config.Flag("--output", "output", "output directory for Parquet shards, local or s3://"),
     config.Flag("--shard-size", "shard_size", "samples per shard"),
 ]
@@ -42,9 +46,15 @@ def run(cfg: ImportConfig) -> dict[str, int]:
         items = importers.goodnews_samples(cfg.source, cfg.images)
     elif cfg.format == "jsonl":
         items = importers.jsonl_samples(cfg.source, cfg.images or None)
+    elif cfg.format == "twitter-mner":
+        for path in (cfg.source, cfg.captions, cfg.images):
+            if path and not storage.exists(path):
+                raise config.ConfigError(f"not found: {path}")
+        items = conll.twitter_samples(cfg.source, cfg.captions or None, cfg.images or None)
+        return importing.write_shards(items, cfg.output, cfg.shard_size, schema.MNER_SAMPLE)
     else:
-        raise config.ConfigError(f"format must be goodnews or jsonl, got {cfg.format!r}")
-    return importers.write_shards(items, cfg.output, cfg.shard_size)
+        raise config.ConfigError(f"format must be goodnews, jsonl or twitter-mner, got {cfg.format!r}")
+    return importing.write_shards(items, cfg.output, cfg.shard_size)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, int]:
@@ -55,4 +65,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    config.main(main, sys.argv[1:], user_errors=(FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                                 json.JSONDecodeError))

@@ -8,7 +8,9 @@
 TASKS is build_alignment_data output. STORAGE (local or s3://) receives STORAGE/RUN/checkpoint-*
 (the newest keep_checkpoints), metrics.jsonl, loss_curves.png and export/ (a Hugging Face model
 that caption_corpus loads with --model STORAGE/RUN/export). Relaunching with the same run name
-resumes from the last checkpoint. See the README's Alignment section.
+resumes from the last checkpoint. A mistake in the settings or a missing --data ends in one line
+`error: ...` before Ray starts (exit status 2 for settings, 1 for the rest). See the README's
+Alignment section.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+from typing import Sequence
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -35,9 +39,20 @@ FLAGS = [
 ]
 
 
-def main() -> None:
+def check(cfg: alignment_training.TrainConfig) -> None:
+    """Settings (ConfigError) and the task data (UserError), before Ray starts."""
+    with config.checking_settings():
+        alignment_training.validate(cfg)
+        if not cfg.output:
+            raise ValueError("an output storage root is needed (--output)")
+    config.require_path(cfg.data, "--data")
+    config.require_local_if_named(cfg.model, "model")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = config.parse_args(alignment_training.TrainConfig, __doc__.splitlines()[0], FLAGS)
+    cfg = config.parse_args(alignment_training.TrainConfig, __doc__.splitlines()[0], FLAGS, argv)
+    check(cfg)
     if not cfg.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     result = alignment_training.fit(cfg)
@@ -58,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    config.main(main, sys.argv[1:])

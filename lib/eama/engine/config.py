@@ -1,14 +1,20 @@
 """One config layer for every job: a dataclass of defaults, an optional YAML file, named flags and
-`key=value` overrides, merged and type-checked by OmegaConf (unknown keys and wrong types fail)."""
+`key=value` overrides, merged and type-checked by OmegaConf (unknown keys and wrong types fail).
+
+`main(fn, ...)` runs a job's main function as a command: a user's mistake (ConfigError, UserError,
+a SystemExit with a message, the job's own `user_errors`) ends in one line `error: ...` on stderr
+and exit status 2 (config) or 1 (anything else the user can fix); a real bug keeps its traceback."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
+import os
 import re
 import sys
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Iterator, NoReturn, Sequence, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -22,6 +28,112 @@ class ConfigError(SystemExit):
     def __init__(self, message: str) -> None:
         super().__init__(f"config error: {message}")
         self.message = message
+
+
+class UserError(SystemExit):
+    """Raised (exit status 1) for what the user asked that no run can use: an input path that does
+    not exist, a model path that is not there. Outside `main` it still exits with its message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+CONFIG_EXIT = 2  # a config file, flag, override or setting does not fit the job
+FAILURE_EXIT = 1  # anything else the user can fix (a missing input, a refused run)
+TRACEBACK_ENV = "EAMA_TRACEBACK"  # set to 1: user errors re-raise with their traceback (debugging)
+
+
+def exit_error(message: str, status: int = FAILURE_EXIT) -> NoReturn:
+    """Print `error: <message>` on stderr and exit with `status`. The messages of user errors are
+    one line; a longer one (a failed training's worker error) is printed whole, not cut."""
+    sys.stderr.write(f"error: {str(message).strip() or 'unknown error'}\n")
+    sys.stderr.flush()
+    raise SystemExit(status)
+
+
+def main(fn: Callable[..., Any], *args: Any, user_errors: tuple[type[BaseException], ...] = ()) -> NoReturn:
+    """Run a job's main function as a command and exit; the one error-handling mechanism of jobs/.
+
+    `fn(*args)` returning an int exits with it, anything else exits 0. ConfigError exits 2 and
+    UserError 1, each as one line `error: ...` on stderr, before Ray starts wherever the job
+    validates first; a SystemExit with a message exits 1 the same way; one with a status (argparse's
+    --help, a LeaseHeld's 3) keeps it, printing its `message` if it has one; `user_errors` (e.g.
+    FileNotFoundError for a job that opens a file the user named) exit 1 as `error: Type: message`.
+    Any other exception is a bug and shows its traceback. EAMA_TRACEBACK=1 shows them all."""
+    try:
+        result = fn(*args)
+    except ConfigError as exc:
+        _maybe_reraise()
+        exit_error(exc.message, CONFIG_EXIT)
+    except SystemExit as exc:
+        _maybe_reraise()
+        if exc.code is None or isinstance(exc.code, int):
+            if getattr(exc, "message", None):
+                sys.stderr.write(f"error: {str(exc.message).strip()}\n")
+            raise SystemExit(exc.code) from None
+        exit_error(str(exc.code), FAILURE_EXIT)
+    except KeyboardInterrupt:
+        exit_error("interrupted", 130)
+    except user_errors as exc:  # type: ignore[misc]
+        _maybe_reraise()
+        exit_error(f"{type(exc).__name__}: {exc}", FAILURE_EXIT)
+    raise SystemExit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
+
+
+def _maybe_reraise() -> None:
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        raise  # called only from an except block: re-raises the exception being handled
+
+
+@contextlib.contextmanager
+def checking_settings() -> Iterator[None]:
+    """Inside, what a validate function raises about settings (a ValueError, or a SystemExit with a
+    message, as the engine's and the systems' validate functions do) becomes a ConfigError."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            raise ConfigError(exc.code.removeprefix("config error: ")) from None
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def require_path(path: str, what: str = "input") -> None:
+    """UserError unless `path` (local or s3://) exists; globs are left to the listing."""
+    if not path:
+        raise ConfigError(f"{what} is empty: a path is needed")
+    if any(ch in path for ch in "*?["):
+        return
+    from eama.engine import faults, storage
+
+    try:
+        found = storage.exists(path)
+    except Exception as exc:  # no credentials, an unknown bucket, an unreachable endpoint
+        raise UserError(f"cannot check {what} {path}: {faults.describe(exc, 300)}") from None
+    if not found:
+        raise UserError(f"{what} not found: {path}")
+
+
+def looks_local(name: str) -> bool:
+    """Whether a name can only mean a local path (a hub id 'org/name' or an s3:// URI never starts so)."""
+    return name.startswith(("/", "./", "../", "~", "file://"))
+
+
+def require_local_if_named(name: str, what: str, hint: str = "") -> None:
+    """UserError when `name` is spelled as a local path (looks_local) and nothing is there."""
+    if looks_local(name) and not os.path.exists(os.path.expanduser(name.removeprefix("file://"))):
+        raise UserError(f"{what} not found: {name}" + (f" ({hint})" if hint else ""))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line under `main`) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see --help)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +206,7 @@ def parse_args(
     schema: type[T], description: str, flags: Sequence[Flag] = (), argv: Sequence[str] | None = None
 ) -> T:
     """Parse `[--config FILE] [flags] [key=value ...]` into a validated `schema` instance."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Every config key can also be set as key=value (nested: a.b=value):\n" + describe_keys(schema),
     )

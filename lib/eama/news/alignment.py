@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 
-from eama.engine import entities, faults, images, runner, schema, storage
+from eama.engine import config, entities, faults, images, runner, schema, storage
 from eama.engine.runner import fail, pending
 from eama.news import candidates, captioning, prompts
 
@@ -75,6 +75,7 @@ class BuildConfig(runner.RunnerConfig):
 
 
 def validate(cfg: BuildConfig) -> None:
+    """ValueError for settings no run can use (jobs turn it into a ConfigError); see also `check_paths`."""
     unknown = [t for t in cfg.tasks if t not in schema.TASK_NAMES]
     if unknown or not cfg.tasks:
         raise ValueError(f"tasks must be a non-empty subset of {schema.TASK_NAMES}, got {cfg.tasks}")
@@ -85,6 +86,16 @@ def validate(cfg: BuildConfig) -> None:
         )
     if cfg.groups_per_sample < 1 or cfg.min_negatives < 0:
         raise ValueError("groups_per_sample must be >= 1 and min_negatives >= 0")
+    if cfg.actors < 1 or cfg.actor_cpus <= 0 or cfg.io_cpus <= 0:
+        raise ValueError("actors must be >= 1 and actor_cpus, io_cpus > 0")
+    if not cfg.input or not cfg.output:
+        raise ValueError("build_alignment_data needs --input and --output")
+    runner.validate(cfg)
+
+
+def check_paths(cfg: BuildConfig) -> None:
+    """UserError (one line, exit 1 under config.main) when the input is not there; before Ray starts."""
+    config.require_path(cfg.input, "input")
 
 
 # ---------------------------------------------------------------- labels
@@ -339,9 +350,9 @@ def alignment_job(cfg: BuildConfig) -> runner.BatchJob:
 def run(cfg: BuildConfig) -> dict[str, Any]:
     """Build the task rows of every pending input sample (a re-run resumes; overwrite=true
     starts again); write them, the error rows and the manifest."""
-    validate(cfg)
-    if not cfg.input or not cfg.output:
-        raise SystemExit("build_alignment_data needs --input and --output")
+    with config.checking_settings():
+        validate(cfg)
+    check_paths(cfg)
     m = runner.run(alignment_job(cfg), cfg)
     manifest = make_manifest(cfg, m)
     storage.write_json_atomic(storage.join(cfg.output, MANIFEST), manifest)
