@@ -17,9 +17,8 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from eama.engine import config
+from eama.engine import config, console
 from eama.news import alignment
-from eama.news.caption_job import error_report
 
 FLAGS = [
     config.Flag("--input", "input", "sample Parquet shards: file, directory or glob, local or s3://"),
@@ -35,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = {k: manifest[k] for k in ("samples_in", "samples_with_tasks", "samples_without_tasks",
                                         "error_rows", "task_rows", "balanced", "wall_seconds")}
     print(json.dumps(summary, indent=2))
-    for line in error_report(manifest["output"], manifest["run_id"], manifest["error_rows"]["total"]):
+    for line in console.error_report(manifest["output"], manifest["run_id"], manifest["error_rows"]["total"]):
         print(line)
     if not manifest["balanced"]:
         raise SystemExit("row accounting does not balance; see the manifest")

@@ -12,13 +12,12 @@ the rest); a second run on an output another run holds exits 3, naming the holde
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from typing import Sequence
 
-from eama.engine import config
-from eama.news.caption_job import CaptionCorpusConfig, manifest_error_report, run
+from eama.engine import config, console
+from eama.news.caption_job import CaptionCorpusConfig, run
 
 FLAGS = [
     config.Flag("--input", "input", "Parquet shards: file, directory or glob, local or s3://"),
@@ -31,23 +30,7 @@ FLAGS = [
 
 
 def print_summary(m: dict) -> None:
-    run_ = m["this_run"]
-    print(f"\nrun {m['run_id']}  model {m['model']}  mode {m['mode']}  {m['wall_seconds']} s")
-    print(f"input: {m['input']['rows']} rows in {m['input']['files']} files "
-          f"({m['input']['files_done_before']} already done, {m['input']['unusable_files']} unusable)")
-    print(f"this run: {run_['written']} captioned, {run_['errors']} errors "
-          f"({run_['retryable_errors']} retryable) {json.dumps(run_['errors_by_stage'])}")
-    unusable = run_["error_reasons"]
-    for reason in unusable[:10]:
-        print(f"  unusable: {reason}")
-    if len(unusable) > 10:
-        print(f"  ... and {len(unusable) - 10} more unusable files (all in the manifest)")
-    for line in manifest_error_report(m):
-        print(line)
-    print(f"output now holds {m['output_total']['rows']} rows + {m['output_total']['error_rows']} error rows")
-    print("\n| stage | rows/s (per actor, busy time) |\n|---|---|")
-    for stage, value in m["throughput_rows_per_s"].items():
-        print(f"| {stage} | {'-' if value is None else f'{value:.2f}'} |")
+    print("\n".join(console.summary_lines(m, f"model {m['model']}  mode {m['mode']}", "captioned")))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Sequence
 
-from eama.engine import config
+from eama.engine import config, console
 from eama.mner.tagging import TagConfig, run
 
 FLAGS = [
@@ -27,14 +27,7 @@ FLAGS = [
 
 
 def print_summary(m: dict) -> None:
-    this = m["this_run"]
-    print(f"\nrun {m['run_id']}  model {m['model']}  view {m['view']}  {m['wall_seconds']} s")
-    print(f"input: {m['input']['rows']} rows in {m['input']['files']} files "
-          f"({m['input']['files_done_before']} already done, {m['input']['unusable_files']} unusable)")
-    print(f"this run: {this['written']} tagged, {this['errors']} errors {this['errors_by_stage']}")
-    for reason in this.get("error_reasons", []):
-        print(f"  error: {reason}")
-    print(f"output now holds {m['output_total']['rows']} rows + {m['output_total']['error_rows']} error rows")
+    print("\n".join(console.summary_lines(m, f"model {m['model']}  view {m['view']}", "tagged")))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -46,4 +39,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    config.main(main, sys.argv[1:])

@@ -66,4 +66,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    config.main(main)

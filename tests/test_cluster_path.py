@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import load_job
-from eama.engine import config, ledger, schema, storage
+from eama.engine import config, console, ledger, schema, storage
 from eama.engine.lease import LeaseHeld
 from eama.news import caption_job, demo
 
@@ -133,14 +133,14 @@ def test_error_report_groups_reasons_caps_them_and_says_where_all_are(tmp_path):
                for k in range(5)] + [("read", f"reason {k}") for k in range(12)] + [("mllm", "RuntimeError: boom")] * 3
     _committed_errors(out, "run-1", reasons)
     _committed_errors(out, "run-0", [("read", "an older run's reason")])
-    lines = caption_job.error_report(out, "run-1", len(reasons), limit=10)
+    lines = console.error_report(out, "run-1", len(reasons), limit=10)
     assert lines[0] == "errors of this run by reason (14 distinct, the first 10):"
     assert "5 x decode: undecodable image: cannot identify image file <_io.BytesIO object at 0x...>" in lines[1]
     assert "3 x mllm: RuntimeError: boom" in lines[2] and "[e.g. sample 's17'" in lines[2]
     assert lines[-2] == "  ... and 4 more distinct reasons"
     assert lines[-1].startswith(f"every error row: {os.path.join(out, '_errors')}") and "run-1" in lines[-1]
     assert not any("older run" in line for line in lines)
-    assert caption_job.error_report(out, "run-1", 0) == []
+    assert console.error_report(out, "run-1", 0) == []
 
 
 def _corpus_with_bad_input(path: Path) -> None:
