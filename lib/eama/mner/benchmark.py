@@ -4,7 +4,8 @@ Every run trains on train, selects its epoch on valid (mean of both evaluation v
 both evaluation views (text-only input and text+view input) with tag_entities, and scores it with
 the span scorer. A finished run leaves results/<run>.json and is skipped by the next invocation, so
 the matrix can be spread over several sessions. `table` prints mean ± std over seeds beside ITA's
-numbers; `throughput` compares tag_entities with the tagger's raw batched forward on the same rows.
+numbers; `throughput` compares tag_entities with the tagger's raw batched forward on the same rows. Runs checkpoint every epoch: one cut short
+resumes from its last finished epoch.
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ def train_one(cfg: BenchmarkConfig, data: dict[str, str], dataset: str, config: 
         temperature=TEMPERATURE.get(dataset, 2.0), epochs=cfg.epochs, lr=cfg.lr, seed=seed,
         micro_batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
         torch_threads=cfg.torch_threads)
+    # a checkpoint per epoch: an interrupted run resumes from its last epoch at the next invocation
+    tcfg.checkpoint_every = training.steps_per_epoch(training.mner_files(data["train"])[1], tcfg)
+    tcfg.keep_checkpoints = 1
     result = training.fit(tcfg)
     if result.error:
         raise RuntimeError(f"training {tcfg.run_name} failed: {result.error}")
