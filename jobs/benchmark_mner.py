@@ -2,8 +2,9 @@
 
     python jobs/benchmark_mner.py [--encoder minilm|mpnet] [--output bench_out/mner] [seeds=0,1] [max_runs=N] [key=value ...]
 
-Each finished run leaves OUTPUT/results/<run>.json and is skipped next time, so the matrix (hours
-with MPNet on 2 cores) can be spread over several invocations. Prints the table of every finished
+Each finished run leaves RESULTS/<run>.json (jobs/results/benchmark_mner, kept in git) and is skipped
+next time, so the matrix (hours with MPNet on 2 cores) can be spread over several invocations; a run
+cut short resumes from its last epoch's checkpoint when OUTPUT is still there. Prints the table of every finished
 run beside ITA's numbers, then tag_entities throughput against the tagger's raw batched forward.
 """
 
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = config.parse_args(benchmark.BenchmarkConfig, __doc__.splitlines()[0], FLAGS, argv)
     if not os.path.isdir(cfg.data):
         raise config.ConfigError(f"data folder not found: {cfg.data}")
-    cfg.data, cfg.output = os.path.abspath(cfg.data), storage.absolute(cfg.output)
+    cfg.data, cfg.output, cfg.results = os.path.abspath(cfg.data), storage.absolute(cfg.output), storage.absolute(cfg.results)
     results = benchmark.run_matrix(cfg)
     print("\n" + benchmark.table(results))
     if cfg.throughput and results:

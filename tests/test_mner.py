@@ -309,3 +309,23 @@ def test_relative_paths_are_made_absolute_before_workers_see_them(tmp_path, monk
     tag = tagging.TagConfig(input="t", output="out", model="m")
     tagging.validate(tag)
     assert tag.model == str(tmp_path / "m")
+
+
+def test_benchmark_skips_finished_runs_and_reports_mean_and_std(tmp_path):
+    """A finished run's JSON means the run is never redone; the table is mean ± std over seeds."""
+    from eama.mner import benchmark
+
+    cfg = benchmark.BenchmarkConfig(data=str(tmp_path / "no-data"), output=str(tmp_path / "out"),
+                                    results=str(tmp_path / "results"), datasets="twitter2017", configs="caption_cva",
+                                    seeds="0,1")
+    (tmp_path / "results").mkdir()
+    for seed, (text, view) in enumerate([(0.80, 0.82), (0.84, 0.86)]):
+        result = {"run": benchmark.run_name(cfg, "twitter2017", "caption_cva", seed), "dataset": "twitter2017",
+                  "config": "caption_cva", "seed": seed, "encoder": "minilm", "train_seconds": 100.0 + seed,
+                  "test": {"text": {"f1": text}, "caption": {"f1": view}}}
+        (tmp_path / "results" / f"{result['run']}.json").write_text(json.dumps(result))
+    results = benchmark.run_matrix(cfg)  # the data folder does not exist: any new run would fail
+    assert len(results) == 2
+    row = benchmark.table(results).splitlines()[-1]
+    # mean 82.00 / 84.00, sample std of (80, 84) and (82, 86) = 2.83
+    assert "| 82.00 ± 2.83 (n=2) | 84.00 ± 2.83 (n=2) | 100 |" in row and "85.96 / 85.85" in row

@@ -2,8 +2,8 @@
 
 Every run trains on train, selects its epoch on valid (mean of both evaluation views), tags test in
 both evaluation views (text-only input and text+view input) with tag_entities, and scores it with
-the span scorer. A finished run leaves results/<run>.json and is skipped by the next invocation, so
-the matrix can be spread over several sessions. `table` prints mean ± std over seeds beside ITA's
+the span scorer. A finished run leaves RESULTS/<run>.json (a folder kept in git) and is skipped by
+the next invocation, so the matrix can be spread over several sessions and machines. `table` prints mean ± std over seeds beside ITA's
 numbers; `throughput` compares tag_entities with the tagger's raw batched forward on the same rows. Runs checkpoint every epoch: one cut short
 resumes from its last finished epoch.
 """
@@ -38,7 +38,8 @@ class BenchmarkConfig:
     """benchmark_mner settings."""
 
     data: str = "../shared/data/mner"  # folder with twitter2015/ and twitter2017/ (UMT CoNLL files + blip2_captions.txt)
-    output: str = "bench_out/mner"  # imports, runs, tagged outputs and results/*.json (finished runs are skipped)
+    output: str = "bench_out/mner"  # imports, runs (checkpoints, exports) and tagged outputs
+    results: str = "jobs/results/benchmark_mner"  # one JSON per finished run (kept in git, so later sessions skip it)
     datasets: str = "twitter2015,twitter2017"  # comma-separated
     configs: str = "text,caption,caption_cva"  # text | caption (GA) | caption_cva (GA + CVA)
     seeds: str = "0,1"  # comma-separated training seeds
@@ -105,7 +106,7 @@ def tag_and_score(cfg: BenchmarkConfig, model: str, test: str, out: str, view: s
 
 def run_matrix(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
     """Every (dataset, config, seed) run not finished yet; returns all finished results."""
-    done_dir = storage.join(cfg.output, "results")
+    done_dir = cfg.results
     new = 0
     for dataset in split_list(cfg.datasets):
         data = None
@@ -140,7 +141,7 @@ def run_matrix(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
 
 
 def read_results(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
-    folder = storage.join(cfg.output, "results")
+    folder = cfg.results
     if not storage.exists(folder):
         return []
     return [storage.read_json(p) for p in storage.list_files(folder, ".json")]
