@@ -129,15 +129,65 @@ def test_config_is_validated():
         alignment.validate(alignment.BuildConfig(group_size=4, max_positives=4))
 
 
+def _jpeg() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), "green").save(buf, "JPEG")
+    return buf.getvalue()
+
+
+HAND_ARTICLE = ("Mayor Anna Keller opened the Riverside Bridge in Hamburg on Tuesday. The project cost 40 million euros."
+                "\n\nThousands of residents walked across the bridge. Keller thanked the engineers from Siemens.")
+HAND_ENTITIES = "Entities: Anna Keller; the Riverside Bridge; Hamburg; Tuesday; 40 million; Thousands; Keller; Siemens"
+# caption_corpus offers the sentences naming a visual entity (1 and 4), so those two are numbered
+HAND_CONTEXT = ("Headline: Mayor Opens New Bridge\nArticle:\n"
+                "[1] Mayor Anna Keller opened the Riverside Bridge in Hamburg on Tuesday.\n"
+                "The project cost 40 million euros.\nThousands of residents walked across the bridge.\n"
+                "[2] Keller thanked the engineers from Siemens.\n" + HAND_ENTITIES)
+
+
+def test_hand_written_sample_gives_the_expected_rows():
+    """Caption: Anna Keller, the Riverside Bridge, Hamburg. Sentences 1 and 4 name them ('Keller' is
+    her surname), 2 and 3 name only numbers; the caption names four of the eight entities
+    (not the date); the captioning prompt carries exactly those selections."""
+    sample = {"sample_id": "hand-1", "article_id": "hand", "headline": "Mayor Opens New Bridge",
+              "article": HAND_ARTICLE, "image": _jpeg(), "image_uri": None,
+              "caption": "Anna Keller cuts the ribbon on the Riverside Bridge in Hamburg."}
+    rows, skipped = alignment.build_in_process([sample])
+    assert skipped == {}
+    got = {r["task"]: (r["prompt"], r["target"], r["weight"]) for r in rows}
+    assert len(rows) == 3 and all(r["sample_id"] == "hand-1" and r["image"] for r in rows)
+    assert got["sentence_selection"] == (
+        "Headline: Mayor Opens New Bridge\nArticle:\n"
+        "[1] Mayor Anna Keller opened the Riverside Bridge in Hamburg on Tuesday.\n"
+        "[2] The project cost 40 million euros.\n[3] Thousands of residents walked across the bridge.\n"
+        "[4] Keller thanked the engineers from Siemens.\n" + HAND_ENTITIES + "\n\n"
+        "Which numbered sentences name a person, organisation, place or event the image shows? "
+        "Answer with their numbers separated by commas, or 'none'.", "1, 4", 1.0)
+    assert got["entity_selection"] == (
+        HAND_CONTEXT + "\n\nWhich of the entities belong in the caption of this image? "
+        "Answer with them separated by semicolons, or 'none'.", "Anna Keller; the Riverside Bridge; Hamburg; Keller", 1.0)
+    assert got["captioning"] == (
+        HAND_CONTEXT + "\n\nKey entities: Anna Keller; the Riverside Bridge; Hamburg; Keller\n"
+        "Key sentences: Mayor Anna Keller opened the Riverside Bridge in Hamburg on Tuesday. "
+        "Keller thanked the engineers from Siemens.\nWrite the news caption of this image.",
+        "Anna Keller cuts the ribbon on the Riverside Bridge in Hamburg.", 1.0)
+
+
 # ---------------------------------------------------------------- real NYT articles
 
 
-def captioning_inputs(sample: dict, nlp) -> alignment.Annotated:
-    """The sample annotated independently of the builder (spaCy on article and caption)."""
-    (ents, sents), = entities.annotate(nlp, [sample["article"]])
-    caption = alignment.clean_caption(sample["caption"])
-    return alignment.Annotated(sample["sample_id"], sample["headline"], sample["article"], caption, b"",
-                               ents, sents, entities.extract_entities(nlp, [caption])[0])
+SMITH_CAPTION_TAIL = (
+    "Key entities: Smith\n"
+    "Key sentences: As Mr. Smith watched the flag rolled up and history unfold, he felt chills running along his "
+    "spine. Now, on a hot Saturday afternoon eight days after that emotional ceremony, Mr. Smith was back at the "
+    "capitol, only this time in his gray uniform and broad-brimmed campaign hat. Mr. Smith watched from the north "
+    "side's top granite step as black demonstrators vented their frustrations. \"You could kind of feel the tension "
+    "in the air,\" Mr. Smith recalled. Soon the demonstrators, a few dozen, came marching from the west, flanked by "
+    "Mr. Smith's \"advance civil emergency response team.\"\n"
+    "Write the news caption of this image."
+)
 
 
 def test_nyt_sample_rows_follow_definitions(shared_data, nlp):
@@ -166,12 +216,14 @@ def test_nyt_sample_rows_follow_definitions(shared_data, nlp):
             check_entity_row(r, nlp, s["article"], caption)
         else:
             assert r["target"] == caption
-            annotated = captioning_inputs(s, nlp)
-            sentences, names = alignment.gold_selection(annotated)
-            context = alignment.inference_context(annotated)
-            assert r["prompt"] == prompts.caption_prompt(context, sentences, names)
-            assert all(alignment.shares_visual_entity(x, annotated.article_entities, annotated.caption_entities)
-                       for x in sentences)
+            # the same news context as the sample's entity-selection row, then its gold answers
+            entity_row = next(e for e in tasks if e["sample_id"] == r["sample_id"] and e["task"] == "entity_selection")
+            context, tail = r["prompt"].split("\n\n", 1)
+            assert entity_row["prompt"].startswith(context + "\n\n")
+            lines = tail.split("\n")
+            assert lines[-1] == "Write the news caption of this image."
+            named = [x.removeprefix("Key entities: ") for x in lines if x.startswith("Key entities: ")]
+            assert named == ([] if entity_row["target"] == "none" else [entity_row["target"]])
             # the word budget holds: context and selected material, plus labels, markers and instruction
             assert len(r["prompt"].split()) <= prompts.WORD_BUDGET + 40
     assert pos and neg
@@ -182,6 +234,10 @@ def test_nyt_sample_rows_follow_definitions(shared_data, nlp):
             assert all(any(c in p for p in paragraphs) for c in candidates_of(r)), r["sample_id"]
     smith = [r for r in tasks if r["sample_id"] == "55b40f6b38f0d851b1f6dc7c_1" and r["task"] == "entity_selection"]
     assert smith and "Smith" in smith[0]["target"].split("; ")  # 'Mr. Smith' in the article, 'Leroy Smith' in the caption
+    # its captioning prompt ends with the gold selections: 'Smith', and the article's five sentences
+    # naming Mr. Smith (97 words, within the 99 the selection budget leaves), in article order
+    smith_caption = next(r for r in tasks if r["sample_id"] == "55b40f6b38f0d851b1f6dc7c_1" and r["task"] == "captioning")
+    assert smith_caption["prompt"].split("\n\n", 1)[1] == SMITH_CAPTION_TAIL
 
 
 # ---------------------------------------------------------------- the Ray Data job on the demo corpus

@@ -198,19 +198,79 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_training_checkpoints_are_unpickled_weights_only(tmp_path):
+def _deepspeed_engine(seed: int, zero_stage: int):
+    """A real DeepSpeed engine (CPU, the project's config builder) on a small torch module."""
+    import deepspeed
+    import torch
+
+    from eama.engine import deepspeed_config
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    cfg = deepspeed_config.build_config(zero_stage=zero_stage, micro_batch_size=2, grad_accum=1, world_size=1,
+                                        lr=1e-2, param_persistence_threshold=0)
+    return deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=cfg)[0]
+
+
+@pytest.fixture(scope="module")
+def single_process_group():
+    """torch.distributed over gloo with this process as the only rank (on 127.0.0.1), as DeepSpeed
+    needs one. One group for the whole module: DeepSpeed caches its groups, so engines built after
+    a second init_distributed would still point at the first, destroyed group."""
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.MonkeyPatch.context() as patch:  # deepspeed.initialize reads LOCAL_RANK too
+        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+            patch.setenv(key, value)
+        deepspeed.init_distributed(dist_backend="gloo")
+        yield
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])  # ZeRO-1/2 shards hold fragment addresses, ZeRO-3 its own layout
+def test_training_checkpoints_are_unpickled_weights_only(zero_stage, tmp_path, single_process_group):
+    """A real DeepSpeed checkpoint round-trips through the trainer's loader; with a pickled payload
+    planted in it the loader refuses it (DeepSpeed's own loader would run the payload)."""
     import pickle
-    import types
 
     import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from ray.train import Checkpoint
 
     from eama.engine import trainer
 
+    def weights(engine) -> list:
+        return [t.detach().clone() for t in trainer.gather_state_dict(engine, zero_stage, rank=0).values()]  # ZeRO-3: gathered
+
+    trained = _deepspeed_engine(seed=0, zero_stage=zero_stage)
+    loss = trained(torch.ones(2, 4)).square().mean()
+    trained.backward(loss)
+    trained.step()
+    ckpt = tmp_path / "ckpt"
+    trained.save_checkpoint(str(ckpt), tag=trainer.DS_TAG)
+
+    fresh = _deepspeed_engine(seed=1, zero_stage=zero_stage)
+    before = weights(fresh)
+    trainer.load_engine_state(fresh, Checkpoint.from_directory(str(ckpt)))
+    after, want = weights(fresh), weights(trained)
+    assert len(after) == 4 and all(torch.equal(a, b) for a, b in zip(after, want))
+    assert not any(torch.equal(a, b) for a, b in zip(before, after))  # really replaced
+
+    (states,) = (ckpt / trainer.DS_TAG).glob("*mp_rank_00_model_states.pt")  # ZeRO-3 prefixes zero_pp_rank_0_
     marker = tmp_path / "pwned"
-    torch.save({"optimizer_state_dict": _Payload(str(marker))}, tmp_path / "evil.pt")
-    engine = trainer.safe_checkpoint_engine(types.SimpleNamespace(_config=None))
+    blob = torch.load(states, weights_only=False)  # the file this test just wrote
+    blob["client_state"] = _Payload(str(marker))
+    torch.save(blob, states)
     with pytest.raises(pickle.UnpicklingError):
-        engine.load(str(tmp_path / "evil.pt"))
+        trainer.load_engine_state(_deepspeed_engine(seed=1, zero_stage=zero_stage), Checkpoint.from_directory(str(ckpt)))
     assert not marker.exists()
-    torch.save({"module": {"w": torch.ones(3)}}, tmp_path / "ok.pt")
-    assert float(engine.load(str(tmp_path / "ok.pt"))["module"]["w"].sum()) == 3.0
+    TorchCheckpointEngine(fresh._config).load(str(states))  # DeepSpeed's default: weights_only=False
+    assert marker.exists()  # so the payload was live, and only the trainer's loader stopped it

@@ -5,6 +5,7 @@ and the engine's trainer with a second, non-MLLM task (a small classifier) under
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from PIL import Image
 
 from eama.engine import deepspeed_config, images, schema, storage, trainer
 from eama.news import alignment, alignment_training, demo, models
@@ -84,34 +86,114 @@ def test_task_weights_and_step_plan():
     assert one.total_steps == two.total_steps == 25 and one.rows_per_step == two.rows_per_step == 4
 
 
+def jpeg(color: str) -> bytes:
+    """A small one-colour JPEG, as build_alignment_data stores images."""
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def hand_rows() -> list[dict]:
+    """One hand-written row of each task, of very different lengths (so the batch is padded)."""
+    return [
+        {"task": "sentence_selection", "sample_id": "hand-a", "image": jpeg("red"), "weight": 1.0, "target": "1",
+         "prompt": "Article:\n[1] Maria Gonzalez spoke in Paris.\n[2] It rained.\n\nWhich numbered sentences name a person?"},
+        {"task": "entity_selection", "sample_id": "hand-b", "image": jpeg("blue"), "weight": 1.0,
+         "prompt": "Entities: Maria Gonzalez; Paris; Monday\n\nWhich entities belong in the caption?",
+         "target": "Maria Gonzalez; Paris"},
+        {"task": "captioning", "sample_id": "hand-c", "image": jpeg("green"), "weight": 1.0,
+         "prompt": "Write the news caption of this image.", "target": "Maria Gonzalez speaks in Paris."},
+    ]
+
+
+# What each family's model reads for a row: literal chat layout, image slots, target and eos.
+EXPECTED_TEXT = {
+    "tiny-llava": lambda r: "<s>USER: " + "<image>" * 16 + "\n" + r["prompt"] + " ASSISTANT: " + r["target"] + "</s>",
+    "tiny-instructblip": lambda r: "<image>" * 4 + "<s>" + r["prompt"] + "\nAnswer: " + r["target"] + "</s>",
+}
+QUERY_TOKENS = {"tiny-llava": 0, "tiny-instructblip": 4}  # InstructBLIP's query tokens come before the padding
+
+
 @pytest.mark.parametrize("family", ["tiny-llava", "tiny-instructblip"])
-def test_collator_labels_only_the_target(family, small_rows):
+def test_collator_labels_only_the_target(family):
     lm = models.load_model(family, for_training=True)
-    rows = [next(r for r in small_rows if r["task"] == t) for t in schema.TASK_NAMES]
+    tok = lm.tokenizer
+    rows = hand_rows()
     weights = alignment_training.parse_task_weights("captioning=0.5")
     batch = alignment_training.Collator(lm, weights)(as_batch(rows))
-    ids, labels = batch.inputs["input_ids"], batch.labels
-    assert ids.shape == labels.shape and batch.inputs["attention_mask"][:, -1].all()  # left padded
+    ids, labels, mask = batch.inputs["input_ids"], batch.labels, batch.inputs["attention_mask"]
+    width, q = ids.shape[1], QUERY_TOKENS[family]
     for i, r in enumerate(rows):
-        mask = labels[i] != alignment_training.IGNORE
-        n = int(mask.sum())
-        assert mask[-n:].all() and not mask[:-n].any()  # the last n tokens, nothing else
-        assert lm.tokenizer.decode(labels[i, -n:]).strip() == f"{r['target']}{lm.tokenizer.eos_token}"
+        real = int(mask[i].sum())
+        # query tokens (InstructBLIP), then left padding, then the row's text
+        assert mask[i].tolist() == [1] * q + [0] * (width - real) + [1] * (real - q)
+        assert tok.decode(ids[i][mask[i].bool()]) == EXPECTED_TEXT[family](r)
+        # labels: the answer's own tokens (" target" + eos) at the very end, IGNORE everywhere else
+        answer = tok(" " + r["target"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert labels[i].tolist() == [alignment_training.IGNORE] * (width - len(answer)) + answer
+    assert batch.target_tokens == sum(len(tok(" " + r["target"], add_special_tokens=False)["input_ids"]) + 1
+                                      for r in rows)
     assert batch.weights.tolist() == [1.0, 1.0, 0.5]
     loss, per_row = alignment_training.forward_loss(lm.model, batch, micro_batch_size=3)
     assert loss.requires_grad and per_row.shape == (3,) and math.isclose(float(loss), float(
         (per_row * batch.weights).sum() / 3), rel_tol=1e-5)
 
 
-def test_loss_does_not_depend_on_how_rows_are_split(small_rows):
+@pytest.mark.parametrize("family", ["tiny-llava", "tiny-instructblip"])
+def test_loss_does_not_depend_on_how_rows_are_split(family, small_rows):
     """Two half batches (two ranks or two accumulation steps) average to the whole batch's loss."""
-    lm = models.load_model("tiny-llava")
+    lm = models.load_model(family)
     col = alignment_training.Collator(lm, alignment_training.parse_task_weights("entity_selection=2"))
     rows = small_rows[:4]
     with torch.no_grad():
         whole = alignment_training.forward_loss(lm.model, col(as_batch(rows)), 4)[0]
         halves = [alignment_training.forward_loss(lm.model, col(as_batch(rows[k : k + 2])), 2)[0] for k in (0, 2)]
     assert float(whole) == pytest.approx(float(sum(halves) / 2), rel=1e-5)
+
+
+def sharpen_attention(model: torch.nn.Module, factor: float = 8.0) -> None:
+    """Scale the language model's query and key projections, so attention (and with it the loss)
+    depends strongly on positions; a randomly initialised tiny model barely notices them."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "language_model" in name and name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(factor)
+
+
+# the module whose generate() runs the text, looked up here independently of the trainer's code
+GENERATING_MODULE = {"tiny-llava": lambda m: m, "tiny-instructblip": lambda m: m.language_model}
+
+
+@pytest.mark.parametrize("family", ["tiny-llava", "tiny-instructblip"])
+def test_padded_rows_train_at_the_positions_they_are_generated_at(family):
+    """A row in a left-padded batch has the loss it has alone (no padding), and the batch's
+    position ids are those generate() gives the same inputs. Without them InstructBLIP's text sat
+    as many positions after its query tokens as the row had padding."""
+    lm = models.load_model(family)
+    sharpen_attention(lm.model)
+    col = alignment_training.Collator(lm, alignment_training.parse_task_weights(""))
+    rows = hand_rows()
+    batch = col(as_batch(rows))
+    assert not batch.inputs["attention_mask"].all()  # the short rows are padded
+    with torch.no_grad():
+        padded = alignment_training.forward_loss(lm.model, batch, len(rows))[1]
+        alone = [float(alignment_training.forward_loss(lm.model, col(as_batch([r])), 1)[1][0]) for r in rows]
+    assert padded.tolist() == pytest.approx(alone, rel=1e-5)
+
+    seen: list[torch.Tensor] = []
+
+    def record(module, args, kwargs):
+        if not seen:
+            seen.append(kwargs["position_ids"])
+
+    hook = GENERATING_MODULE[family](lm.model).register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        inputs = {k: v for k, v in batch.inputs.items() if k != "position_ids"}
+        lm.model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    finally:
+        hook.remove()
+    assert "position_ids" in batch.inputs, "the collator passes no position ids: the model counts over the padding"
+    assert torch.equal(batch.inputs["position_ids"], seen[0])
 
 
 def test_load_for_training_with_gradient_checkpointing(small_rows):
@@ -155,7 +237,8 @@ def small_tasks(tmp_path_factory, small_rows) -> str:
 def test_two_workers_zero3_learn_the_demo_and_export(tmp_path, ray_local):
     """Loss falls clearly, and the exported model answers held-out selection questions better than
     the untrained one."""
-    data = write_tasks(task_rows(96, seed=0), tmp_path / "tasks")
+    rows = task_rows(96, seed=0)
+    data = write_tasks(rows, tmp_path / "tasks")
     held_out = [r for r in task_rows(24, seed=99) if r["task"] != "captioning"]
     cfg, history, result = fit(tmp_path, data=data, run_name="learn", micro_batch_size=4, epochs=5,
                                max_steps=160, lr=5e-3, warmup_ratio=0.05, checkpoint_every=80,
@@ -166,7 +249,13 @@ def test_two_workers_zero3_learn_the_demo_and_export(tmp_path, ray_local):
     for task in schema.TASK_NAMES:
         first = next(r[f"loss/{task}"] for r in history if r[f"loss/{task}"] is not None)
         assert np.mean([r[f"loss/{task}"] for r in history[-20:] if r[f"loss/{task}"] is not None]) < 0.5 * first
-    assert all(r["tokens_per_s"] > 0 and r["rows/captioning"] >= 0 for r in history)
+    assert all(r["tokens_per_s"] > 0 for r in history)
+    # every step holds 2 workers x 4 rows, and the first epoch's steps hold every row exactly once
+    assert all(sum(r[f"rows/{t}"] for t in schema.TASK_NAMES) == 8 for r in history)
+    assert len(rows) % 8 == 0 and len(rows) // 8 < len(history)
+    first_epoch = history[: len(rows) // 8]
+    for task in schema.TASK_NAMES:
+        assert sum(r[f"rows/{task}"] for r in first_epoch) == sum(x["task"] == task for x in rows), task
     assert storage.exists(storage.join(alignment_training.run_dir(cfg), "loss_curves.png"))
 
     trained = models.load_model(alignment_training.export_dir(cfg))
@@ -177,10 +266,21 @@ def test_two_workers_zero3_learn_the_demo_and_export(tmp_path, ray_local):
     for task in ("sentence_selection", "entity_selection"):
         assert after[task]["f1"] > before[task]["f1"] + 0.05, (task, before, after)
         assert after[task]["accuracy"] >= before[task]["accuracy"]
-    out = trained.model.generate(**models.encode(trained, [models.format_prompt("llava", held_out[0]["prompt"])],
-                                                 [images.load_rgb(held_out[0]["image"])]),
-                                 max_new_tokens=8, do_sample=False)
-    assert out.shape[1] > 0
+    # the export generates what its own forward pass picks greedily, token by token (no cache)
+    inputs = models.encode(trained, [f"USER: <image>\n{held_out[0]['prompt']} ASSISTANT:"],
+                           [images.load_rgb(held_out[0]["image"])])
+    out = trained.model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    prompt_ids, picked = inputs["input_ids"], []
+    with torch.no_grad():
+        for _ in range(8):
+            ids = torch.cat([prompt_ids, torch.tensor([picked], dtype=prompt_ids.dtype)], 1)
+            logits = trained.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   pixel_values=inputs["pixel_values"]).logits
+            picked.append(int(logits[0, -1].argmax()))
+            if picked[-1] == trained.tokenizer.eos_token_id:
+                break
+    assert out[0, : prompt_ids.shape[1]].tolist() == prompt_ids[0].tolist()
+    assert out[0, prompt_ids.shape[1]:].tolist() == picked
 
 
 @pytest.fixture(scope="module")

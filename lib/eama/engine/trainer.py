@@ -575,13 +575,15 @@ def trainer_state(ckpt: Any) -> TrainerState:
 
 def safe_checkpoint_engine(engine: Any) -> Any:
     """DeepSpeed's torch checkpoint engine, but unpickling with torch.load(weights_only=True):
-    besides tensors and containers only DeepSpeed's ZeRO-stage enum and loss scalers may load."""
+    besides tensors and containers only DeepSpeed's ZeRO-stage enum, loss scalers and fragment
+    addresses may load."""
     import torch
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address  # two ints in ZeRO-1/2 optimizer shards
 
-    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location: Any = None) -> Any:

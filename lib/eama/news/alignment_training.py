@@ -9,7 +9,8 @@ order, checkpoints, resume, metrics and the export; this module supplies what is
   frozen;
 * `Collator`: the model's processor (models.encode) over decoded images and prompts wrapped by
   models.format_prompt, with the target + eos appended; labels cover the target tokens only
-  (left padding puts them at the end of every row);
+  (left padding puts them at the end of every row); position ids as generate() computes them
+  (`generation_position_ids`), so a padded row is trained at the positions it is generated at;
 * `weighted_loss` / `forward_loss`: per-row mean token loss x (row weight x task weight), summed
   over the micro-batch and divided by its size, so gradients do not depend on how rows are spread
   over ranks; the three tasks are the loss groups the engine logs apart;
@@ -123,8 +124,40 @@ class Batch:
     target_tokens: int
 
 
+def generation_position_ids(attention_mask: Any) -> Any:
+    """The position ids transformers' generate() gives a prompt batch
+    (GenerationMixin._prepare_position_ids_for_generation): the running count of attended tokens
+    minus one, 0 at padding. Left padding thus starts every row's text at 0, and InstructBLIP's
+    query tokens (before the padding) are followed directly by the text, with no gap."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+def generation_decoder(lm: Any) -> Any:
+    """The module whose generate() runs the text: InstructBLIP hands its embeddings to its language
+    model's generate(); LLaVA (and other families) generate themselves."""
+    return lm.model.language_model if lm.family == "instructblip" else lm.model
+
+
+def generation_uses_position_ids(lm: Any) -> bool:
+    """Whether generate() passes position ids for this model: as transformers decides it, when the
+    generating module is decoder-only and its forward takes `position_ids` (not InstructBLIP-T5)."""
+    import inspect
+
+    decoder = generation_decoder(lm)
+    if lm.family == "instructblip" and not lm.model.config.use_decoder_only_language_model:
+        return False
+    return (not getattr(decoder.config, "is_encoder_decoder", False)
+            and "position_ids" in inspect.signature(decoder.forward).parameters)
+
+
 class Collator:
-    """Task rows -> model inputs with target-only labels, through the model's own processor."""
+    """Task rows -> model inputs with target-only labels, through the model's own processor.
+
+    The inputs carry the position ids generate() would use for the same left-padded rows: without
+    them the language model counts positions over the padding (a plain arange), which shifts
+    LLaVA's rows by their padding and, for InstructBLIP, opens a gap of that size between the
+    query tokens and the text that generation never sees."""
 
     def __init__(self, lm: Any, task_weights: dict[str, float]):
         self.lm = lm
@@ -132,6 +165,7 @@ class Collator:
         tok = lm.tokenizer
         tok.padding_side = "left"
         self.eos = tok.eos_token or ""
+        self.positions = generation_uses_position_ids(lm)
 
     def texts(self, prompt: str, target: str) -> tuple[str, str]:
         """(prompt as the model sees it at inference, the same with the answer appended)."""
@@ -155,6 +189,8 @@ class Collator:
         pairs = [self.texts(p, t) for p, t in zip(rows["prompt"], rows["target"])]
         pics = [images.load_rgb(b) for b in rows["image"]]
         enc = models.encode(self.lm, [f for _, f in pairs], pics)
+        if self.positions:
+            enc["position_ids"] = generation_position_ids(enc["attention_mask"])
         ids = enc["input_ids"]
         labels = torch.full_like(ids, IGNORE)
         lengths = self.target_lengths(pairs)
