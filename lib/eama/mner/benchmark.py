@@ -202,10 +202,7 @@ def throughput(cfg: BenchmarkConfig, results: list[dict[str, Any]]) -> str | Non
     started = time.perf_counter()
     with torch.inference_mode():
         for k in range(0, len(ordered), 64):
-            chunk = ordered[k:k + 64]
-            words = [r["tokens"] for r in chunk]
-            views = None if view == "text" else [tagger.view_text(r, view, tok.sep_token) for r in chunk]
-            tagger.predict(net, tagger.encode(tok, words, views, spec.max_length), spec.labels, [len(w) for w in words])
+            tagger.tag_rows(net, tok, ordered[k:k + 64], view, spec.labels, spec.max_length)
     raw = len(ordered) / (time.perf_counter() - started)
     job = manifest["this_run"]["written"] / manifest["wall_seconds"]
     stage = manifest["throughput_rows_per_s"].get("tag")

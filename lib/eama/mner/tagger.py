@@ -143,6 +143,16 @@ def predict(model: Tagger, enc: Encoding, labels: Sequence[str], lengths: Sequen
     return out
 
 
+def tag_rows(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], view: str, labels: Sequence[str],
+             max_length: int, device: Any = "cpu") -> list[list[str]]:
+    """BIO tags of MNER rows (tokens + their `view`, 'text' for none): encode, forward, Viterbi.
+    `model` is a Tagger or anything called like one that has its `crf` (the DeepSpeed engine)."""
+    words = [list(r["tokens"]) for r in rows]
+    views = None if view == "text" else [view_text(r, view, tokenizer.sep_token or "|") for r in rows]
+    enc = encode(tokenizer, words, views, max_length, device)
+    return predict(model, enc, labels, [len(w) for w in words])
+
+
 # ---------------------------------------------------------------- building, export and loading
 
 
@@ -189,9 +199,9 @@ def load(location: str, device: str = "cpu") -> tuple[Tagger, Any, TaggerSpec]:
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     spec = read_spec(location)
-    local = encoders.locate(location)
-    model = Tagger(AutoModel.from_config(AutoConfig.from_pretrained(local), **_no_pooler(AutoConfig.from_pretrained(local))),
-                   len(spec.labels))
+    local = encoders.locate(location)  # cached: read_spec fetched it
+    config = AutoConfig.from_pretrained(local)
+    model = Tagger(AutoModel.from_config(config, **_no_pooler(config)), len(spec.labels))
     model.load_state_dict(load_file(os.path.join(local, WEIGHTS_FILE)), strict=True)
     model.to(device).eval()
     return model, AutoTokenizer.from_pretrained(local), spec

@@ -93,12 +93,9 @@ class Tagger:
     def tag(self, chunk: list[Row]) -> None:
         import torch
 
-        words = [list(r["tokens"]) for r in chunk]
-        views = None if self.view == "text" else [
-            tagger.view_text(r, self.view, self.tokenizer.sep_token or "|") for r in chunk]
         with torch.inference_mode():
-            enc = tagger.encode(self.tokenizer, words, views, self.spec.max_length, self.device)
-            predicted = tagger.predict(self.model, enc, self.spec.labels, [len(w) for w in words])
+            predicted = tagger.tag_rows(self.model, self.tokenizer, chunk, self.view, self.spec.labels,
+                                        self.spec.max_length, self.device)
         for r, tags in zip(chunk, predicted):
             r["predicted_tags"] = tags
             r["entities"] = spans.entities(r["tokens"], spans.bio_spans(tags))

@@ -236,11 +236,8 @@ class MnerTask(trainer.TrainingTask):
         return scores
 
     def predict(self, engine: Any, rows: list[dict[str, Any]], view: str) -> list[list[str]]:
-        cfg: MnerTrainConfig = self.config  # type: ignore[assignment]
-        words = [list(r["tokens"]) for r in rows]
-        views = None if view == "text" else [tagger.view_text(r, view, self.tokenizer.sep_token or "|") for r in rows]
-        enc = tagger.encode(self.tokenizer, words, views, cfg.max_length, self.device)
-        return tagger.predict(_Called(engine, engine.module.crf), enc, self.labels, [len(w) for w in words])
+        return tagger.tag_rows(_Called(engine, engine.module.crf), self.tokenizer, rows, view, self.labels,
+                               self.config.max_length, self.device)
 
 
 class _Called:
