@@ -18,7 +18,7 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from eama.engine import config, storage, trainer
+from eama.engine import config, trainer
 from eama.mner import training
 
 FLAGS = [
@@ -34,24 +34,6 @@ FLAGS = [
 ]
 
 
-def summary(cfg: training.MnerTrainConfig) -> dict:
-    history = trainer.read_metrics(trainer.run_dir(cfg))
-    evals = [r for r in history if "eval/dev_f1" in r]
-    best = max(evals, key=lambda r: r["eval/dev_f1"]) if evals else None
-    return {
-        "run": trainer.run_dir(cfg),
-        "steps": history[-1]["step"],
-        "loss_first": round(history[0]["loss"], 4),
-        "loss_last": round(history[-1]["loss"], 4),
-        "train_seconds": round(sum(r["step_seconds"] for r in history), 1),
-        "dev": [{k.removeprefix("eval/"): round(v, 4) for k, v in r.items() if k.startswith("eval/")} | {"step": r["step"]}
-                for r in evals],
-        "selected_step": best["step"] if best else history[-1]["step"],
-        "export": trainer.export_dir(cfg) if cfg.export else None,
-        "loss_curves": storage.join(trainer.run_dir(cfg), "loss_curves.png"),
-    }
-
-
 def main() -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = config.parse_args(training.MnerTrainConfig, __doc__.splitlines()[0], FLAGS)
@@ -60,7 +42,7 @@ def main() -> dict:
     result = training.fit(cfg)
     if result.error:
         raise SystemExit(f"training failed: {result.error}")
-    out = summary(cfg)
+    out = trainer.run_summary(cfg)
     print(json.dumps(out, indent=2))
     return out
 

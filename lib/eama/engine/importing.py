@@ -24,6 +24,30 @@ def error(sample_id: str | None, source: str, reason: str) -> Error:
     return {"sample_id": sample_id, "source_file": source, "stage": "import", "reason": reason, "run_id": None}
 
 
+def load_image(uri: str) -> tuple[bytes | None, str | None]:
+    """(the image file's bytes, None), or (None, why it cannot be used: missing or undecodable)."""
+    from eama.engine import images as image_io
+
+    try:
+        data = storage.read_bytes(uri)
+        image_io.open_image(data).verify()
+    except FileNotFoundError:
+        return None, f"image file not found: {uri}"
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the image's fault
+        return None, f"unreadable image {uri}: {exc}"
+    return data, None
+
+
+def decoded_lines(path: str) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) per line of a UTF-8 text file; text is None for a line that is not
+    valid UTF-8 (the caller makes it an error row naming file:line)."""
+    for lineno, raw in enumerate(storage.read_bytes(path).split(b"\n"), start=1):
+        try:
+            yield lineno, raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError:
+            yield lineno, None
+
+
 def write_shards(items: Iterator[Item], output: str, shard_size: int = 256,
                  row_schema: pa.Schema = schema.SAMPLE) -> dict[str, int]:
     """Write rows of `row_schema` in shards of `shard_size` and the errors; returns counts. An

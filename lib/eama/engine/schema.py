@@ -157,6 +157,36 @@ MNER_OUTPUT = pa.schema(
 )
 
 
+# Multimodal keyphrase posts (import_corpus --format twitter-keyphrase): one post with its image.
+KEYPHRASE_SAMPLE = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("post", pa.string(), nullable=False),
+        pa.field("keyphrases", pa.list_(pa.string())),  # gold, in the source's order (absent when unlabelled)
+        pa.field("image", pa.binary()),
+        pa.field("image_uri", pa.string()),
+        pa.field("ocr", pa.string()),  # text read off the image
+        pa.field("visual_entities", pa.list_(pa.string())),  # entities the image shows (MM-MKP: Baidu API)
+        pa.field("image_text_match", pa.float32()),  # P(image and post match), where the source gives one
+    ]
+)
+KEYPHRASE_REQUIRED = ("sample_id", "post")
+
+# What extract_keyphrases writes for every post.
+KEYPHRASE_OUTPUT = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("post", pa.string()),
+        pa.field("keyphrases", pa.list_(pa.string())),
+        pa.field("predicted_keyphrases", pa.list_(pa.string())),  # ranked, best first
+        pa.field("predicted_scores", pa.list_(pa.float32())),  # the ranking's scores (log-probabilities)
+        pa.field("model", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("source_file", pa.string()),
+    ]
+)
+
+
 class SchemaError(ValueError):
     """A shard does not match the contract; the message names the file and the column."""
 

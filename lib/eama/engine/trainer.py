@@ -334,6 +334,27 @@ def read_metrics(directory: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in raw.splitlines() if line.strip()]
 
 
+def run_summary(cfg: TrainerConfig) -> dict[str, Any]:
+    """What a training job prints at the end: steps, first / last loss, time, every evaluation and
+    the step the export holds (the best `select_metric`, else the last)."""
+    history = read_metrics(run_dir(cfg))
+    evals = [r for r in history if any(k.startswith("eval/") for k in r)]
+    key = f"eval/{cfg.select_metric}"
+    best = max((r for r in evals if key in r), key=lambda r: r[key], default=None) if cfg.select_metric else None
+    return {
+        "run": run_dir(cfg),
+        "steps": history[-1]["step"] if history else 0,
+        "loss_first": round(history[0]["loss"], 4) if history else None,
+        "loss_last": round(history[-1]["loss"], 4) if history else None,
+        "train_seconds": round(sum(r.get("step_seconds", 0.0) for r in history), 1),
+        "dev": [{k.removeprefix("eval/"): round(v, 4) for k, v in r.items() if k.startswith("eval/")} | {"step": r["step"]}
+                for r in evals],
+        "selected_step": best["step"] if best else (history[-1]["step"] if history else 0),
+        "export": export_dir(cfg) if cfg.export else None,
+        "loss_curves": storage.join(run_dir(cfg), "loss_curves.png"),
+    }
+
+
 def plot_losses(history: list[dict[str, Any]], path: str, group_names: Sequence[str] = (),
                 title: str = "training") -> None:
     """A PNG of the loss and each group's loss against the step."""

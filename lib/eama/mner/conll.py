@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from eama.engine import images as image_io
-from eama.engine import storage
+from eama.engine import importing, storage
 from eama.engine.importing import Item, error
 from eama.mner import spans
 
@@ -79,15 +78,9 @@ def twitter_samples(path: str, captions: str | None = None, image_dir: str | Non
         row: dict[str, Any] = {"sample_id": image_id, "tokens": tokens, "tags": tags, "image_id": image_id,
                                "caption": caption_of.get(image_id)}
         if image_dir:
-            uri = storage.join(image_dir, f"{image_id}.jpg")
-            try:
-                data = storage.read_bytes(uri)
-                image_io.open_image(data).verify()
-            except FileNotFoundError:
-                yield None, error(image_id, where, f"image file not found: {uri}")
-                continue
-            except Exception as exc:  # noqa: BLE001 - any decoder failure is the image's fault
-                yield None, error(image_id, where, f"unreadable image {uri}: {exc}")
+            data, why = importing.load_image(storage.join(image_dir, f"{image_id}.jpg"))
+            if why:
+                yield None, error(image_id, where, why)
                 continue
             row["image"] = data
         yield row, None

@@ -7,8 +7,6 @@ prediction). Also how a trained tagger is exported and loaded back (a Hugging Fa
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Sequence
 
 import torch
@@ -20,7 +18,6 @@ from eama.mner import spans
 
 VIEWS = ("text", "caption", "ocr", "tags", "all")
 SPEC_FILE = "eama_mner.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclasses.dataclass
@@ -158,50 +155,26 @@ def tag_rows(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], view: s
 
 def build(encoder_name: str, types: Sequence[str], dropout: float = 0.1, dtype: Any = None) -> tuple[Tagger, Any]:
     """A tagger on a pretrained encoder (preset, hub id, local or s3:// folder) and its tokenizer."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    location = encoders.locate(encoder_name)
-    tokenizer = AutoTokenizer.from_pretrained(location)
-    encoder = AutoModel.from_pretrained(location, use_safetensors=True, dtype=dtype or torch.float32,
-                                        **_no_pooler(AutoConfig.from_pretrained(location)))
+    encoder, tokenizer = encoders.load_pretrained(encoder_name, dtype)
     return Tagger(encoder, len(spans.bioes_labels(types)), dropout), tokenizer
-
-
-def _no_pooler(config: Any) -> dict[str, Any]:
-    """The sentence pooler is unused (and untrained): leave it out where the class allows."""
-    return {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "xlm-roberta", "mpnet") else {}
 
 
 def save_export(module: Tagger, state_dict: dict[str, Any], tokenizer: Any, spec: TaggerSpec, directory: str) -> None:
     """The encoder's config and tokenizer, the whole tagger's weights (safetensors) and the spec."""
-    from safetensors.torch import save_file
-
-    module.encoder.config.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    save_file({k: v.detach().to(torch.float32).contiguous().cpu() for k, v in state_dict.items()},
-              os.path.join(directory, WEIGHTS_FILE))
-    with open(os.path.join(directory, SPEC_FILE), "w") as fh:
-        json.dump(dataclasses.asdict(spec), fh, indent=2)
+    encoders.save_model_folder(module.encoder.config, tokenizer, state_dict, dataclasses.asdict(spec), SPEC_FILE,
+                               directory)
 
 
 def read_spec(location: str) -> TaggerSpec:
     """The spec of a tagger export (local folder or s3://, fetched once into the cache)."""
-    spec_path = os.path.join(encoders.locate(location), SPEC_FILE)
-    if not os.path.exists(spec_path):
-        raise SystemExit(f"{location}: not a tagger export (no {SPEC_FILE}); train one with jobs/train_mner.py")
-    with open(spec_path) as fh:
-        return TaggerSpec(**json.load(fh))
+    return TaggerSpec(**encoders.read_model_spec(location, SPEC_FILE, "jobs/train_mner.py"))
 
 
 def load(location: str, device: str = "cpu") -> tuple[Tagger, Any, TaggerSpec]:
     """A tagger export (local folder or s3://) ready for inference."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
     spec = read_spec(location)
-    local = encoders.locate(location)  # cached: read_spec fetched it
-    config = AutoConfig.from_pretrained(local)
-    model = Tagger(AutoModel.from_config(config, **_no_pooler(config)), len(spec.labels))
-    model.load_state_dict(load_file(os.path.join(local, WEIGHTS_FILE)), strict=True)
+    encoder, tokenizer, load_weights = encoders.load_model_folder(location)
+    model = Tagger(encoder, len(spec.labels))
+    load_weights(model)
     model.to(device).eval()
-    return model, AutoTokenizer.from_pretrained(local), spec
+    return model, tokenizer, spec

@@ -1,0 +1,1 @@
+"""Multimodal keyphrase generation (MM-MKP) on the engine: import, metric, model, training, extraction."""

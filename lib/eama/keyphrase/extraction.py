@@ -1,0 +1,141 @@
+"""extract_keyphrases as a batch-runner job: exactly-once keyphrase prediction with a trained model.
+
+One stage: a pool of extractor actors (one model replica each; GPUs when there are) that decode
+posts in length-sorted batches with beam search. Output rows (schema.KEYPHRASE_OUTPUT) keep
+sample_id, the post and the gold keyphrases when the input has them, and add predicted_keyphrases
+(ranked, best first) with their scores. An empty post or a keyphrase list holding an empty phrase
+becomes an error row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import pyarrow as pa
+
+from eama.engine import resources, runner, schema, storage
+from eama.keyphrase import model as kp_model
+from eama.keyphrase import training
+
+Row = dict[str, Any]
+
+WORK = schema.work_schema(list(schema.KEYPHRASE_SAMPLE) + [
+    pa.field("predicted_keyphrases", pa.list_(pa.string())),
+    pa.field("predicted_scores", pa.list_(pa.float32()))], ("extract",))
+
+
+@dataclasses.dataclass
+class ExtractConfig(runner.RunnerConfig):
+    """extract_keyphrases settings; the runner's keys (input, output, commit_rows, ...) come first."""
+
+    model: str = ""  # a train_keyphrase export folder (RUNS/NAME/export), local or s3://
+    mode: str = "model"  # model (the one it was trained with) | joint | classify | generate
+    top_n: int = 0  # keyphrases per post; 0 = the model's
+    beam_size: int = 0  # beams; 0 = the model's
+    images: bool = True  # region features for rows with an image (when the model was trained with them)
+    device: str = "auto"  # auto | cuda | cpu
+    actors: int = 0  # model replicas; 0 = one per GPU (or one per 8 CPUs without GPUs)
+    extract_batch_size: int = 32  # posts per beam search (sorted by length within a block)
+    threads: int = 0  # torch threads per actor on CPU; 0 = the CPUs it reserves
+    batch_size: int = 256
+
+
+def validate(cfg: ExtractConfig) -> None:
+    if not cfg.model:
+        raise SystemExit("extract_keyphrases needs --model (a train_keyphrase export folder)")
+    if cfg.mode != "model" and cfg.mode not in kp_model.MODES:
+        raise SystemExit(f"mode must be model or one of {', '.join(kp_model.MODES)}, got {cfg.mode!r}")
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        raise SystemExit(f"device must be auto, cuda or cpu, got {cfg.device!r}")
+    if cfg.top_n < 0 or cfg.beam_size < 0 or cfg.extract_batch_size < 1:
+        raise SystemExit("top_n and beam_size must be >= 0 (0: the model's), extract_batch_size >= 1")
+    if not cfg.input or (not storage.exists(cfg.input) and not any(ch in cfg.input for ch in "*?[")):
+        raise SystemExit(f"input not found: {cfg.input or '(none given: --input)'}")
+    if not storage.is_remote(cfg.model) and not os.path.isdir(cfg.model):
+        raise SystemExit(f"model not found: {cfg.model}")
+    cfg.model = storage.absolute(cfg.model)
+    runner.validate(cfg)
+
+
+def effective_spec(spec: kp_model.KeyphraseSpec, cfg: ExtractConfig) -> kp_model.KeyphraseSpec:
+    """The export's spec with this run's mode / top_n / beam_size where they are set."""
+    return dataclasses.replace(spec, mode=spec.mode if cfg.mode == "model" else cfg.mode,
+                               top_n=cfg.top_n or spec.top_n, beam_size=cfg.beam_size or spec.beam_size,
+                               images=spec.images and cfg.images)
+
+
+def check_post(row: Row) -> str | None:
+    """Per-row check after read (a reason makes the row an error row)."""
+    if not (row.get("post") or "").strip():
+        return "empty post"
+    gold = row.get("keyphrases")
+    if gold is not None and any(not (k or "").strip() for k in gold):
+        return "gold keyphrases hold an empty phrase"
+    return None
+
+
+class Extractor:
+    """One model replica per actor: length-sorted batches of posts -> ranked keyphrases."""
+
+    def __init__(self, model: str, config: dict[str, Any], device: str, threads: int):
+        import torch
+
+        if device == "cpu":
+            torch.set_num_threads(max(1, threads))
+        cfg = ExtractConfig(**config)
+        self.model, self.tokenizer, spec = kp_model.load(model, device)
+        self.spec = effective_spec(spec, cfg)
+        self.device, self.batch_size = device, cfg.extract_batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = sorted(runner.pending(rows), key=lambda r: len(r["post"]))
+        runner.isolate(todo, self.batch_size, self.extract, "extract")
+        return pa.Table.from_pylist(rows, schema=WORK)
+
+    def extract(self, chunk: list[Row]) -> None:
+        ranked = training.predict_rows(self.model, self.tokenizer, chunk, self.spec, self.spec.images, self.device)
+        for r, found in zip(chunk, ranked):
+            r["predicted_keyphrases"] = [p for p, _ in found]
+            r["predicted_scores"] = [s for _, s in found]
+
+
+def emit(row: Row, model: str, run_id: str) -> list[Row]:
+    out = {k: row.get(k) for k in schema.KEYPHRASE_OUTPUT.names}
+    out.update(model=model, run_id=run_id)
+    return [out]
+
+
+def count_keyphrases(rows: list[Row]) -> dict[str, Any]:
+    return {"keyphrases": sum(len(r.get("predicted_keyphrases") or []) for r in rows)}
+
+
+def extract_job(cfg: ExtractConfig, plan: resources.ModelPool, run_id: str) -> runner.BatchJob:
+    settings = {k: getattr(cfg, k) for k in ("mode", "top_n", "beam_size", "images", "extract_batch_size")}
+    stage = runner.Stage("extract", Extractor, {"model": cfg.model, "config": settings, "device": plan.device,
+                                                "threads": cfg.threads or plan.threads},
+                         actors=plan.actors, cpus=plan.cpus, gpus=plan.gpus)
+    return runner.BatchJob(
+        name="extract_keyphrases", input_schema=schema.KEYPHRASE_SAMPLE, required=schema.KEYPHRASE_REQUIRED,
+        work_schema=WORK, output_schema=schema.KEYPHRASE_OUTPUT, stages=[stage],
+        emit=functools.partial(emit, model=cfg.model, run_id=run_id),
+        prepare=check_post, stats=count_keyphrases, io_cpus=plan.io_cpus,
+        describe={"model": cfg.model, "mode": cfg.mode},
+    )
+
+
+def run(cfg: ExtractConfig) -> dict[str, Any]:
+    """Extract keyphrases for every uncommitted input post; return the run manifest."""
+    import ray
+
+    validate(cfg)
+    kp_model.read_spec(cfg.model)  # a clear error before Ray starts when it is not an export
+    if not ray.is_initialized():
+        ray.init()
+    res = ray.cluster_resources()
+    plan = resources.plan_model_pool(res.get("CPU", 1), res.get("GPU", 0), cfg.device, cfg.actors)
+    run_id = runner.new_run_id()
+    return runner.run(extract_job(cfg, plan, run_id), cfg, run_id=run_id)

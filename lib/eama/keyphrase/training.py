@@ -1,0 +1,289 @@
+"""MM-MKP training as a task on the engine's trainer (eama.engine.trainer).
+
+The engine runs Ray Train + DeepSpeed, the order, checkpoints, resume, metrics, model selection and
+the export; this module supplies the keyphrase parts:
+
+* `KeyphraseTrainConfig`: the engine's keys + data, encoder, ablation settings and loss weights;
+* `split_holdout`: without --valid, a seeded share of the training posts (by a hash of sample_id,
+  the same for every training seed) is held out for model selection, written once under the run;
+* `KeyphraseTask`: the model of `eama.keyphrase.model`, its per-post loss, and `evaluate`: beam
+  search on the held-out posts, every rank scoring its share and the metric's sums all-reduced;
+  `dev_score` = mean(F1@1, F1@3, MAP@5) picks the exported epoch. The test set is never read here.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+from typing import Any, Mapping
+
+import numpy as np
+
+from eama.engine import images as image_io
+from eama.engine import schema, storage, trainer
+from eama.keyphrase import metric
+from eama.keyphrase import model as kp_model
+
+COLUMNS = ("sample_id", "post", "keyphrases", "ocr", "visual_entities", "image_text_match", "image")
+
+
+@dataclasses.dataclass
+class KeyphraseTrainConfig(trainer.TrainerConfig):
+    """train_keyphrase settings; the engine's keys (epochs, micro_batch_size, zero_stage, ...) included."""
+
+    train: str = ""  # keyphrase Parquet rows to train on (import_corpus --format twitter-keyphrase), local or s3://
+    valid: str = ""  # keyphrase Parquet rows for model selection; empty = hold out `holdout` of --train
+    holdout: float = 0.1  # share of --train held out for model selection when --valid is not given
+    holdout_seed: int = 0  # which posts are held out (the same for every training seed)
+    encoder: str = "minilm"  # minilm | mpnet | a Hugging Face id | a local or s3:// folder
+    mode: str = "joint"  # joint (classifier + generator copying from it) | classify | generate
+    inputs: str = "all"  # text (the post alone) | all (post + OCR + visual entities)
+    images: bool = True  # region features (EfficientNet-Lite0 7x7 grid) for rows that carry an image
+    min_class_count: int = 1  # a training keyphrase joins the classifier's vocabulary from this many posts
+    generation_weight: float = 1.0  # loss weight of the decoder's NLL
+    classification_weight: float = 1.0  # loss weight of the classifier's cross-entropy
+    region_attention_weight: float = 1.0  # loss weight of the fine (text -> region) attention's squared error
+    copy_top_k: int = 5  # classifier predictions the decoder may copy from (mode=joint)
+    beam_size: int = 10  # beams at evaluation and in the export
+    top_n: int = 10  # keyphrases per post
+    max_length: int = 128  # subtokens of post + OCR + entities
+    max_phrase_tokens: int = 8  # subtokens of one keyphrase
+    dropout: float = 0.1
+    eval_batch_size: int = 32  # posts per beam search when evaluating
+    eval_per_epoch: bool = True  # evaluate on the held-out posts after every epoch
+    run_name: str = "keyphrase"
+    lr: float = 5e-5
+    epochs: int = 4
+    micro_batch_size: int = 16
+    zero_stage: int = 2
+    schedule: str = "linear"
+    warmup_ratio: float = 0.05
+    select_metric: str = "dev_score"
+    checkpoint_every: int = 0
+
+
+def validate(cfg: KeyphraseTrainConfig) -> None:
+    if not cfg.train:
+        raise SystemExit("train_keyphrase needs --train (keyphrase Parquet rows: import_corpus --format twitter-keyphrase)")
+    if cfg.mode not in kp_model.MODES:
+        raise SystemExit(f"mode must be one of {', '.join(kp_model.MODES)}, got {cfg.mode!r}")
+    if cfg.inputs not in kp_model.INPUTS:
+        raise SystemExit(f"inputs must be one of {', '.join(kp_model.INPUTS)}, got {cfg.inputs!r}")
+    if cfg.zero_stage > 2:
+        raise SystemExit("zero_stage must be 0, 1 or 2: the decoder's output layer is tied to the encoder's word "
+                         "embeddings, which ZeRO-3 would partition outside their module")
+    if not 0.0 <= cfg.holdout < 1.0:
+        raise SystemExit(f"holdout must be in [0, 1), got {cfg.holdout}")
+    if min(cfg.beam_size, cfg.top_n, cfg.max_phrase_tokens, cfg.copy_top_k, cfg.min_class_count) < 1:
+        raise SystemExit("beam_size, top_n, max_phrase_tokens, copy_top_k and min_class_count must be >= 1")
+    for path in (cfg.train, cfg.valid):
+        if path and not storage.exists(path):
+            raise SystemExit(f"not found: {path}")
+    cfg.train, cfg.valid = storage.absolute(cfg.train), storage.absolute(cfg.valid) if cfg.valid else ""
+    cfg.output = storage.absolute(cfg.output)
+    trainer.validate(cfg)
+
+
+def keyphrase_files(path: str) -> tuple[list[str], int]:
+    """The keyphrase shards under `path` (checked against the contract) and their rows."""
+    files = [f for f in storage.list_files(path)]
+    if not files:
+        raise SystemExit(f"no Parquet files under {path}")
+    for f in files:
+        schema.check_schema(storage.read_schema(f), schema.KEYPHRASE_SAMPLE, f, schema.KEYPHRASE_REQUIRED)
+    return files, sum(storage.parquet_num_rows(f) for f in files)
+
+
+def read_rows(path: str, with_images: bool = True) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for f in keyphrase_files(path)[0]:
+        names = storage.read_schema(f).names
+        cols = [c for c in COLUMNS if c in names and (with_images or c != "image")]
+        rows.extend(storage.read_table(f, cols).to_pylist())
+    return rows
+
+
+def held_out(sample_id: str, share: float, seed: int) -> bool:
+    digest = hashlib.blake2b(f"{seed}\0{sample_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < share
+
+
+def split_holdout(cfg: KeyphraseTrainConfig) -> None:
+    """Without --valid: write RUN/data/train and RUN/data/holdout from --train (once; the split is
+    deterministic) and point cfg.train / cfg.valid at them."""
+    import pyarrow as pa
+
+    base = storage.join(trainer.run_dir(cfg), "data")
+    parts = {"train": storage.join(base, "train", "part-00000.parquet"),
+             "holdout": storage.join(base, "holdout", "part-00000.parquet")}
+    if not all(storage.exists(p) for p in parts.values()):
+        table = pa.concat_tables([schema.conform(storage.read_table(f), schema.KEYPHRASE_SAMPLE, f)
+                                  for f in keyphrase_files(cfg.train)[0]], promote_options="permissive")
+        ids = table.column("sample_id").to_pylist()
+        mask = pa.array([held_out(i, cfg.holdout, cfg.holdout_seed) for i in ids])
+        if not any(mask.to_pylist()) or all(mask.to_pylist()):
+            raise SystemExit(f"holdout={cfg.holdout} of {len(ids)} posts leaves no training or no held-out post")
+        storage.write_table_atomic(table.filter(pa.compute.invert(mask)), parts["train"], storage.ROW_GROUP_ROWS)
+        storage.write_table_atomic(table.filter(mask), parts["holdout"], storage.ROW_GROUP_ROWS)
+    cfg.train, cfg.valid = storage.join(base, "train"), storage.join(base, "holdout")
+
+
+def class_vocabulary(path: str, min_count: int) -> list[str]:
+    """Training keyphrases in at least `min_count` posts, most frequent first (ties: alphabetical)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for f in keyphrase_files(path)[0]:
+        for kps in storage.read_table(f, ["keyphrases"]).column("keyphrases").to_pylist():
+            counts.update(set(kps or []))
+    return [k for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_count]
+
+
+def region_features(rows: list[dict[str, Any]], use: bool) -> tuple[Any, Any]:
+    """([B, 49, 1280] grid features, [B] has-image) when `use` and a row has an image, else (None, None)."""
+    import torch
+
+    if not use or not any(r.get("image") for r in rows):
+        return None, None
+    from eama.engine import vision
+
+    has = [bool(r.get("image")) for r in rows]
+    grid = vision.feature_grid([image_io.open_image(r["image"]).convert("RGB") for r in rows if r.get("image")])
+    out = torch.zeros(len(rows), grid.shape[1], grid.shape[2])
+    out[torch.tensor(has)] = grid
+    return out, torch.tensor(has)
+
+
+@dataclasses.dataclass
+class Batch:
+    inputs: kp_model.Inputs
+    targets: kp_model.Targets
+    has_image: Any  # [B] long
+    pairs: int
+
+
+class KeyphraseTask(trainer.TrainingTask):
+    """MM-MKP: encoder + noise filtering + classifier + copy decoder, one loss per post."""
+
+    sort_columns = ("sample_id",)
+    columns = COLUMNS
+    group_names = ("without_image", "with_image")
+    title = "keyphrase training"
+
+    def __init__(self, config: KeyphraseTrainConfig, classes: list[str]):
+        super().__init__(config)
+        self.spec = kp_model.KeyphraseSpec(
+            classes=classes, mode=config.mode, inputs=config.inputs, images=config.images,
+            max_length=config.max_length, max_phrase_tokens=config.max_phrase_tokens, copy_top_k=config.copy_top_k,
+            beam_size=config.beam_size, top_n=config.top_n, encoder=config.encoder)
+
+    def validate(self) -> None:
+        validate(self.config)
+
+    def data_files(self) -> tuple[list[str], int]:
+        files, rows = keyphrase_files(self.config.train)
+        present = set(storage.read_schema(files[0]).names)
+        self.columns = tuple(c for c in COLUMNS if c in present and (self.config.images or c != "image"))
+        return files, rows
+
+    def build_model(self, ds_config: dict[str, Any], device: str, dtype: Any) -> trainer.ModelParts:
+        import torch
+
+        cfg: KeyphraseTrainConfig = self.config  # type: ignore[assignment]
+        torch.manual_seed(cfg.seed)
+        self.model, self.tokenizer = kp_model.build(self.spec, cfg.dropout, dtype)
+        self.model.weights = kp_model.LossWeights(cfg.generation_weight, cfg.classification_weight,
+                                                  cfg.region_attention_weight)
+        self.model.to(device)
+        self.device = device
+        self.class_index = {c: i for i, c in enumerate(self.spec.classes)}
+        self.valid_rows = read_rows(cfg.valid, cfg.images) if cfg.valid else []
+        return trainer.ModelParts(self.model)
+
+    def collate(self, rows: dict[str, np.ndarray]) -> Batch:
+        n = len(rows["sample_id"])
+        as_rows = [{k: rows[k][i] for k in rows} for i in range(n)]
+        for r in as_rows:
+            for k in ("keyphrases", "visual_entities"):
+                if r.get(k) is not None:
+                    r[k] = list(r[k])
+        regions, has = region_features(as_rows, self.config.images)
+        inputs = kp_model.encode_inputs(self.tokenizer, as_rows, self.spec, regions, has).to(self.device)
+        targets = kp_model.make_targets(self.tokenizer, as_rows, self.spec, self.class_index).to(self.device)
+        flag = has.long() if has is not None else np.zeros(n, dtype=np.int64)
+        import torch
+
+        return Batch(inputs, targets, torch.as_tensor(flag).to(self.device), int(targets.pair_post.numel()))
+
+    def loss(self, engine: Any, batch: Batch) -> tuple[Any, Any, Any]:
+        total, _ = engine(batch.inputs, batch.targets)
+        return total.sum() / self.config.micro_batch_size, total.detach(), batch.has_image
+
+    def counts(self, batch: Batch) -> Mapping[str, int]:
+        return {"keyphrases": batch.pairs}
+
+    def save_export(self, module: Any, state_dict: dict[str, Any], directory: str) -> None:
+        kp_model.save_export(module, state_dict, self.tokenizer, self.spec, directory)
+
+    def export_info(self) -> dict[str, Any]:
+        return {"encoder": self.config.encoder, "mode": self.config.mode, "inputs": self.config.inputs}
+
+    def evaluate(self, engine: Any, step: int) -> Mapping[str, float] | None:
+        """The metric on the held-out posts (beam search); every rank scores rows rank::world."""
+        import torch
+        import torch.distributed as dist
+
+        if not self.valid_rows:
+            return None
+        cfg: KeyphraseTrainConfig = self.config  # type: ignore[assignment]
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        mine = self.valid_rows[rank::world]
+        sums = metric.accumulate([], [], [])
+        for k in range(0, len(mine), cfg.eval_batch_size):
+            chunk = mine[k:k + cfg.eval_batch_size]
+            ranked = predict_rows(engine.module, self.tokenizer, chunk, self.spec, cfg.images, self.device)
+            part = metric.accumulate([r["post"] for r in chunk], [r.get("keyphrases") or [] for r in chunk],
+                                     [[p for p, _ in x] for x in ranked])
+            for scope in sums:
+                for key, v in part[scope].items():
+                    sums[scope][key] = sums[scope].get(key, 0.0) + v
+        keys = ["posts"] + list(metric.SUM_KEYS)
+        flat = torch.tensor([sums["all"].get(k, 0.0) for k in keys], dtype=torch.float64)
+        if dist.is_initialized() and world > 1:
+            flat = flat.to(self.device)
+            dist.all_reduce(flat)
+        merged = {"all": dict(zip(keys, flat.tolist())), "present": {"posts": 0.0}, "absent": {"posts": 0.0}}
+        report = metric.finish(merged)
+        a = report["all"]
+        return {"dev_f1@1": a["F1@1"], "dev_f1@3": a["F1@3"], "dev_map@5": a["MAP@5"],
+                "dev_score": metric.headline(report)}
+
+
+def predict_rows(model: Any, tokenizer: Any, rows: list[dict[str, Any]], spec: kp_model.KeyphraseSpec,
+                 images: bool, device: Any) -> list[list[tuple[str, float]]]:
+    """Ranked keyphrases of rows (region features computed where a row has an image)."""
+    import torch
+
+    regions, has = region_features(rows, images and spec.images)
+    with torch.no_grad():
+        return kp_model.predict(model, tokenizer, rows, spec, regions, has, device)
+
+
+def steps_per_epoch(rows: int, cfg: KeyphraseTrainConfig) -> int:
+    return max(1, (rows // cfg.num_workers // cfg.micro_batch_size) // cfg.grad_accum)
+
+
+def fit(cfg: KeyphraseTrainConfig) -> Any:
+    """Train (or resume) a keyphrase model; returns Ray Train's Result."""
+    validate(cfg)
+    if not cfg.valid and cfg.holdout > 0:
+        split_holdout(cfg)
+    if not cfg.valid:
+        cfg.select_metric = ""
+    classes = class_vocabulary(cfg.train, cfg.min_class_count)
+    if not classes:
+        raise SystemExit(f"{cfg.train}: no training post has keyphrases")
+    task = KeyphraseTask(cfg, classes)
+    if cfg.valid and cfg.eval_per_epoch:
+        cfg.eval_every = steps_per_epoch(keyphrase_files(cfg.train)[1], cfg)
+    return trainer.fit(task)
