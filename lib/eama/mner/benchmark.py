@@ -15,9 +15,9 @@ import json
 import os
 import statistics
 import time
-from typing import Any, Sequence
+from typing import Any
 
-from eama.engine import importing, schema, storage, trainer
+from eama.engine import benchmarks, importing, schema, storage, trainer
 from eama.mner import conll, report, tagger, tagging, training
 
 # ITA (NAACL 2022), Table 1: test F1, BERT-base-cased CRF rows (text-only eval / text+view eval).
@@ -54,10 +54,6 @@ class BenchmarkConfig:
     max_runs: int = 0  # stop after this many new runs (0 = all); finished ones never count
     throughput: bool = True  # also measure tag_entities against the raw forward (needs one finished run)
     throughput_rows: int = 6000  # rows for the throughput comparison (test posts repeated with new ids)
-
-
-def split_list(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
 
 
 def run_name(cfg: BenchmarkConfig, dataset: str, config: str, seed: int) -> str:
@@ -108,13 +104,12 @@ def run_matrix(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
     """Every (dataset, config, seed) run not finished yet; returns all finished results."""
     done_dir = cfg.results
     new = 0
-    for dataset in split_list(cfg.datasets):
+    for dataset in benchmarks.split_list(cfg.datasets):
         data = None
-        for seed in map(int, split_list(cfg.seeds)):  # every config once before any second seed
-            for config in split_list(cfg.configs):
+        for seed in map(int, benchmarks.split_list(cfg.seeds)):  # every config once before any second seed
+            for config in benchmarks.split_list(cfg.configs):
                 name = run_name(cfg, dataset, config, seed)
-                result_path = storage.join(done_dir, f"{name}.json")
-                if storage.exists(result_path):
+                if benchmarks.is_done(done_dir, name):
                     continue
                 if cfg.max_runs and new >= cfg.max_runs:
                     return read_results(cfg)
@@ -135,24 +130,13 @@ def run_matrix(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
                           "dev": {k.removeprefix("eval/"): v for k, v in best.items() if k.startswith("eval/")},
                           "test": test, "train_seconds": round(sum(r["step_seconds"] for r in history), 1),
                           "train_wall_seconds": round(train_wall, 1)}
-                storage.write_json_atomic(result_path, result)
+                benchmarks.save_result(done_dir, name, result)
                 new += 1
     return read_results(cfg)
 
 
 def read_results(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
-    folder = cfg.results
-    if not storage.exists(folder):
-        return []
-    return [storage.read_json(p) for p in storage.list_files(folder, ".json")]
-
-
-def _mean_std(values: Sequence[float]) -> str:
-    if not values:
-        return "-"
-    mean = 100 * statistics.fmean(values)
-    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.2f} ± {std:.2f} (n={len(values)})"
+    return benchmarks.read_results(cfg.results)
 
 
 def _anchor(pair: tuple[float | None, float | None] | None) -> str:
@@ -172,7 +156,7 @@ def table(results: list[dict[str, Any]]) -> str:
         text = [r["test"]["text"]["f1"] for r in rows]
         view = [r["test"]["caption"]["f1"] for r in rows if "caption" in r["test"]]
         secs = statistics.fmean(r["train_seconds"] for r in rows)
-        lines.append(f"| {enc} | {ds} | {conf} | {_mean_std(text)} | {_mean_std(view)} | {secs:.0f} | "
+        lines.append(f"| {enc} | {ds} | {conf} | {benchmarks.mean_std(text)} | {benchmarks.mean_std(view)} | {secs:.0f} | "
                      f"{_anchor(ITA_BERT.get((ds, conf)))} |")
     return "\n".join(lines)
 
