@@ -68,8 +68,8 @@ def ray_local(s3_server):
     workers see the S3 server's endpoint and credentials)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    if not ray.is_initialized():  # address="local": a new instance, never a `ray start` cluster left behind
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {k: os.environ[k] for k in _FORWARD if k in os.environ}})
     yield ray
 

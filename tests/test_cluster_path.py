@@ -73,6 +73,18 @@ CASES = [  # (job, argv, exit status, text the one line holds)
     ("demo", ["--nyt", "/no/such/sample", "workdir={tmp}/demo"], 1, "caption.json not found"),
     ("demo", ["train_steps=0", "workdir={tmp}/demo"], 2, "train_steps must be >= 1"),
     ("import_corpus", ["--format", "bogus", "--source", "x"], 2, "format must be"),
+    ("import_corpus", ["--format", "twitter-keyphrase", "--source", "/no/such_src.txt"], 2, "not found"),
+    ("train_keyphrase", ["--train", "/no/such/rows", "--output", "{tmp}/runs"], 1, "not found: /no/such/rows"),
+    ("train_keyphrase", ["--train", "{tmp}", "zero_stage=3"], 1, "zero_stage must be 0, 1 or 2"),
+    ("train_keyphrase", ["--train", "{tmp}", "--mode", "guess"], 1, "mode must be one of joint, classify"),
+    ("train_keyphrase", ["--train", "{tmp}", "holdout=1.5"], 1, "holdout must be in [0, 1)"),
+    ("extract_keyphrases", ["--input", "{tmp}", "--output", "{tmp}/o"], 1, "needs --model"),
+    ("extract_keyphrases", ["--model", "/no/such/export", "--input", "{tmp}", "--output", "{tmp}/o"], 1,
+     "model not found"),
+    ("evaluate_keyphrases", ["--predictions", "{tmp}/p.txt", "--output", "{tmp}/r"], 1,
+     "--predictions and --source go together"),
+    ("evaluate_keyphrases", ["--output", "{tmp}/r"], 2, "--output and either --input"),
+    ("benchmark_keyphrase", ["--data", "{tmp}"], 2, "valid_ocr_kw.txt not found"),
 ]
 
 

@@ -74,12 +74,16 @@ JOB_CONFIGS = {
     "build_alignment_data": None, "train_alignment": None, "demo": "DemoConfig",
     "benchmark_caption": "BenchConfig", "benchmark_train": "BenchConfig",
     "image_views": None, "train_mner": None, "tag_entities": None, "evaluate_mner": None, "benchmark_mner": None,
+    "train_keyphrase": None, "extract_keyphrases": None, "evaluate_keyphrases": None, "benchmark_keyphrase": None,
 }
 
 
 @pytest.mark.parametrize("job", sorted(JOB_CONFIGS))
 def test_every_job_yaml_validates_against_its_config(job):
     """Each jobs/configs/<job>.yaml names only keys its job knows, with the right types."""
+    from eama.keyphrase import benchmark as kp_benchmark
+    from eama.keyphrase import extraction, training as kp_training
+    from eama.keyphrase import report as kp_report
     from eama.mner import benchmark, report, tagging, training, views
     from eama.news import alignment, alignment_training
 
@@ -88,12 +92,16 @@ def test_every_job_yaml_validates_against_its_config(job):
                   "train_alignment": alignment_training.TrainConfig,
                   "image_views": views.ImageViewsConfig, "train_mner": training.MnerTrainConfig,
                   "tag_entities": tagging.TagConfig, "evaluate_mner": report.ScoreConfig,
-                  "benchmark_mner": benchmark.BenchmarkConfig}.get(job)
+                  "benchmark_mner": benchmark.BenchmarkConfig,
+                  "train_keyphrase": kp_training.KeyphraseTrainConfig, "extract_keyphrases": extraction.ExtractConfig,
+                  "evaluate_keyphrases": kp_report.ScoreConfig, "benchmark_keyphrase": kp_benchmark.BenchmarkConfig,
+                  }.get(job)
     if schema_cls is None:
         schema_cls = getattr(load_job(job), JOB_CONFIGS[job])
     cfg = config.build_config(schema_cls, path)
     if job in ("caption_corpus", "import_corpus", "demo", "benchmark_caption", "image_views", "train_mner",
-               "tag_entities", "evaluate_mner", "benchmark_mner"):
+               "tag_entities", "evaluate_mner", "benchmark_mner", "train_keyphrase", "extract_keyphrases",
+               "evaluate_keyphrases", "benchmark_keyphrase"):
         assert cfg == schema_cls()  # these files document the defaults
 
 

@@ -76,6 +76,32 @@ def test_cosine_schedule_with_warmup():
     assert deepspeed_config.warmup_steps_for(1000, 0.03) == 30
 
 
+@pytest.mark.parametrize("shuffle,epochs", [(True, 2), (False, 1)])
+def test_workers_reading_the_data_themselves_get_ray_datas_order(shuffle, epochs, tmp_path, ray_local):
+    """data_loading=local hands every rank the micro-batches the Ray Data streaming split would:
+    the seeded per-epoch order, micro-batch j to rank j % world, resume by skipping."""
+    import pyarrow.parquet as pq
+
+    ids = [f"row-{i:03d}" for i in range(38)]
+    for k in range(2):
+        pq.write_table(pa.table({"sample_id": ids[k * 19:(k + 1) * 19], "x": list(range(k * 19, (k + 1) * 19))}),
+                       tmp_path / f"part-{k}.parquet")
+    files = sorted(str(p) for p in tmp_path.glob("part-*.parquet"))
+    cfg = trainer.TrainerConfig(micro_batch_size=4, epochs=epochs, seed=3, shuffle=shuffle)
+    streamed = [list(b["sample_id"]) for b in trainer.training_dataset(files, cfg, 38, ["sample_id"]).iter_batches(
+        batch_size=4, batch_format="numpy", drop_last=True)]
+    assert len(set(sum(streamed[:9], []))) == 36  # the first epoch: 36 distinct rows
+    for world in (1, 2):
+        cfg.num_workers = world
+        per_rank = trainer.plan_steps(38, cfg).micro_batches_per_rank
+        ranks = [[list(b["sample_id"]) for b in trainer.local_micro_batches(files, cfg, ["sample_id"], None, r, world,
+                                                                             per_rank, skip=0)] for r in range(world)]
+        assert all(len(r) == per_rank for r in ranks)
+        assert [ranks[j % world][j // world] for j in range(world * per_rank)] == streamed[:world * per_rank]
+        resumed = trainer.local_micro_batches(files, cfg, ["sample_id"], None, 0, world, per_rank, skip=2)
+        assert [list(b["sample_id"]) for b in resumed] == ranks[0][2:]
+
+
 def test_task_weights_and_step_plan():
     assert alignment_training.parse_task_weights("captioning=0.5") == {
         "sentence_selection": 1.0, "entity_selection": 1.0, "captioning": 0.5}
@@ -293,12 +319,14 @@ def reference_run(tmp_path_factory, small_tasks, ray_local):
 
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory, small_tasks, ray_local):
-    """2 workers x 2 rows on s3://, rank 1 killed after step 5 (checkpoints every 3 steps)."""
+    """2 workers x 2 rows on s3://, rank 1 killed after step 5 (checkpoints every 3 steps), fed by
+    Ray Data's streaming split (the reference run's workers read the data themselves)."""
     tmp = tmp_path_factory.mktemp("interrupted")
     marker = tmp / "killed.txt"
     cfg, history, result = fit(tmp, data=small_tasks, output="s3://eama-test/train-runs", run_name="killed",
                                micro_batch_size=2, grad_accum=1, max_steps=8, checkpoint_every=3,
-                               fail_at_step=5, fail_rank=1, fail_marker=str(marker), max_failures=2)
+                               fail_at_step=5, fail_rank=1, fail_marker=str(marker), max_failures=2,
+                               data_loading="stream")
     return cfg, history, result, marker
 
 

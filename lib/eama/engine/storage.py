@@ -203,6 +203,13 @@ def read_schema(path: str) -> pa.Schema:
         return pq.read_schema(fh)
 
 
+def file_size(path: str) -> int:
+    """Bytes of a local or s3:// file."""
+    if is_remote(path):
+        return int(filesystem(path).size(strip(path)))
+    return os.path.getsize(path)
+
+
 def parquet_num_rows(path: str) -> int:
     return sum(row_group_rows(path))
 

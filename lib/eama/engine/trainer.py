@@ -47,6 +47,7 @@ from eama.engine import deepspeed_config, storage
 log = logging.getLogger("eama.trainer")
 
 TRAINER_STATE = "trainer_state.json"
+DATA_LOADING = ("auto", "local", "stream")
 EXPORT_INFO = "eama_export.json"
 DS_TAG = "deepspeed"
 
@@ -80,6 +81,8 @@ class TrainerConfig:
     offload_params: bool = False  # keep parameters in CPU memory (ZeRO-3)
     param_persistence_threshold: int = -1  # ZeRO-3: params below this many elements stay whole; -1 = DeepSpeed's
     shuffle: bool = True  # one seeded global shuffle per epoch
+    data_loading: str = "auto"  # local (every worker reads the files and orders them in memory) | stream (Ray Data streaming split, any size) | auto (local when the files total <= local_data_bytes)
+    local_data_bytes: int = 1 << 30  # data_loading=auto: Parquet bytes up to which every worker holds the data itself
     seed: int = 0  # data order and initialisation
     checkpoint_every: int = 50  # optimizer steps (and at the end); 0 = never (benchmarks)
     keep_checkpoints: int = 2  # newest checkpoints kept in storage
@@ -106,6 +109,8 @@ def validate(cfg: TrainerConfig) -> None:
         raise SystemExit(f"schedule must be one of {', '.join(deepspeed_config.SCHEDULES)}, got {cfg.schedule!r}")
     if cfg.epochs > 1 and not cfg.shuffle:
         raise SystemExit("epochs > 1 needs shuffle=true (each epoch is a seeded order of the rows)")
+    if cfg.data_loading not in DATA_LOADING:
+        raise SystemExit(f"data_loading must be one of {', '.join(DATA_LOADING)}, got {cfg.data_loading!r}")
 
 
 def run_dir(cfg: TrainerConfig) -> str:
@@ -255,13 +260,9 @@ def epoch_order(batch: Any, epochs: int, seed: int, key_columns: Sequence[str]) 
     columns (joined by NUL)."""
     import pyarrow as pa
 
-    cols = [batch.column(c).to_pylist() for c in key_columns]
-    keys = ["\0".join(str(v) for v in values) for values in zip(*cols)]
     copies = []
     for epoch in range(epochs):
-        order = [(epoch << ORDER_BITS) + (int.from_bytes(
-            hashlib.blake2b(f"{seed}:{epoch}:{k}".encode(), digest_size=8).digest(), "big") >> (64 - ORDER_BITS))
-            for k in keys]
+        order = [(epoch << ORDER_BITS) + k for k in _epoch_keys(batch, epoch, seed, key_columns)]
         copies.append(batch.append_column("order", pa.array(order, pa.int64())))
     return pa.concat_tables(copies)
 
@@ -272,6 +273,51 @@ def sort_boundaries(rows: int, epochs: int) -> list[int]:
     span = 1 << ORDER_BITS
     bounds = [e * span + k * span // per_epoch for e in range(epochs) for k in range(per_epoch)][1:]
     return bounds or [epochs * span]  # one boundary past every key: Ray needs at least one
+
+
+def _epoch_keys(table: Any, epoch: int, seed: int, key_columns: Sequence[str]) -> list[int]:
+    """A 40-bit seeded hash per row of its key columns (joined by NUL) in `epoch`."""
+    cols = [table.column(c).to_pylist() for c in key_columns]
+    keys = ["\0".join(str(v) for v in values) for values in zip(*cols)]
+    return [int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{k}".encode(), digest_size=8).digest(), "big")
+            >> (64 - ORDER_BITS) for k in keys]
+
+
+def local_micro_batches(files: Sequence[str], cfg: TrainerConfig, sort_columns: Sequence[str],
+                        columns: Sequence[str] | None, rank: int, world: int, per_rank: int, skip: int
+                        ) -> Iterator[dict[str, np.ndarray]]:
+    """data_loading=local: the same order as `training_dataset` (epoch by epoch, rows sorted on the
+    seeded hash; the files' order with shuffle=false), cut into micro-batches, micro-batch j going to
+    rank j % world, read by the worker itself (no Ray Data split coordinator polling beside it)."""
+    import pyarrow as pa
+
+    table = pa.concat_tables([storage.read_table(f, list(columns) if columns is not None else None)
+                              for f in files], promote_options="permissive")
+    n = table.num_rows
+    if cfg.shuffle:
+        orders = (sorted(range(n), key=_epoch_keys(table, e, cfg.seed, sort_columns).__getitem__)
+                  for e in range(cfg.epochs))
+    else:
+        orders = (range(n) for _ in range(cfg.epochs))
+    mb = cfg.micro_batch_size
+    pending: list[int] = []
+    j = mine = 0
+    for order in orders:
+        pending.extend(order)
+        while len(pending) >= mb and mine < per_rank:
+            take, pending = pending[:mb], pending[mb:]
+            if j % world == rank:
+                if mine >= skip:
+                    chunk = table.take(pa.array(take))
+                    yield {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in chunk.column_names}
+                mine += 1
+            j += 1
+
+
+def use_local_data(files: Sequence[str], cfg: TrainerConfig) -> bool:
+    if cfg.data_loading != "auto":
+        return cfg.data_loading == "local"
+    return sum(storage.file_size(f) for f in files) <= cfg.local_data_bytes
 
 
 def micro_batches(shard: Any, micro_batch_size: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
@@ -785,8 +831,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         info("resumed from %s", ckpt.path)
     info("engine ready (ZeRO-%d) at step %d, %.1fs after start", cfg.zero_stage, state.step, time.time() - started)
     peak = peak_flops(torch.cuda.get_device_name()) if cfg.use_gpu else None
-    batches = micro_batches(ray.train.get_dataset_shard("train"), cfg.micro_batch_size,
-                            skip=state.step * cfg.grad_accum)
+    if config.get("files"):
+        batches = local_micro_batches(config["files"], cfg, task.sort_columns, task.columns, rank, world,
+                                      plan.micro_batches_per_rank, skip=state.step * cfg.grad_accum)
+    else:
+        batches = micro_batches(ray.train.get_dataset_shard("train"), cfg.micro_batch_size,
+                                skip=state.step * cfg.grad_accum)
     progress = Progress(plan.total_steps, state.step)
     engine.train()
     while state.step < plan.total_steps:
@@ -868,16 +918,22 @@ def fit(task: TrainingTask) -> Any:
              "%d epochs, %d warm-up steps, ZeRO-%d); run %s", task.title, rows, len(files), plan.total_steps,
              plan.rows_per_step, cfg.num_workers, cfg.micro_batch_size, cfg.grad_accum, cfg.epochs,
              plan.warmup_steps, cfg.zero_stage, run_dir(cfg))
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # with one-micro-batch blocks: micro-batch j goes to rank j % world
+    local = use_local_data(files, cfg)
+    log.info("data: %s", "read by every worker (data_loading=local)" if local else "Ray Data streaming split")
+    data: dict[str, Any] = {}
+    if not local:
+        ingest = DataConfig.default_ingest_options()
+        ingest.preserve_order = True  # with one-micro-batch blocks: micro-batch j goes to rank j % world
+        data = {"datasets": {"train": training_dataset(files, cfg, rows, task.sort_columns, task.columns)},
+                "dataset_config": DataConfig(datasets_to_split=["train"], execution_options=ingest)}
     relay = ray.remote(num_cpus=0)(ProgressRelay).remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"task": task, "plan": dataclasses.asdict(plan), "relay": relay},
+        train_loop_config={"task": task, "plan": dataclasses.asdict(plan), "relay": relay,
+                           "files": list(files) if local else None},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        datasets={"train": training_dataset(files, cfg, rows, task.sort_columns, task.columns)},
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
+        **data,
         run_config=RunConfig(
             name=cfg.run_name,
             storage_path=cfg.output,
