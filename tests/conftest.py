@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,54 @@ def kill_when(cmd: list[str], ready, log_path: Path, timeout: float = 240) -> No
             p.kill()
     psutil.wait_procs(workers, timeout=30)
     proc.wait()
+
+
+# ---------------------------------------------------------------- the pip resolver dry run, in the background
+#
+# A resolver run takes minutes of waiting on the package index and little CPU: it starts as soon as
+# the test that checks it is collected and runs beside the other tests; the test waits for it.
+
+PIP_DRY_RUN: dict[str, "PipDryRun"] = {}
+
+
+class PipDryRun:
+    """`pip install --dry-run --report` of the project in a fresh venv, torch pinned, no constraints."""
+
+    def __init__(self) -> None:
+        import shutil
+        import subprocess
+        import tempfile
+        import time
+
+        root = Path(__file__).resolve().parents[1]
+        self.tmp = Path(tempfile.mkdtemp(prefix="eama-pip-"))
+        source = self.tmp / "src"
+        source.mkdir()
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy(root / name, source / name)
+        shutil.copytree(root / "lib", source / "lib", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(self.tmp / "venv")], check=True, timeout=120)
+        self.report = self.tmp / "report.json"
+        self.stderr = open(self.tmp / "stderr.txt", "w+")
+        self.started = time.time()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pip", "--python", str(self.tmp / "venv" / "bin" / "python"), "install",
+             "--dry-run", "--ignore-installed", "--quiet", "--report", str(self.report), "torch==2.13.0", str(source)],
+            stdout=subprocess.DEVNULL, stderr=self.stderr)
+
+    def wait(self, timeout: float = 1400) -> tuple[int, str, float]:
+        """(exit status, stderr, seconds since it started)."""
+        import time
+
+        code = self.proc.wait(timeout=timeout)
+        self.stderr.seek(0)
+        return code, self.stderr.read(), time.time() - self.started
+
+
+def pytest_collection_finish(session) -> None:
+    if any(item.name.startswith("test_pip_resolves") for item in session.items):
+        PIP_DRY_RUN["job"] = PipDryRun()
+
+
+def pip_dry_run() -> PipDryRun:
+    return PIP_DRY_RUN.get("job") or PIP_DRY_RUN.setdefault("job", PipDryRun())
