@@ -13,8 +13,6 @@ extract_keyphrases loads with --model. The test set is never read.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import sys
 from typing import Sequence
@@ -38,16 +36,7 @@ FLAGS = [
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = config.parse_args(training.KeyphraseTrainConfig, __doc__.splitlines()[0], FLAGS, argv)
-    if not cfg.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    result = training.fit(cfg)
-    if result.error:
-        raise SystemExit(f"training failed: {result.error}")
-    out = trainer.run_summary(cfg)
-    print(json.dumps(out, indent=2))
-    return out
+    return trainer.train_job(training.KeyphraseTrainConfig, training.fit, __doc__.splitlines()[0], FLAGS, argv)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ text+view input); RUNS/NAME/export holds the model of the epoch with the best me
 
 from __future__ import annotations
 
-import json
-import logging
 import os
+import sys
+from typing import Sequence
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -34,18 +34,9 @@ FLAGS = [
 ]
 
 
-def main() -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = config.parse_args(training.MnerTrainConfig, __doc__.splitlines()[0], FLAGS)
-    if not cfg.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    result = training.fit(cfg)
-    if result.error:
-        raise SystemExit(f"training failed: {result.error}")
-    out = trainer.run_summary(cfg)
-    print(json.dumps(out, indent=2))
-    return out
+def main(argv: Sequence[str] | None = None) -> dict:
+    return trainer.train_job(training.MnerTrainConfig, training.fit, __doc__.splitlines()[0], FLAGS, argv)
 
 
 if __name__ == "__main__":
-    config.main(main)
+    config.main(main, sys.argv[1:])

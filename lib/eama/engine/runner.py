@@ -133,6 +133,34 @@ def isolate(todo: list[Row], size: int, fn: Callable[[list[Row]], None], stage: 
                     fail(r, stage, f"{type(inner).__name__}: {inner}")
 
 
+@dataclasses.dataclass
+class ModelJobConfig(RunnerConfig):
+    """A batch job that runs one trained model per actor (tag_entities, extract_keyphrases)."""
+
+    model: str = ""  # the trained model's export folder (RUNS/NAME/export), local or s3://
+    device: str = "auto"  # auto | cuda | cpu
+    actors: int = 0  # model replicas; 0 = one per GPU (or one per 8 CPUs without GPUs)
+    threads: int = 0  # torch threads per actor on CPU; 0 = the CPUs it reserves
+    batch_size: int = 256
+
+
+def validate_model_job(cfg: ModelJobConfig, job: str, trained_by: str) -> None:
+    """The checks every model job needs before Ray starts (SystemExit naming what is wrong); makes
+    the model path absolute, as the actors may run in another directory."""
+    import os
+
+    if not cfg.model:
+        raise SystemExit(f"{job} needs --model (a {trained_by} export folder)")
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        raise SystemExit(f"device must be auto, cuda or cpu, got {cfg.device!r}")
+    if not cfg.input or (not storage.exists(cfg.input) and not any(ch in cfg.input for ch in "*?[")):
+        raise SystemExit(f"input not found: {cfg.input or '(none given: --input)'}")
+    if not storage.is_remote(cfg.model) and not os.path.isdir(cfg.model):
+        raise SystemExit(f"model not found: {cfg.model}")
+    cfg.model = storage.absolute(cfg.model)
+    validate(cfg)
+
+
 def validate(cfg: RunnerConfig) -> None:
     if cfg.on_bad_shard not in ("continue", "fail"):
         raise SystemExit(f"on_bad_shard must be continue or fail, got {cfg.on_bad_shard!r}")

@@ -200,6 +200,25 @@ class TrainingTask(abc.ABC):
         return None
 
 
+def rank_share(rows: Sequence[Any]) -> tuple[list[Any], int, int]:
+    """For a task's evaluate: (this rank's rows, rows[rank::world]), rank, world size)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return list(rows[rank::world]), rank, world
+
+
+def sum_over_ranks(tensor: Any, device: Any) -> Any:
+    """The element-wise sum of `tensor` over all ranks (itself when there is one)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.to(device)
+        dist.all_reduce(tensor)
+    return tensor
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -378,6 +397,23 @@ def write_metrics(history: list[dict[str, Any]], directory: str) -> None:
 def read_metrics(directory: str) -> list[dict[str, Any]]:
     raw = storage.read_bytes(storage.join(directory, "metrics.jsonl")).decode()
     return [json.loads(line) for line in raw.splitlines() if line.strip()]
+
+
+def train_job(config_class: type, fit_fn: Any, description: str, flags: Sequence[Any],
+              argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """A training job's main: parse the settings, train (or resume), print and return the summary."""
+    from eama.engine import config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config.parse_args(config_class, description, flags, argv)
+    if not cfg.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    result = fit_fn(cfg)
+    if result.error:
+        raise SystemExit(f"training failed: {result.error}")
+    out = run_summary(cfg)
+    print(json.dumps(out, indent=2))
+    return out
 
 
 def run_summary(cfg: TrainerConfig) -> dict[str, Any]:

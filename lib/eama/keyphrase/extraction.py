@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import pyarrow as pa
 
-from eama.engine import resources, runner, schema, storage
+from eama.engine import resources, runner, schema
 from eama.keyphrase import model as kp_model
 from eama.keyphrase import training
 
@@ -28,36 +27,23 @@ WORK = schema.work_schema(list(schema.KEYPHRASE_SAMPLE) + [
 
 
 @dataclasses.dataclass
-class ExtractConfig(runner.RunnerConfig):
-    """extract_keyphrases settings; the runner's keys (input, output, commit_rows, ...) come first."""
+class ExtractConfig(runner.ModelJobConfig):
+    """extract_keyphrases settings; the runner's keys (input, output, commit_rows, ...) and the model
+    job's (model, device, actors, threads) come first."""
 
-    model: str = ""  # a train_keyphrase export folder (RUNS/NAME/export), local or s3://
     mode: str = "model"  # model (the one it was trained with) | joint | classify | generate
     top_n: int = 0  # keyphrases per post; 0 = the model's
     beam_size: int = 0  # beams; 0 = the model's
     images: bool = True  # region features for rows with an image (when the model was trained with them)
-    device: str = "auto"  # auto | cuda | cpu
-    actors: int = 0  # model replicas; 0 = one per GPU (or one per 8 CPUs without GPUs)
     extract_batch_size: int = 32  # posts per beam search (sorted by length within a block)
-    threads: int = 0  # torch threads per actor on CPU; 0 = the CPUs it reserves
-    batch_size: int = 256
 
 
 def validate(cfg: ExtractConfig) -> None:
-    if not cfg.model:
-        raise SystemExit("extract_keyphrases needs --model (a train_keyphrase export folder)")
     if cfg.mode != "model" and cfg.mode not in kp_model.MODES:
         raise SystemExit(f"mode must be model or one of {', '.join(kp_model.MODES)}, got {cfg.mode!r}")
-    if cfg.device not in ("auto", "cuda", "cpu"):
-        raise SystemExit(f"device must be auto, cuda or cpu, got {cfg.device!r}")
     if cfg.top_n < 0 or cfg.beam_size < 0 or cfg.extract_batch_size < 1:
         raise SystemExit("top_n and beam_size must be >= 0 (0: the model's), extract_batch_size >= 1")
-    if not cfg.input or (not storage.exists(cfg.input) and not any(ch in cfg.input for ch in "*?[")):
-        raise SystemExit(f"input not found: {cfg.input or '(none given: --input)'}")
-    if not storage.is_remote(cfg.model) and not os.path.isdir(cfg.model):
-        raise SystemExit(f"model not found: {cfg.model}")
-    cfg.model = storage.absolute(cfg.model)
-    runner.validate(cfg)
+    runner.validate_model_job(cfg, "extract_keyphrases", "train_keyphrase")
 
 
 def effective_spec(spec: kp_model.KeyphraseSpec, cfg: ExtractConfig) -> kp_model.KeyphraseSpec:

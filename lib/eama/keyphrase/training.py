@@ -236,14 +236,11 @@ class KeyphraseTask(trainer.TrainingTask):
     def evaluate(self, engine: Any, step: int) -> Mapping[str, float] | None:
         """The metric on the held-out posts (beam search); every rank scores rows rank::world."""
         import torch
-        import torch.distributed as dist
 
         if not self.valid_rows:
             return None
         cfg: KeyphraseTrainConfig = self.config  # type: ignore[assignment]
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        mine = self.valid_rows[rank::world]
+        mine, _, _ = trainer.rank_share(self.valid_rows)
         sums = metric.accumulate([], [], [])
         for k in range(0, len(mine), cfg.eval_batch_size):
             chunk = mine[k:k + cfg.eval_batch_size]
@@ -255,9 +252,7 @@ class KeyphraseTask(trainer.TrainingTask):
                     sums[scope][key] = sums[scope].get(key, 0.0) + v
         keys = ["posts"] + list(metric.SUM_KEYS)
         flat = torch.tensor([sums["all"].get(k, 0.0) for k in keys], dtype=torch.float64)
-        if dist.is_initialized() and world > 1:
-            flat = flat.to(self.device)
-            dist.all_reduce(flat)
+        flat = trainer.sum_over_ranks(flat, self.device)
         merged = {"all": dict(zip(keys, flat.tolist())), "present": {"posts": 0.0}, "absent": {"posts": 0.0}}
         report = metric.finish(merged)
         a = report["all"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import pyarrow as pa
@@ -26,31 +25,18 @@ WORK = schema.work_schema(list(schema.MNER_SAMPLE) + [pa.field("predicted_tags",
 
 
 @dataclasses.dataclass
-class TagConfig(runner.RunnerConfig):
-    """tag_entities settings; the runner's keys (input, output, commit_rows, ...) come first."""
+class TagConfig(runner.ModelJobConfig):
+    """tag_entities settings; the runner's keys (input, output, commit_rows, ...) and the model job's
+    (model, device, actors, threads) come first."""
 
-    model: str = ""  # a train_mner export folder (RUNS/NAME/export), local or s3://
     view: str = "model"  # input view: model (the one it was trained with) | text | caption | ocr | tags | all
-    device: str = "auto"  # auto | cuda | cpu
-    actors: int = 0  # tagger replicas; 0 = one per GPU (or one per 8 CPUs without GPUs)
     tag_batch_size: int = 64  # posts per forward pass (sorted by length within a block)
-    threads: int = 0  # torch threads per actor on CPU; 0 = the CPUs it reserves
-    batch_size: int = 256
 
 
 def validate(cfg: TagConfig) -> None:
-    if not cfg.model:
-        raise SystemExit("tag_entities needs --model (a train_mner export folder)")
     if cfg.view != "model" and cfg.view not in tagger.VIEWS:
         raise SystemExit(f"view must be model or one of {', '.join(tagger.VIEWS)}, got {cfg.view!r}")
-    if cfg.device not in ("auto", "cuda", "cpu"):
-        raise SystemExit(f"device must be auto, cuda or cpu, got {cfg.device!r}")
-    if not cfg.input or (not storage.exists(cfg.input) and not any(ch in cfg.input for ch in "*?[")):
-        raise SystemExit(f"input not found: {cfg.input or '(none given: --input)'}")
-    if not storage.is_remote(cfg.model) and not os.path.isdir(cfg.model):
-        raise SystemExit(f"model not found: {cfg.model}")
-    cfg.model = storage.absolute(cfg.model)  # the actors may run in another directory
-    runner.validate(cfg)
+    runner.validate_model_job(cfg, "tag_entities", "train_mner")
 
 
 def check_post(row: Row) -> str | None:

@@ -208,14 +208,11 @@ class MnerTask(trainer.TrainingTask):
     def evaluate(self, engine: Any, step: int) -> Mapping[str, float] | None:
         """Validation F1 in both evaluation views; every rank scores rows rank::world."""
         import torch
-        import torch.distributed as dist
 
         if not self.valid_rows:
             return None
         cfg: MnerTrainConfig = self.config  # type: ignore[assignment]
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        mine = self.valid_rows[rank::world]
+        mine, _, world = trainer.rank_share(self.valid_rows)
         views = ["text"] + ([cfg.view] if cfg.view != "text" else [])
         counts = torch.zeros(len(views), 3, dtype=torch.float64)
         # every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively)
@@ -227,9 +224,7 @@ class MnerTask(trainer.TrainingTask):
                 pred = self.predict(engine, chunk, view)
                 if real:
                     counts[j] += torch.tensor(spans.span_counts([r["tags"] for r in chunk], pred), dtype=torch.float64)
-        if dist.is_initialized() and world > 1:
-            counts = counts.to(self.device)
-            dist.all_reduce(counts)
+        counts = trainer.sum_over_ranks(counts, self.device)
         scores = {f"dev_f1_{v if v == 'text' else 'view'}": spans.f1(*map(int, counts[j].tolist()))
                   for j, v in enumerate(views)}
         scores["dev_f1"] = float(np.mean(list(scores.values())))
