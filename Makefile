@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 	$(PY) jobs/demo.py $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -rs tests $(ARGS)
+	$(PY) -m pytest -q -rs --durations=25 tests $(ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) jobs/benchmark_caption.py $(ARGS)
