@@ -88,8 +88,16 @@ def test_workers_reading_the_data_themselves_get_ray_datas_order(shuffle, epochs
                        tmp_path / f"part-{k}.parquet")
     files = sorted(str(p) for p in tmp_path.glob("part-*.parquet"))
     cfg = trainer.TrainerConfig(micro_batch_size=4, epochs=epochs, seed=3, shuffle=shuffle)
-    streamed = [list(b["sample_id"]) for b in trainer.training_dataset(files, cfg, 38, ["sample_id"]).iter_batches(
-        batch_size=4, batch_format="numpy", drop_last=True)]
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    kept = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # as the trainer's ingest options set it
+    try:
+        streamed = [list(b["sample_id"]) for b in trainer.training_dataset(files, cfg, 38, ["sample_id"]).iter_batches(
+            batch_size=4, batch_format="numpy", drop_last=True)]
+    finally:
+        context.execution_options.preserve_order = kept
     assert len(set(sum(streamed[:9], []))) == 36  # the first epoch: 36 distinct rows
     for world in (1, 2):
         cfg.num_workers = world
