@@ -45,7 +45,9 @@ class BenchmarkConfig:
     encoder: str = "minilm"  # minilm | mpnet | a Hugging Face id or folder
     holdout: float = 0.1  # share of the training posts held out for model selection
     epochs: int = 4
-    lr: float = 5e-5
+    lr: float = 5e-5  # the encoder's learning rate
+    head_lr: float = 0.0  # the new layers' learning rate; 0 = lr
+    tag: str = ""  # appended to the neural runs' names: set it when a setting above changes, so earlier results are not taken for these
     micro_batch_size: int = 16  # posts per worker per forward pass
     num_workers: int = 1  # training workers
     cpus_per_worker: float = 1.0  # CPUs each training worker reserves
@@ -59,7 +61,7 @@ class BenchmarkConfig:
 def run_name(cfg: BenchmarkConfig, config: str, seed: int | None) -> str:
     if config in BASELINES:
         return f"baseline-{config}"
-    return f"{os.path.basename(cfg.encoder.rstrip('/'))}-{config}-s{seed}"
+    return f"{os.path.basename(cfg.encoder.rstrip('/'))}-{config}-s{seed}" + (f"-{cfg.tag}" if cfg.tag else "")
 
 
 def import_data(cfg: BenchmarkConfig) -> dict[str, str]:
@@ -82,7 +84,7 @@ def train_one(cfg: BenchmarkConfig, data: dict[str, str], config: str, seed: int
     tcfg = training.KeyphraseTrainConfig(
         train=data["train"], valid=data["holdout"], output=storage.join(cfg.output, "runs"),
         run_name=run_name(cfg, config, seed), encoder=cfg.encoder, inputs=inputs, mode=mode, epochs=cfg.epochs,
-        lr=cfg.lr, seed=seed, micro_batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers,
+        lr=cfg.lr, head_lr=cfg.head_lr, seed=seed, micro_batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers,
         cpus_per_worker=cfg.cpus_per_worker, torch_threads=cfg.torch_threads)
     tcfg.checkpoint_every = training.steps_per_epoch(training.keyphrase_files(data["train"])[1], tcfg)
     tcfg.keep_checkpoints = 1
@@ -107,7 +109,8 @@ def neural_run(cfg: BenchmarkConfig, data: dict[str, str], config: str, seed: in
     full = report.score_output(report.ScoreConfig(input=out))
     best = next((d for d in summary["dev"] if d["step"] == summary["selected_step"]), {})
     return {"config": config, "seed": seed, "encoder": cfg.encoder, "inputs": tcfg.inputs, "mode": tcfg.mode,
-            "epochs": cfg.epochs, "lr": cfg.lr, "selected_step": summary["selected_step"], "dev": best,
+            "epochs": cfg.epochs, "lr": cfg.lr, "head_lr": cfg.head_lr or cfg.lr, "tag": cfg.tag,
+            "selected_step": summary["selected_step"], "dev": best,
             "test": scores_of(full), "train_seconds": summary["train_seconds"],
             "train_wall_seconds": round(time.time() - started, 1), "extract_seconds": manifest["wall_seconds"]}
 
@@ -154,10 +157,13 @@ def table(results: list[dict[str, Any]]) -> str:
     order = list(BASELINES) + list(CONFIGS)
     lines = ["| row | encoder | F1@1 | F1@3 | MAP@5 | present F1@1 | absent F1@1 | train s/run |",
              "|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["config"], r.get("encoder") or "-") for r in results},
-                  key=lambda k: (order.index(k[0]) if k[0] in order else 99, k[1]))
+    def key(r: dict[str, Any]) -> tuple[str, str]:
+        return r["config"] + (f" ({r['tag']})" if r.get("tag") else ""), r.get("encoder") or "-"
+
+    keys = sorted({key(r) for r in results},
+                  key=lambda k: (order.index(k[0].split()[0]) if k[0].split()[0] in order else 99, k))
     for conf, enc in keys:
-        rows = [r for r in results if (r["config"], r.get("encoder") or "-") == (conf, enc)]
+        rows = [r for r in results if key(r) == (conf, enc)]
         cell = [benchmarks.mean_std([r["test"][scope][m] for r in rows])
                 for scope, m in (("all", "F1@1"), ("all", "F1@3"), ("all", "MAP@5"), ("present", "F1@1"),
                                  ("absent", "F1@1"))]

@@ -53,7 +53,8 @@ class KeyphraseTrainConfig(trainer.TrainerConfig):
     eval_batch_size: int = 32  # posts per beam search when evaluating
     eval_per_epoch: bool = True  # evaluate on the held-out posts after every epoch
     run_name: str = "keyphrase"
-    lr: float = 5e-5
+    lr: float = 5e-5  # the encoder's learning rate
+    head_lr: float = 0.0  # the new layers' (classifier, decoder, filters); 0 = lr
     epochs: int = 4
     micro_batch_size: int = 16
     zero_stage: int = 2
@@ -75,6 +76,8 @@ def validate(cfg: KeyphraseTrainConfig) -> None:
                          "embeddings, which ZeRO-3 would partition outside their module")
     if not 0.0 <= cfg.holdout < 1.0:
         raise SystemExit(f"holdout must be in [0, 1), got {cfg.holdout}")
+    if cfg.head_lr < 0:
+        raise SystemExit(f"head_lr must be >= 0 (0: lr), got {cfg.head_lr}")
     if min(cfg.beam_size, cfg.top_n, cfg.max_phrase_tokens, cfg.copy_top_k, cfg.min_class_count) < 1:
         raise SystemExit("beam_size, top_n, max_phrase_tokens, copy_top_k and min_class_count must be >= 1")
     for path in (cfg.train, cfg.valid):
@@ -203,7 +206,11 @@ class KeyphraseTask(trainer.TrainingTask):
         self.device = device
         self.class_index = {c: i for i, c in enumerate(self.spec.classes)}
         self.valid_rows = read_rows(cfg.valid, cfg.images) if cfg.valid else []
-        return trainer.ModelParts(self.model)
+        encoder_ids = {id(p) for p in self.model.encoder.parameters()}
+        heads = [p for p in self.model.parameters() if id(p) not in encoder_ids]
+        groups = [{"params": list(self.model.encoder.parameters()), "lr": cfg.lr},
+                  {"params": heads, "lr": cfg.head_lr or cfg.lr}]
+        return trainer.ModelParts(self.model, parameters=groups)
 
     def collate(self, rows: dict[str, np.ndarray]) -> Batch:
         n = len(rows["sample_id"])
