@@ -29,6 +29,7 @@ import abc
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -201,7 +202,7 @@ class TrainingTask(abc.ABC):
 
 
 def rank_share(rows: Sequence[Any]) -> tuple[list[Any], int, int]:
-    """For a task's evaluate: (this rank's rows, rows[rank::world]), rank, world size)."""
+    """For a task's evaluate: (this rank's rows, i.e. rows[rank::world], rank, world size)."""
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -318,19 +319,15 @@ def local_micro_batches(files: Sequence[str], cfg: TrainerConfig, sort_columns: 
                   for e in range(cfg.epochs))
     else:
         orders = (range(n) for _ in range(cfg.epochs))
-    mb = cfg.micro_batch_size
-    pending: list[int] = []
-    j = mine = 0
-    for order in orders:
-        pending.extend(order)
-        while len(pending) >= mb and mine < per_rank:
-            take, pending = pending[:mb], pending[mb:]
-            if j % world == rank:
-                if mine >= skip:
-                    chunk = table.take(pa.array(take))
-                    yield {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in chunk.column_names}
-                mine += 1
-            j += 1
+    sequence = itertools.chain.from_iterable(orders)  # the epochs one after another, as the sort gives them
+    for j in itertools.count():
+        take = list(itertools.islice(sequence, cfg.micro_batch_size))
+        mine = j // world
+        if len(take) < cfg.micro_batch_size or mine >= per_rank:
+            return
+        if j % world == rank and mine >= skip:
+            chunk = table.take(pa.array(take))
+            yield {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in chunk.column_names}
 
 
 def use_local_data(files: Sequence[str], cfg: TrainerConfig) -> bool:

@@ -90,7 +90,7 @@ def validate(cfg: KeyphraseTrainConfig) -> None:
 
 def keyphrase_files(path: str) -> tuple[list[str], int]:
     """The keyphrase shards under `path` (checked against the contract) and their rows."""
-    files = [f for f in storage.list_files(path)]
+    files = storage.list_files(path)
     if not files:
         raise SystemExit(f"no Parquet files under {path}")
     for f in files:
@@ -222,10 +222,10 @@ class KeyphraseTask(trainer.TrainingTask):
         regions, has = region_features(as_rows, self.config.images)
         inputs = kp_model.encode_inputs(self.tokenizer, as_rows, self.spec, regions, has).to(self.device)
         targets = kp_model.make_targets(self.tokenizer, as_rows, self.spec, self.class_index).to(self.device)
-        flag = has.long() if has is not None else np.zeros(n, dtype=np.int64)
         import torch
 
-        return Batch(inputs, targets, torch.as_tensor(flag).to(self.device), int(targets.pair_post.numel()))
+        flag = has.long() if has is not None else torch.zeros(n, dtype=torch.long)
+        return Batch(inputs, targets, flag.to(self.device), int(targets.pair_post.numel()))
 
     def loss(self, engine: Any, batch: Batch) -> tuple[Any, Any, Any]:
         total, _ = engine(batch.inputs, batch.targets)
