@@ -186,7 +186,7 @@ def throughput(cfg: BenchmarkConfig, results: list[dict[str, Any]]) -> str | Non
     started = time.perf_counter()
     with torch.inference_mode():
         for k in range(0, len(ordered), 64):
-            tagger.tag_rows(net, tok, ordered[k:k + 64], view, spec.labels, spec.max_length)
+            tagger.tag_with(net, tok, spec, ordered[k:k + 64], view)
     raw = len(ordered) / (time.perf_counter() - started)
     job = manifest["this_run"]["written"] / manifest["wall_seconds"]
     stage = manifest["throughput_rows_per_s"].get("tag")

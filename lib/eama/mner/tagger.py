@@ -30,6 +30,8 @@ class TaggerSpec:
     encoder: str = ""  # what the encoder was loaded from
     cva: bool = False
     temperature: float = 1.0
+    method: str = "ita"  # ita | bga
+    bga: dict[str, Any] | None = None  # BGA-MNER's settings (bga.BgaSpec) for method=bga
 
     @property
     def labels(self) -> list[str]:
@@ -127,9 +129,11 @@ def gold_labels(tags: Sequence[Sequence[str]], labels: Sequence[str], width: int
     return out
 
 
-def predict(model: Tagger, enc: Encoding, labels: Sequence[str], lengths: Sequence[int]) -> list[list[str]]:
-    """BIO tags per post: Viterbi over the words that got a position; the others are O."""
-    emissions = model(**model_inputs(enc))
+def predict(model: Any, enc: Encoding, labels: Sequence[str], lengths: Sequence[int],
+            extra: dict[str, Any] | None = None) -> list[list[str]]:
+    """BIO tags per post: Viterbi over the words that got a position; the others are O. `extra`:
+    further model inputs (BGA's visual ones)."""
+    emissions = model(**model_inputs(enc), **(extra or {}))
     mask = enc.word_mask  # type: ignore[attr-defined]
     paths = model.crf.decode(emissions.float(), mask | ~mask.any(1, keepdim=True))
     out = []
@@ -148,6 +152,21 @@ def tag_rows(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], view: s
     views = None if view == "text" else [view_text(r, view, tokenizer.sep_token or "|") for r in rows]
     enc = encode(tokenizer, words, views, max_length, device)
     return predict(model, enc, labels, [len(w) for w in words])
+
+
+def tag_with(model: Any, tokenizer: Any, spec: TaggerSpec, rows: Sequence[dict[str, Any]], view: str,
+             device: Any = "cpu") -> list[list[str]]:
+    """BIO tags of MNER rows by a loaded tagger of either method, in evaluation view `view`."""
+    if spec.method == "bga":
+        from eama.mner import bga_tagger
+
+        return bga_tagger.tag_rows(model, tokenizer, spec, rows, view, device)
+    return tag_rows(model, tokenizer, rows, view, spec.labels, spec.max_length, device)
+
+
+def views_of(spec: TaggerSpec) -> tuple[str, ...]:
+    """The evaluation views a tagger accepts at inference."""
+    return ("text", "visual") if spec.method == "bga" else VIEWS
 
 
 # ---------------------------------------------------------------- building, export and loading
@@ -171,8 +190,12 @@ def read_spec(location: str) -> TaggerSpec:
 
 
 def load(location: str, device: str = "cpu") -> tuple[Tagger, Any, TaggerSpec]:
-    """A tagger export (local folder or s3://) ready for inference."""
+    """A tagger export (local folder or s3://) of either method, ready for inference."""
     spec = read_spec(location)
+    if spec.method == "bga":
+        from eama.mner import bga_tagger
+
+        return bga_tagger.load(location, device)
     encoder, tokenizer, load_weights = encoders.load_model_folder(location)
     model = Tagger(encoder, len(spec.labels))
     load_weights(model)

@@ -29,13 +29,14 @@ class TagConfig(runner.ModelJobConfig):
     """tag_entities settings; the runner's keys (input, output, commit_rows, ...) and the model job's
     (model, device, actors, threads) come first."""
 
-    view: str = "model"  # input view: model (the one it was trained with) | text | caption | ocr | tags | all
+    view: str = "model"  # input view: model (the one it was trained with) | text | caption | ocr | tags | all (ITA); text | visual (BGA)
     tag_batch_size: int = 64  # posts per forward pass (sorted by length within a block)
 
 
 def validate(cfg: TagConfig) -> None:
-    if cfg.view != "model" and cfg.view not in tagger.VIEWS:
-        raise SystemExit(f"view must be model or one of {', '.join(tagger.VIEWS)}, got {cfg.view!r}")
+    known = tagger.VIEWS + ("visual",)
+    if cfg.view != "model" and cfg.view not in known:
+        raise SystemExit(f"view must be model or one of {', '.join(known)}, got {cfg.view!r}")
     runner.validate_model_job(cfg, "tag_entities", "train_mner")
 
 
@@ -80,8 +81,7 @@ class Tagger:
         import torch
 
         with torch.inference_mode():
-            predicted = tagger.tag_rows(self.model, self.tokenizer, chunk, self.view, self.spec.labels,
-                                        self.spec.max_length, self.device)
+            predicted = tagger.tag_with(self.model, self.tokenizer, self.spec, chunk, self.view, self.device)
         for r, tags in zip(chunk, predicted):
             r["predicted_tags"] = tags
             r["entities"] = spans.entities(r["tokens"], spans.bio_spans(tags))
@@ -117,6 +117,9 @@ def run(cfg: TagConfig) -> dict[str, Any]:
     validate(cfg)
     spec = tagger.read_spec(cfg.model)
     view = spec.view if cfg.view == "model" else cfg.view
+    if view not in tagger.views_of(spec):
+        raise SystemExit(f"{cfg.model}: a {spec.method} tagger tags in view {' | '.join(tagger.views_of(spec))}, "
+                         f"not {view!r}")
     if not ray.is_initialized():
         ray.init()
     res = ray.cluster_resources()

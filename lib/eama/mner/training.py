@@ -51,11 +51,38 @@ class MnerTrainConfig(trainer.TrainerConfig):
     warmup_ratio: float = 0.0
     select_metric: str = "dev_f1"
     checkpoint_every: int = 0
+    # BGA-MNER (method=bga); ITA reads none of these
+    method: str = "ita"  # ita (encoder + CRF, optional view and CVA) | bga (bidirectional generative alignment)
+    vision: str = "efficientnet"  # bga: frozen image encoder for rows with an image: efficientnet | none | a CLIPVisionModel id or folder
+    caption_proxy: bool = True  # bga: rows without an image use their caption (frozen text encoder) as visual features
+    proxy_tokens: int = 32  # bga: caption subtokens kept as proxy regions
+    bga_layers: int = 1  # bga: BGA layers
+    scs: bool = True  # bga: stage-refined context samplers (false: the "without SCS" ablation)
+    scs_stages: int = 2  # bga: refinement stages per sampler
+    gumbel_tau: float = 1.0  # bga: Gumbel-sigmoid temperature of the samplers' keep decisions
+    generator_layers: int = 2  # bga: transformer decoder layers per generator
+    region_slots: int = 0  # bga: image pseudo-features generated from text (0 = as many as the real source has)
+    rec_weight: float = 1.0  # bga: weight of the reconstruction loss
+    cycle_weight: float = 1.0  # bga: weight of the cycle-consistency loss (0: the "without cycle" ablation)
+    real_visual_prob: float = 0.5  # bga: chance that a post with a visual source attends to it in training (else generated features only)
+    bga_lr: float = 1e-3  # bga: learning rate of the new layers (BGA layers, projections, emission)
+    select_view: str = "text"  # bga: model selection on the valid F1 of text (the paper's inference) | visual | mean
 
 
 def validate(cfg: MnerTrainConfig) -> None:
     if not cfg.train:
         raise SystemExit("train_mner needs --train (MNER Parquet rows: import_corpus --format twitter-mner)")
+    if cfg.method not in ("ita", "bga"):
+        raise SystemExit(f"method must be ita or bga, got {cfg.method!r}")
+    if cfg.method == "bga":
+        if cfg.view != "text" or cfg.cva:
+            raise SystemExit("method=bga reads the post alone and its image or caption itself: leave --view and --cva unset")
+        if cfg.select_view not in ("text", "visual", "mean"):
+            raise SystemExit(f"select_view must be text, visual or mean, got {cfg.select_view!r}")
+        if not 0 <= cfg.real_visual_prob <= 1:
+            raise SystemExit("real_visual_prob must be in [0, 1]")
+        if min(cfg.bga_layers, cfg.scs_stages, cfg.generator_layers, cfg.proxy_tokens) < 1 or cfg.region_slots < 0:
+            raise SystemExit("bga_layers, scs_stages, generator_layers and proxy_tokens must be >= 1, region_slots >= 0")
     if cfg.view not in tagger.VIEWS:
         raise SystemExit(f"view must be one of {', '.join(tagger.VIEWS)}, got {cfg.view!r}")
     if cfg.cva and cfg.view == "text":
@@ -82,9 +109,10 @@ def mner_files(path: str) -> tuple[list[str], int]:
     return files, sum(storage.parquet_num_rows(f) for f in files)
 
 
-def read_rows(path: str) -> list[dict[str, Any]]:
-    """Every row of an MNER dataset (the view columns and tags), in file order."""
-    cols = ["sample_id", "tokens", "tags", "caption", "ocr", "object_tags"]
+def read_rows(path: str, extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Every row of an MNER dataset (the view columns, tags and `extra` columns where present), in
+    file order."""
+    cols = ["sample_id", "tokens", "tags", "caption", "ocr", "object_tags", *extra]
     rows: list[dict[str, Any]] = []
     for f in mner_files(path)[0]:
         names = storage.read_schema(f).names
@@ -213,7 +241,7 @@ class MnerTask(trainer.TrainingTask):
             return None
         cfg: MnerTrainConfig = self.config  # type: ignore[assignment]
         mine, _, world = trainer.rank_share(self.valid_rows)
-        views = ["text"] + ([cfg.view] if cfg.view != "text" else [])
+        views = self.eval_views()
         counts = torch.zeros(len(views), 3, dtype=torch.float64)
         # every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively)
         batches = -(-len(self.valid_rows) // world // cfg.eval_batch_size) + 1
@@ -227,12 +255,25 @@ class MnerTask(trainer.TrainingTask):
         counts = trainer.sum_over_ranks(counts, self.device)
         scores = {f"dev_f1_{v if v == 'text' else 'view'}": spans.f1(*map(int, counts[j].tolist()))
                   for j, v in enumerate(views)}
+        return self.with_selection(scores)
+
+    def eval_views(self) -> list[str]:
+        """Evaluation views on valid: text-only input, and the text+view input where there is a view."""
+        return ["text"] + ([self.config.view] if self.config.view != "text" else [])
+
+    def with_selection(self, scores: dict[str, float]) -> dict[str, float]:
+        """`dev_f1`, what model selection reads: the mean of the views' F1."""
         scores["dev_f1"] = float(np.mean(list(scores.values())))
         return scores
 
     def predict(self, engine: Any, rows: list[dict[str, Any]], view: str) -> list[list[str]]:
-        return tagger.tag_rows(_Called(engine, engine.module.crf), self.tokenizer, rows, view, self.labels,
+        return tagger.tag_rows(called(engine), self.tokenizer, rows, view, self.labels,
                                self.config.max_length, self.device)
+
+
+def called(engine: Any) -> "_Called":
+    """The DeepSpeed engine seen as a tagger by tagger.predict (forward through the engine)."""
+    return _Called(engine, engine.module.crf)
 
 
 class _Called:
@@ -255,7 +296,12 @@ def fit(cfg: MnerTrainConfig) -> Any:
     types = entity_types_of(cfg.train)
     if not types:
         raise SystemExit(f"{cfg.train}: the training rows tag no entities")
-    task = MnerTask(cfg, types)
+    if cfg.method == "bga":
+        from eama.mner import bga_training
+
+        task: MnerTask = bga_training.BgaTask(cfg, types)
+    else:
+        task = MnerTask(cfg, types)
     if cfg.valid and cfg.eval_per_epoch:
         cfg.eval_every = steps_per_epoch(mner_files(cfg.train)[1], cfg)
     return trainer.fit(task)
