@@ -1,11 +1,13 @@
-"""benchmark_mner: ITA's text / caption / caption+CVA matrix on Twitter-2015 and -2017, test F1 mean ± std over seeds, resumable.
+"""benchmark_mner: ITA's text / caption / caption+CVA and BGA-MNER's rows on Twitter-2015 and -2017, test F1 mean ± std over seeds, resumable.
 
     python jobs/benchmark_mner.py [--encoder minilm|mpnet] [--output bench_out/mner] [seeds=0,1] [max_runs=N] [key=value ...]
 
 Each finished run leaves RESULTS/<run>.json (jobs/results/benchmark_mner, kept in git) and is skipped
 next time, so the matrix (hours with MPNet on 2 cores) can be spread over several invocations; a run
 cut short resumes from its last epoch's checkpoint when OUTPUT is still there. Prints the table of every finished
-run beside ITA's numbers, then tag_entities throughput against the tagger's raw batched forward.
+run beside the papers' numbers, then tag_entities throughput against the tagger's raw batched forward,
+and (once a bga and a text run of one dataset are done) BGA's text-only inference cost against the CRF's.
+BGA rows: configs=bga,bga_no_scs,bga_no_cycle (the captions stand in for the images: a caption proxy).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("\n" + benchmark.table(results))
     if cfg.throughput and results:
         print("\n" + (benchmark.throughput(cfg, results) or ""))
+        cost = benchmark.bga_cost(cfg, results)
+        if cost:
+            print("\n" + cost)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def bga_run(tmp_path_factory, tiny_clip, ray_local) -> dict:
     data = {split: write(synthetic_rows(n, seed, split), root / split)
             for split, n, seed in (("train", 320, 0), ("valid", 60, 1), ("test", 80, 2))}
     cfg = training.MnerTrainConfig(train=str(data["train"]), valid=str(data["valid"]), output=str(root / "runs"),
-                                   run_name="bga", method="bga", vision=str(tiny_clip), epochs=4, micro_batch_size=16,
+                                   run_name="bga", method="bga", vision=str(tiny_clip), epochs=3, micro_batch_size=16,
                                    lr=1e-4, bga_lr=3e-3, max_length=32, proxy_tokens=8, select_view="visual")
     result = training.fit(cfg)
     assert result.error is None
@@ -174,3 +174,14 @@ def test_bga_export_tags_and_scores_through_the_jobs_and_a_rerun_adds_nothing(bg
     with pytest.raises(SystemExit, match="text | visual"):
         tag.main(["--model", str(bga_run["export"]), "--input", str(bga_run["test"]), "--output",
                   str(tmp_path / "x"), "view=caption"])
+
+
+def test_benchmark_table_reads_the_bga_rows_caption_proxy_view(tmp_path):
+    from eama.mner import benchmark
+
+    results = [{"run": f"minilm-twitter2017-bga-s{seed}", "dataset": "twitter2017", "config": "bga", "seed": seed,
+                "encoder": "minilm", "train_seconds": 50.0, "test": {"text": {"f1": text}, "visual": {"f1": vis}}}
+               for seed, (text, vis) in enumerate([(0.70, 0.74), (0.72, 0.76)])]
+    row = benchmark.table(results).splitlines()[-1]
+    assert "| bga | 71.00 ± 1.41 (n=2) | 75.00 ± 1.41 (n=2) | 50 | 87.71 |" in row
+    assert benchmark.eval_views("bga_no_cycle") == ["text", "visual"] and benchmark.eval_views("caption") == ["text", "caption"]

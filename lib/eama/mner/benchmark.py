@@ -1,7 +1,10 @@
-"""The MNER benchmark: ITA's text / caption (GA) / caption + CVA matrix on Twitter-2015 and -2017.
+"""The MNER benchmark: ITA's text / caption (GA) / caption + CVA matrix on Twitter-2015 and -2017,
+and BGA-MNER's rows (bga, bga_no_scs, bga_no_cycle) with the captions as the image side (a caption
+proxy: these sets ship no images here).
 
 Every run trains on train, selects its epoch on valid (mean of both evaluation views), tags test in
-both evaluation views (text-only input and text+view input) with tag_entities, and scores it with
+both evaluation views (text-only input, and text+view input; BGA: text-only inference and inference
+with the caption proxy) with tag_entities, and scores it with
 the span scorer. A finished run leaves RESULTS/<run>.json (a folder kept in git) and is skipped by
 the next invocation, so the matrix can be spread over several sessions and machines. `table` prints mean ± std over seeds beside ITA's
 numbers; `throughput` compares tag_entities with the tagger's raw batched forward on the same rows. Runs checkpoint every epoch: one cut short
@@ -29,7 +32,17 @@ ITA_BERT = {
 # ITA with XLM-R-large: ITA-All+CVA (the paper's best row).
 ITA_XLMR_ALL_CVA = {"twitter2015": (78.25, 78.03), "twitter2017": (89.47, 89.75)}
 TEMPERATURE = {"twitter2015": 4.0, "twitter2017": 2.0}  # ITA's CVA temperatures
-CONFIGS = {"text": ("text", False), "caption": ("caption", False), "caption_cva": ("caption", True)}
+# BGA-MNER (arXiv 2308.02570), Table 2: BERT-base + CLIP ViT-B/32, with images.
+BGA_PAPER = {"twitter2015": 76.31, "twitter2017": 87.71}
+# each config: train_mner settings (the rest are the benchmark's); BGA reads captions as its image side
+CONFIGS: dict[str, dict[str, Any]] = {
+    "text": {"view": "text"},
+    "caption": {"view": "caption"},
+    "caption_cva": {"view": "caption", "cva": True},
+    "bga": {"method": "bga", "vision": "none"},
+    "bga_no_scs": {"method": "bga", "vision": "none", "scs": False},
+    "bga_no_cycle": {"method": "bga", "vision": "none", "cycle_weight": 0.0},
+}
 SPLITS = ("train", "valid", "test")
 
 
@@ -41,7 +54,7 @@ class BenchmarkConfig:
     output: str = "bench_out/mner"  # imports, runs (checkpoints, exports) and tagged outputs
     results: str = "jobs/results/benchmark_mner"  # one JSON per finished run (kept in git, so later sessions skip it)
     datasets: str = "twitter2015,twitter2017"  # comma-separated
-    configs: str = "text,caption,caption_cva"  # text | caption (GA) | caption_cva (GA + CVA)
+    configs: str = "text,caption,caption_cva"  # text | caption (GA) | caption_cva (GA + CVA) | bga | bga_no_scs | bga_no_cycle
     seeds: str = "0,1"  # comma-separated training seeds
     encoder: str = "minilm"  # minilm | mpnet | a Hugging Face id or folder
     epochs: int = 5  # ITA trains 10
@@ -74,10 +87,9 @@ def import_dataset(cfg: BenchmarkConfig, dataset: str) -> dict[str, str]:
 
 
 def train_one(cfg: BenchmarkConfig, data: dict[str, str], dataset: str, config: str, seed: int) -> training.MnerTrainConfig:
-    view, cva = CONFIGS[config]
     tcfg = training.MnerTrainConfig(
         train=data["train"], valid=data["valid"], output=storage.join(cfg.output, "runs"),
-        run_name=run_name(cfg, dataset, config, seed), encoder=cfg.encoder, view=view, cva=cva,
+        run_name=run_name(cfg, dataset, config, seed), encoder=cfg.encoder, **CONFIGS[config],
         temperature=TEMPERATURE.get(dataset, 2.0), epochs=cfg.epochs, lr=cfg.lr, seed=seed,
         micro_batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
         torch_threads=cfg.torch_threads)
@@ -88,6 +100,18 @@ def train_one(cfg: BenchmarkConfig, data: dict[str, str], dataset: str, config: 
     if result.error:
         raise RuntimeError(f"training {tcfg.run_name} failed: {result.error}")
     return tcfg
+
+
+def eval_views(config: str) -> list[str]:
+    """The test-set evaluation views of a config: text-only input, and its view (BGA: the caption proxy)."""
+    settings = CONFIGS[config]
+    if settings.get("method") == "bga":
+        return ["text", "visual"]
+    return ["text"] + ([settings["view"]] if settings["view"] != "text" else [])
+
+
+def second_view(result: dict[str, Any]) -> str | None:
+    return next((v for v in result["test"] if v != "text"), None)
 
 
 def tag_and_score(cfg: BenchmarkConfig, model: str, test: str, out: str, view: str) -> dict[str, Any]:
@@ -122,7 +146,7 @@ def run_matrix(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
                 evals = [r for r in history if "eval/dev_f1" in r]
                 best = max(evals, key=lambda r: r["eval/dev_f1"])
                 model = trainer.export_dir(tcfg)
-                views = ["text"] + ([CONFIGS[config][0]] if CONFIGS[config][0] != "text" else [])
+                views = eval_views(config)
                 test = {v: tag_and_score(cfg, model, data["test"], storage.join(cfg.output, "tagged", name), v)
                         for v in views}
                 result = {"run": name, "dataset": dataset, "config": config, "seed": seed, "encoder": cfg.encoder,
@@ -148,16 +172,16 @@ def _anchor(pair: tuple[float | None, float | None] | None) -> str:
 def table(results: list[dict[str, Any]]) -> str:
     """Markdown: per encoder, dataset and config, test F1 mean ± std for both evaluation views."""
     lines = ["| encoder | dataset | config | test F1, text-only eval | test F1, text+caption eval | train s/run | "
-             "ITA BERT-base (T / I+T) |", "|---|---|---|---|---|---|---|"]
+             "paper (ITA BERT-base T / I+T; BGA-MNER) |", "|---|---|---|---|---|---|---|"]
     keys = sorted({(r["encoder"], r["dataset"], r["config"]) for r in results},
                   key=lambda k: (k[0], k[1], list(CONFIGS).index(k[2]) if k[2] in CONFIGS else 9))
     for enc, ds, conf in keys:
         rows = [r for r in results if (r["encoder"], r["dataset"], r["config"]) == (enc, ds, conf)]
         text = [r["test"]["text"]["f1"] for r in rows]
-        view = [r["test"]["caption"]["f1"] for r in rows if "caption" in r["test"]]
+        view = [r["test"][second_view(r)]["f1"] for r in rows if second_view(r)]
         secs = statistics.fmean(r["train_seconds"] for r in rows)
         lines.append(f"| {enc} | {ds} | {conf} | {benchmarks.mean_std(text)} | {benchmarks.mean_std(view)} | {secs:.0f} | "
-                     f"{_anchor(ITA_BERT.get((ds, conf)))} |")
+                     f"{BGA_PAPER[ds] if conf == 'bga' and ds in BGA_PAPER else _anchor(ITA_BERT.get((ds, conf)))} |")
     return "\n".join(lines)
 
 
@@ -169,28 +193,57 @@ def throughput(cfg: BenchmarkConfig, results: list[dict[str, Any]]) -> str | Non
 
     if not results:
         return None
-    first = sorted(results, key=lambda r: r["run"])[0]
+    first = sorted(results, key=lambda r: (r["config"].startswith("bga"), r["run"]))[0]
     model = storage.join(cfg.output, "runs", first["run"], "export")
-    rows = [r for f in storage.list_files(storage.join(cfg.output, "data", first["dataset"], "test"))
-            for r in storage.read_table(f, ["sample_id", "tokens", "tags", "caption"]).to_pylist()]
+    rows = test_rows(cfg, first["dataset"])
     copies = [dict(r, sample_id=f"{r['sample_id']}#{k}") for k in range(-(-cfg.throughput_rows // len(rows)))
               for r in rows][:cfg.throughput_rows]
     src = storage.join(cfg.output, "throughput", "input", "part-00000.parquet")
     storage.write_table_atomic(pa.Table.from_pylist(copies, schema=schema.MNER_SAMPLE), src, 1000)
-    view = "caption" if first["config"] != "text" else "text"
+    view = second_view(first) or "text"
     manifest = tagging.run(tagging.TagConfig(input=os.path.dirname(src), output=storage.join(cfg.output, "throughput", "out"),
                                              model=model, view=view, threads=cfg.tag_threads, overwrite=True))
-    torch.set_num_threads(cfg.tag_threads)
-    net, tok, spec = tagger.load(model)
-    ordered = sorted(copies, key=lambda r: len(r["tokens"]))
-    started = time.perf_counter()
-    with torch.inference_mode():
-        for k in range(0, len(ordered), 64):
-            tagger.tag_with(net, tok, spec, ordered[k:k + 64], view)
-    raw = len(ordered) / (time.perf_counter() - started)
+    raw = raw_rate(cfg, model, copies, view)
     job = manifest["this_run"]["written"] / manifest["wall_seconds"]
     stage = manifest["throughput_rows_per_s"].get("tag")
     return ("| rows | raw batched forward rows/s | tag_entities rows/s (whole job) | ratio | tag stage rows/s (busy) | ratio |\n"
             "|---|---|---|---|---|---|\n"
             f"| {len(copies)} | {raw:.1f} | {job:.1f} | {job / raw:.2f} | "
             f"{stage if stage is None else f'{stage:.1f}'} | {'-' if stage is None else f'{stage / raw:.2f}'} |")
+
+
+def test_rows(cfg: BenchmarkConfig, dataset: str) -> list[dict[str, Any]]:
+    return [r for f in storage.list_files(storage.join(cfg.output, "data", dataset, "test"))
+            for r in storage.read_table(f, ["sample_id", "tokens", "tags", "caption"]).to_pylist()]
+
+
+def raw_rate(cfg: BenchmarkConfig, model: str, rows: list[dict[str, Any]], view: str) -> float:
+    """Rows/s of an export's batched inference in one process (tokenise + forward + Viterbi), 64
+    length-sorted posts a batch, `tag_threads` threads."""
+    import torch
+
+    torch.set_num_threads(cfg.tag_threads)
+    net, tok, spec = tagger.load(model)
+    ordered = sorted(rows, key=lambda r: len(r["tokens"]))
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for k in range(0, len(ordered), 64):
+            tagger.tag_with(net, tok, spec, ordered[k:k + 64], view)
+    return len(ordered) / (time.perf_counter() - started)
+
+
+def bga_cost(cfg: BenchmarkConfig, results: list[dict[str, Any]]) -> str | None:
+    """BGA-MNER's text-only inference against the text-only CRF (same encoder, dataset and seed) on
+    the same test posts: rows/s of each and BGA's cost ratio (the goal: at most 1.5x)."""
+    pairs = [(b, t) for b in results if b["config"] == "bga" for t in results
+             if t["config"] == "text" and (t["encoder"], t["dataset"], t["seed"]) == (b["encoder"], b["dataset"], b["seed"])]
+    if not pairs:
+        return None
+    lines = ["| dataset | rows | text-only CRF rows/s | BGA text-only inference rows/s | BGA cost (x CRF) |",
+             "|---|---|---|---|---|"]
+    for b, t in pairs[:1]:
+        rows = test_rows(cfg, b["dataset"])
+        crf = raw_rate(cfg, storage.join(cfg.output, "runs", t["run"], "export"), rows, "text")
+        gen = raw_rate(cfg, storage.join(cfg.output, "runs", b["run"], "export"), rows, "text")
+        lines.append(f"| {b['dataset']} | {len(rows)} | {crf:.1f} | {gen:.1f} | {crf / gen:.2f} |")
+    return "\n".join(lines)
