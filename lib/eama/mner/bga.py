@@ -49,6 +49,7 @@ class BgaSpec:
     image_width: int = 0  # width of its features (0: no image encoder)
     caption_proxy: bool = True  # rows without an image use their caption, embedded by a frozen copy of the text encoder
     proxy_tokens: int = 32  # caption subtokens kept as proxy regions
+    cycle: bool = True  # compute the cycle-consistency loss (off when its weight is 0)
 
 
 def heads_for(width: int) -> int:
@@ -144,13 +145,15 @@ def feature_distance(generated: torch.Tensor, target: torch.Tensor, weights: tor
 
 
 def cycle_loss(t2v: Generate, v2t: Generate, text: torch.Tensor, text_keep: torch.Tensor, regions: torch.Tensor,
-               region_keep: torch.Tensor, slots: int) -> torch.Tensor:
+               region_keep: torch.Tensor, slots: int, to_image: torch.Tensor | None = None,
+               to_text: torch.Tensor | None = None) -> torch.Tensor:
     """Cycle consistency [B]: text -> image -> text returns to the (detached) kept text features,
-    image -> text -> image to the kept region features."""
-    full_t = torch.ones(text.shape[:2], dtype=text.dtype, device=text.device)
-    back_t = v2t(t2v(text, text_keep, slots), torch.ones(text.shape[0], slots, dtype=text.dtype, device=text.device),
-                 text.shape[1])
-    back_v = t2v(v2t(regions, region_keep, text.shape[1]), full_t, regions.shape[1])
+    image -> text -> image to the kept region features. `to_image` / `to_text`: the first halves
+    when the caller has generated them already."""
+    to_image = t2v(text, text_keep, slots) if to_image is None else to_image
+    to_text = v2t(regions, region_keep, text.shape[1]) if to_text is None else to_text
+    back_t = v2t(to_image, torch.ones(to_image.shape[:2], dtype=text.dtype, device=text.device), text.shape[1])
+    back_v = t2v(to_text, torch.ones(to_text.shape[:2], dtype=text.dtype, device=text.device), regions.shape[1])
     return (feature_distance(back_t, text.detach(), text_keep.detach())
             + feature_distance(back_v, regions.detach(), region_keep.detach()))
 
@@ -200,7 +203,10 @@ class BgaLayer(nn.Module):
                 to_text = self.image_to_text(regions, region_keep, tokens.shape[1])
                 rec = sum(feature_distance(g, regions.detach(), region_keep.detach()) for g in generated) / len(generated)
                 rec = rec + sum(feature_distance(g, tokens.detach(), text_keep.detach()) for g in to_text) / len(to_text)
-                cyc = cycle_loss(self.t2v, self.v2t, tokens, text_keep, regions, region_keep, slots)
+                cyc = torch.zeros_like(rec)
+                if self.spec.cycle:
+                    cyc = cycle_loss(self.t2v, self.v2t, tokens, text_keep, regions, region_keep, slots,
+                                     generated[-1], to_text[-1])
                 losses = Losses(rec * has, cyc * has)
         return self.extractor(tokens, memory, pad), losses
 

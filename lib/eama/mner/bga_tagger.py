@@ -107,7 +107,8 @@ def settings_of(cfg: Any) -> bga.BgaSpec:
     slots = cfg.region_slots or max(regions, cfg.proxy_tokens if cfg.caption_proxy else 0, 1)
     return bga.BgaSpec(layers=cfg.bga_layers, scs=cfg.scs, scs_stages=cfg.scs_stages, gumbel_tau=cfg.gumbel_tau,
                        generator_layers=cfg.generator_layers, region_slots=slots, vision=cfg.vision,
-                       image_width=width, caption_proxy=cfg.caption_proxy, proxy_tokens=cfg.proxy_tokens)
+                       image_width=width, caption_proxy=cfg.caption_proxy, proxy_tokens=cfg.proxy_tokens,
+                       cycle=cfg.cycle_weight > 0)
 
 
 def spec_dict(settings: bga.BgaSpec) -> dict[str, Any]:
