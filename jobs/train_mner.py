@@ -24,7 +24,7 @@ from typing import Sequence
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from eama.engine import config, trainer
-from eama.mner import training
+from eama.mner import methods, training
 
 FLAGS = [
     config.Flag("--train", "train", "MNER Parquet rows to train on, local or s3://"),
@@ -41,7 +41,7 @@ FLAGS = [
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    return trainer.train_job(training.MnerTrainConfig, training.fit, __doc__.splitlines()[0], FLAGS, argv)
+    return trainer.train_job(training.MnerTrainConfig, methods.fit, __doc__.splitlines()[0], FLAGS, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 
 from conftest import load_job
 from eama.engine import schema
-from eama.mner import bga, bga_tagger, spans, tagger, training
+from eama.mner import bga, methods, spans, training
 
 NAMES = ["jordan", "casey", "morgan", "riley", "taylor", "avery", "quinn", "parker", "reese", "skyler"]
 TEMPLATES = ["{} was here today", "look at {} tonight", "we all love {} so much", "so proud of {} again",
@@ -128,22 +128,22 @@ def bga_run(tmp_path_factory, tiny_clip, ray_local) -> dict:
     cfg = training.MnerTrainConfig(train=str(data["train"]), valid=str(data["valid"]), output=str(root / "runs"),
                                    run_name="bga", method="bga", vision=str(tiny_clip), epochs=3, micro_batch_size=16,
                                    lr=1e-4, bga_lr=3e-3, max_length=32, proxy_tokens=8, select_view="visual")
-    result = training.fit(cfg)
+    result = methods.fit(cfg)
     assert result.error is None
     return {"export": root / "runs" / "bga" / "export", "run": root / "runs" / "bga", **data}
 
 
 @pytest.mark.slow
 def test_bga_learns_types_from_real_images_and_tags_without_them(bga_run):
-    model, tok, spec = tagger.load(str(bga_run["export"]))
+    model, tok, spec = methods.load(str(bga_run["export"]))
     assert spec.method == "bga" and spec.bga["vision"].endswith("tiny_clip0")
     test = pq.read_table(bga_run["test"]).to_pylist()
     with_image = [r for r in test if r["image"]]
     gold = [r["tags"] for r in with_image]
     with torch.inference_mode():
-        real = type_accuracy(gold, tagger.tag_with(model, tok, spec, with_image, "visual"))
-        text_only = type_accuracy(gold, tagger.tag_with(model, tok, spec, with_image, "text"))
-        every = tagger.tag_with(model, tok, spec, test, "visual")  # rows with a caption only, or neither
+        real = type_accuracy(gold, methods.tag_with(model, tok, spec, with_image, "visual"))
+        text_only = type_accuracy(gold, methods.tag_with(model, tok, spec, with_image, "text"))
+        every = methods.tag_with(model, tok, spec, test, "visual")  # rows with a caption only, or neither
     # the name's type is a coin flip from the text; the image decides it
     assert real >= 0.85 and real > text_only + 0.2, (real, text_only)
     assert all(len(p) == len(r["tokens"]) for p, r in zip(every, test))

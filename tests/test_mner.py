@@ -17,7 +17,7 @@ import torch
 from conftest import kill_when, load_job
 from eama.engine import schema
 from eama.mner import crf as crf_module
-from eama.mner import spans, tagger, training
+from eama.mner import methods, spans, tagger, training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,7 +212,7 @@ def trained(small_sets, tmp_path_factory, ray_local) -> Path:
     cfg = training.MnerTrainConfig(train=str(small_sets["train"]), valid=str(small_sets["valid"]), output=str(runs),
                                    run_name="cva", view="caption", cva=True, epochs=2, micro_batch_size=16,
                                    num_workers=2, lr=1e-4)
-    result = training.fit(cfg)
+    result = methods.fit(cfg)
     assert result.error is None
     return runs / "cva"
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import json
 import logging
 from typing import Any, Iterable, Iterator
 

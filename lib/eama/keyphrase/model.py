@@ -28,7 +28,6 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from eama.engine import encoders
 

@@ -14,14 +14,13 @@ resumes from its last finished epoch.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import time
 from typing import Any
 
 from eama.engine import benchmarks, importing, schema, storage, trainer
-from eama.mner import conll, report, tagger, tagging, training
+from eama.mner import conll, methods, report, tagging, training
 
 # ITA (NAACL 2022), Table 1: test F1, BERT-base-cased CRF rows (text-only eval / text+view eval).
 ITA_BERT = {
@@ -96,7 +95,7 @@ def train_one(cfg: BenchmarkConfig, data: dict[str, str], dataset: str, config: 
     # a checkpoint per epoch: an interrupted run resumes from its last epoch at the next invocation
     tcfg.checkpoint_every = training.steps_per_epoch(training.mner_files(data["train"])[1], tcfg)
     tcfg.keep_checkpoints = 1
-    result = training.fit(tcfg)
+    result = methods.fit(tcfg)
     if result.error:
         raise RuntimeError(f"training {tcfg.run_name} failed: {result.error}")
     return tcfg
@@ -189,7 +188,6 @@ def throughput(cfg: BenchmarkConfig, results: list[dict[str, Any]]) -> str | Non
     """tag_entities rows/s (whole job, and the tag stage's busy time) against the same export's raw
     batched forward (tokenise + forward + Viterbi in one process) on the same rows and threads."""
     import pyarrow as pa
-    import torch
 
     if not results:
         return None
@@ -223,12 +221,12 @@ def raw_rate(cfg: BenchmarkConfig, model: str, rows: list[dict[str, Any]], view:
     import torch
 
     torch.set_num_threads(cfg.tag_threads)
-    net, tok, spec = tagger.load(model)
+    net, tok, spec = methods.load(model)
     ordered = sorted(rows, key=lambda r: len(r["tokens"]))
     started = time.perf_counter()
     with torch.inference_mode():
         for k in range(0, len(ordered), 64):
-            tagger.tag_with(net, tok, spec, ordered[k:k + 64], view)
+            methods.tag_with(net, tok, spec, ordered[k:k + 64], view)
     return len(ordered) / (time.perf_counter() - started)
 
 

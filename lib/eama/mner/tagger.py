@@ -154,20 +154,6 @@ def tag_rows(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], view: s
     return predict(model, enc, labels, [len(w) for w in words])
 
 
-def tag_with(model: Any, tokenizer: Any, spec: TaggerSpec, rows: Sequence[dict[str, Any]], view: str,
-             device: Any = "cpu") -> list[list[str]]:
-    """BIO tags of MNER rows by a loaded tagger of either method, in evaluation view `view`."""
-    if spec.method == "bga":
-        from eama.mner import bga_tagger
-
-        return bga_tagger.tag_rows(model, tokenizer, spec, rows, view, device)
-    return tag_rows(model, tokenizer, rows, view, spec.labels, spec.max_length, device)
-
-
-def views_of(spec: TaggerSpec) -> tuple[str, ...]:
-    """The evaluation views a tagger accepts at inference."""
-    return ("text", "visual") if spec.method == "bga" else VIEWS
-
 
 # ---------------------------------------------------------------- building, export and loading
 
@@ -190,12 +176,8 @@ def read_spec(location: str) -> TaggerSpec:
 
 
 def load(location: str, device: str = "cpu") -> tuple[Tagger, Any, TaggerSpec]:
-    """A tagger export (local folder or s3://) of either method, ready for inference."""
+    """An ITA tagger export (local folder or s3://) ready for inference."""
     spec = read_spec(location)
-    if spec.method == "bga":
-        from eama.mner import bga_tagger
-
-        return bga_tagger.load(location, device)
     encoder, tokenizer, load_weights = encoders.load_model_folder(location)
     model = Tagger(encoder, len(spec.labels))
     load_weights(model)

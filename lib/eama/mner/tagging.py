@@ -15,8 +15,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from eama.engine import resources, runner, schema, storage
-from eama.mner import spans, tagger
+from eama.engine import resources, runner, schema
+from eama.mner import methods, spans, tagger
 
 Row = dict[str, Any]
 
@@ -67,7 +67,7 @@ class Tagger:
 
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.model, self.tokenizer, self.spec = tagger.load(model, device)
+        self.model, self.tokenizer, self.spec = methods.load(model, device)
         self.view = self.spec.view if view == "model" else view
         self.device, self.batch_size = device, batch_size
 
@@ -81,7 +81,7 @@ class Tagger:
         import torch
 
         with torch.inference_mode():
-            predicted = tagger.tag_with(self.model, self.tokenizer, self.spec, chunk, self.view, self.device)
+            predicted = methods.tag_with(self.model, self.tokenizer, self.spec, chunk, self.view, self.device)
         for r, tags in zip(chunk, predicted):
             r["predicted_tags"] = tags
             r["entities"] = spans.entities(r["tokens"], spans.bio_spans(tags))
@@ -117,8 +117,8 @@ def run(cfg: TagConfig) -> dict[str, Any]:
     validate(cfg)
     spec = tagger.read_spec(cfg.model)
     view = spec.view if cfg.view == "model" else cfg.view
-    if view not in tagger.views_of(spec):
-        raise SystemExit(f"{cfg.model}: a {spec.method} tagger tags in view {' | '.join(tagger.views_of(spec))}, "
+    if view not in methods.views_of(spec):
+        raise SystemExit(f"{cfg.model}: a {spec.method} tagger tags in view {' | '.join(methods.views_of(spec))}, "
                          f"not {view!r}")
     if not ray.is_initialized():
         ray.init()

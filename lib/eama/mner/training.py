@@ -288,20 +288,3 @@ class _Called:
 
 def steps_per_epoch(rows: int, cfg: MnerTrainConfig) -> int:
     return max(1, (rows // cfg.num_workers // cfg.micro_batch_size) // cfg.grad_accum)
-
-
-def fit(cfg: MnerTrainConfig) -> Any:
-    """Train (or resume) a tagger; returns Ray Train's Result."""
-    validate(cfg)
-    types = entity_types_of(cfg.train)
-    if not types:
-        raise SystemExit(f"{cfg.train}: the training rows tag no entities")
-    if cfg.method == "bga":
-        from eama.mner import bga_training
-
-        task: MnerTask = bga_training.BgaTask(cfg, types)
-    else:
-        task = MnerTask(cfg, types)
-    if cfg.valid and cfg.eval_per_epoch:
-        cfg.eval_every = steps_per_epoch(mner_files(cfg.train)[1], cfg)
-    return trainer.fit(task)

@@ -25,8 +25,7 @@ import dataclasses
 import json
 import logging
 import random
-import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
 
