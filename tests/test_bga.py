@@ -15,7 +15,7 @@ import torch
 
 from conftest import load_job
 from eama.engine import schema
-from eama.mner import bga, methods, spans, training
+from eama.mner import bga, bga_tagger, methods, spans, training
 
 NAMES = ["jordan", "casey", "morgan", "riley", "taylor", "avery", "quinn", "parker", "reese", "skyler"]
 TEMPLATES = ["{} was here today", "look at {} tonight", "we all love {} so much", "so proud of {} again",
@@ -185,3 +185,34 @@ def test_benchmark_table_reads_the_bga_rows_caption_proxy_view(tmp_path):
     row = benchmark.table(results).splitlines()[-1]
     assert "| bga | 71.00 ± 1.41 (n=2) | 75.00 ± 1.41 (n=2) | 50 | 87.71 |" in row
     assert benchmark.eval_views("bga_no_cycle") == ["text", "visual"] and benchmark.eval_views("caption") == ["text", "caption"]
+
+
+def test_visual_inputs_use_the_image_else_the_caption_else_nothing(shared_data, tiny_clip):
+    """Real news photos through EfficientNet's grid and a tiny CLIP; an image that does not decode
+    falls back to the row's caption; a row with neither has no visual source."""
+    from transformers import AutoTokenizer
+
+    from eama.engine import encoders
+
+    photo = sorted((shared_data / "news_sample" / "images").iterdir())[0].read_bytes()
+    rows = [{"tokens": ["a"], "image": photo, "caption": "ignored: the image wins"},
+            {"tokens": ["b"], "image": b"not an image", "caption": "a red car"},
+            {"tokens": ["c"], "caption": "a city"},
+            {"tokens": ["d"]}]
+    tok = AutoTokenizer.from_pretrained(encoders.locate("minilm"))
+    for vision, regions, width in (("efficientnet", 49, 1280), (str(tiny_clip), 5, 32)):
+        spec = bga.BgaSpec(vision=vision, image_width=width, proxy_tokens=8)
+        out = bga_tagger.visual_inputs(rows, tok, spec)
+        assert out["image_features"].shape == (4, regions, width)
+        assert out["image_mask"].any(1).tolist() == [True, False, False, False]
+        assert float(out["image_features"][0].abs().sum()) > 0 and float(out["image_features"][1:].abs().sum()) == 0
+        assert out["proxy_mask"].any(1).tolist() == [True, True, True, False]  # the model prefers the image
+        assert out["has_visual"].tolist() == [True, True, True, False]
+    model = bga_tagger.build("minilm", ["PER"], spec, 32)[0].eval()
+    with torch.no_grad():
+        regions, mask = model.regions(out["image_features"], out["image_mask"], out["proxy_ids"], out["proxy_mask"],
+                                      torch.float32)
+        assert mask.any(1).tolist() == [True, True, True, False]
+        assert int(mask[0].sum()) == 5  # row 0 reads its image's 5 tokens, not its caption
+        assert torch.allclose(regions[0, :5], model.image_proj(out["image_features"][0]))
+        assert int(mask[1].sum()) == int(out["proxy_mask"][1].sum())  # row 1: its caption's subtokens
