@@ -473,3 +473,16 @@ def test_engine_trains_a_small_classifier_task(zero_stage, tmp_path, ray_local, 
     assert any(m.startswith("step ") and "ETA" in m and "s/step" in m for m in lines), lines
     assert any("engine ready" in m for m in lines) and any("model loaded" in m for m in lines)
     assert any(m.startswith("step 48/48") for m in lines) and any("exported" in m for m in lines)
+
+
+def test_per_epoch_steps_end_on_the_runs_last_step():
+    """4,870 rows x 4 epochs in micro-batches of 16 make 1,217 steps (the epochs' tail rows carry
+    over): an epoch is 305 steps, so the fourth per-epoch evaluation is the final step's, not a
+    second evaluation one step after the fourth."""
+    from eama.engine import trainer
+
+    cfg = trainer.TrainerConfig(epochs=4, micro_batch_size=16, num_workers=1)
+    assert trainer.plan_steps(4870, cfg).total_steps == 1217
+    assert trainer.steps_per_epoch(4870, cfg) == 305
+    cfg2 = trainer.TrainerConfig(epochs=2, micro_batch_size=16, num_workers=2)
+    assert trainer.steps_per_epoch(640, cfg2) == 20  # 640 x 2 / 2 workers / 16 = 40 steps, 20 an epoch

@@ -250,6 +250,12 @@ def plan_steps(rows: int, cfg: TrainerConfig) -> StepPlan:
                     rows_per_step=cfg.num_workers * cfg.micro_batch_size * cfg.grad_accum)
 
 
+def steps_per_epoch(rows: int, cfg: TrainerConfig) -> int:
+    """Optimizer steps of one epoch as the plan counts them (the run's steps over its epochs, rounded
+    up), so per-epoch evaluations and checkpoints fall on the last step, not one short of it."""
+    return max(1, math.ceil(plan_steps(rows, cfg).total_steps / cfg.epochs))
+
+
 ORDER_BITS = 40  # sort key: epoch * 2**40 + a 40-bit hash of the row
 ROWS_PER_SORT_PARTITION = 50_000
 

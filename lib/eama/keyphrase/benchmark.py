@@ -86,7 +86,7 @@ def train_one(cfg: BenchmarkConfig, data: dict[str, str], config: str, seed: int
         run_name=run_name(cfg, config, seed), encoder=cfg.encoder, inputs=inputs, mode=mode, epochs=cfg.epochs,
         lr=cfg.lr, head_lr=cfg.head_lr, seed=seed, micro_batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers,
         cpus_per_worker=cfg.cpus_per_worker, torch_threads=cfg.torch_threads)
-    tcfg.checkpoint_every = training.steps_per_epoch(training.keyphrase_files(data["train"])[1], tcfg)
+    tcfg.checkpoint_every = trainer.steps_per_epoch(training.keyphrase_files(data["train"])[1], tcfg)
     tcfg.keep_checkpoints = 1
     result = training.fit(tcfg)
     if result.error:

@@ -277,9 +277,6 @@ def predict_rows(model: Any, tokenizer: Any, rows: list[dict[str, Any]], spec: k
         return kp_model.predict(model, tokenizer, rows, spec, regions, has, device)
 
 
-def steps_per_epoch(rows: int, cfg: KeyphraseTrainConfig) -> int:
-    return max(1, (rows // cfg.num_workers // cfg.micro_batch_size) // cfg.grad_accum)
-
 
 def fit(cfg: KeyphraseTrainConfig) -> Any:
     """Train (or resume) a keyphrase model; returns Ray Train's Result."""
@@ -293,5 +290,5 @@ def fit(cfg: KeyphraseTrainConfig) -> Any:
         raise SystemExit(f"{cfg.train}: no training post has keyphrases")
     task = KeyphraseTask(cfg, classes)
     if cfg.valid and cfg.eval_per_epoch:
-        cfg.eval_every = steps_per_epoch(keyphrase_files(cfg.train)[1], cfg)
+        cfg.eval_every = trainer.steps_per_epoch(keyphrase_files(cfg.train)[1], cfg)
     return trainer.fit(task)

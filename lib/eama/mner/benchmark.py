@@ -93,7 +93,7 @@ def train_one(cfg: BenchmarkConfig, data: dict[str, str], dataset: str, config: 
         micro_batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
         torch_threads=cfg.torch_threads)
     # a checkpoint per epoch: an interrupted run resumes from its last epoch at the next invocation
-    tcfg.checkpoint_every = training.steps_per_epoch(training.mner_files(data["train"])[1], tcfg)
+    tcfg.checkpoint_every = trainer.steps_per_epoch(training.mner_files(data["train"])[1], tcfg)
     tcfg.keep_checkpoints = 1
     result = methods.fit(tcfg)
     if result.error:

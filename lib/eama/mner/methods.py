@@ -19,7 +19,7 @@ def fit(cfg: training.MnerTrainConfig) -> Any:
         raise SystemExit(f"{cfg.train}: the training rows tag no entities")
     task = (bga_training.BgaTask if cfg.method == "bga" else training.MnerTask)(cfg, types)
     if cfg.valid and cfg.eval_per_epoch:
-        cfg.eval_every = training.steps_per_epoch(training.mner_files(cfg.train)[1], cfg)
+        cfg.eval_every = trainer.steps_per_epoch(training.mner_files(cfg.train)[1], cfg)
     return trainer.fit(task)
 
 

@@ -285,6 +285,3 @@ class _Called:
     def __call__(self, **inputs: Any) -> Any:
         return self.engine(**inputs)
 
-
-def steps_per_epoch(rows: int, cfg: MnerTrainConfig) -> int:
-    return max(1, (rows // cfg.num_workers // cfg.micro_batch_size) // cfg.grad_accum)
