@@ -1,7 +1,11 @@
 """tag_entities: tag named entities in MNER Parquet posts with a trained tagger, exactly once, on Ray Data.
 
     python jobs/tag_entities.py --model RUNS/NAME/export --input PARQUET --output OUT
-        [--view model|text|caption|ocr|tags|all] [--overwrite] [--config FILE.yaml] [key=value ...]
+        [--view model|text|caption|ocr|tags|all|visual] [--overwrite] [--config FILE.yaml] [key=value ...]
+
+Views: an ITA tagger reads the post alone (text) or with an image-text view (caption, ocr, tags,
+all); a BGA-MNER tagger reads the post alone (text, the paper's inference) or with each row's real
+image or caption (visual). `model` is the view the tagger was trained with.
 
 Output rows keep sample_id, tokens and the gold tags when the input has them, and add predicted_tags
 (one BIO tag per token) and entities (text, label, token start / end exclusive). A re-run tags only
@@ -21,7 +25,7 @@ FLAGS = [
     config.Flag("--model", "model", "a train_mner export folder, local or s3://"),
     config.Flag("--input", "input", "MNER Parquet rows: file, directory or glob, local or s3://"),
     config.Flag("--output", "output", "output directory, local or s3://"),
-    config.Flag("--view", "view", "model (the view it was trained with) | text | caption | ocr | tags | all"),
+    config.Flag("--view", "view", "model (the view it was trained with) | text | caption | ocr | tags | all (ITA) | visual (BGA)"),
     config.Flag("--overwrite", "overwrite", "discard committed output and redo everything", switch=True),
 ]
 
