@@ -1,1 +1,1 @@
-"""Multimodal NER (ITA): import, image-text views, tagger training, batch tagging, scoring."""
+"""Multimodal NER: ITA and BGA-MNER taggers, import, image-text views, training, batch tagging, scoring."""
