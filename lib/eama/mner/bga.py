@@ -32,6 +32,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from eama.mner import crf as crf_module
+from eama.mner import tagger
+
 Generate = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -220,8 +223,6 @@ class BgaTagger(nn.Module):
 
     def __init__(self, encoder: nn.Module, proxy_encoder: nn.Module | None, num_labels: int, spec: BgaSpec,
                  max_tokens: int, dropout: float = 0.1):
-        from eama.mner import crf as crf_module
-
         super().__init__()
         width = encoder.config.hidden_size
         self.spec = spec
@@ -279,8 +280,7 @@ class BgaTagger(nn.Module):
             hidden, losses = layer(hidden, token_mask, regions, region_mask, use_real, with_losses)
             if losses is not None:
                 total = Losses(total.reconstruction + losses.reconstruction, total.cycle + losses.cycle)
-        pooled = hidden.gather(1, word_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        emissions = self.emission(self.dropout(pooled))
+        emissions = self.emission(self.dropout(tagger.first_subtokens(hidden, word_index)))
         if not with_losses:
             return emissions
         n = len(self.layers)

@@ -10,7 +10,6 @@ no visual input at all; view `visual` adds each row's real source where it has o
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Any, Sequence
 
 import torch
@@ -109,7 +108,3 @@ def settings_of(cfg: Any) -> bga.BgaSpec:
                        generator_layers=cfg.generator_layers, region_slots=slots, vision=cfg.vision,
                        image_width=width, caption_proxy=cfg.caption_proxy, proxy_tokens=cfg.proxy_tokens,
                        cycle=cfg.cycle_weight > 0)
-
-
-def spec_dict(settings: bga.BgaSpec) -> dict[str, Any]:
-    return dataclasses.asdict(settings)

@@ -14,6 +14,7 @@ evaluation, with BGA's model, inputs and loss.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import numpy as np
@@ -32,7 +33,7 @@ class BgaTask(training.MnerTask):
     def __init__(self, config: training.MnerTrainConfig, types: list[str]):
         super().__init__(config, types)
         self.settings = bga_tagger.settings_of(config)
-        self.spec.method, self.spec.bga = "bga", bga_tagger.spec_dict(self.settings)
+        self.spec.method, self.spec.bga = "bga", dataclasses.asdict(self.settings)
         self.spec.view, self.spec.cva = "text", False
 
     def build_model(self, ds_config: dict[str, Any], device: str, dtype: Any) -> trainer.ModelParts:

@@ -10,6 +10,8 @@ from typing import Any, Sequence
 from eama.engine import trainer
 from eama.mner import bga_tagger, bga_training, tagger, training
 
+VIEWS = tuple(dict.fromkeys(tagger.VIEWS + bga_tagger.VIEWS))  # every inference view of either method
+
 
 def fit(cfg: training.MnerTrainConfig) -> Any:
     """Train (or resume) a tagger of either method; returns Ray Train's Result."""

@@ -53,8 +53,12 @@ class Tagger(nn.Module):
         """Emission scores [B, W, L] of each word's first subtoken."""
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        pooled = hidden.gather(1, word_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        return self.emission(self.dropout(pooled))
+        return self.emission(self.dropout(first_subtokens(hidden, word_index)))
+
+
+def first_subtokens(hidden: torch.Tensor, word_index: torch.Tensor) -> torch.Tensor:
+    """Each word's first-subtoken feature [B, W, h] from subtoken features [B, T, h]."""
+    return hidden.gather(1, word_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
 def view_text(row: dict[str, Any], view: str, separator: str) -> str:
@@ -152,7 +156,6 @@ def tag_rows(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], view: s
     views = None if view == "text" else [view_text(r, view, tokenizer.sep_token or "|") for r in rows]
     enc = encode(tokenizer, words, views, max_length, device)
     return predict(model, enc, labels, [len(w) for w in words])
-
 
 
 # ---------------------------------------------------------------- building, export and loading

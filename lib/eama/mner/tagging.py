@@ -34,9 +34,8 @@ class TagConfig(runner.ModelJobConfig):
 
 
 def validate(cfg: TagConfig) -> None:
-    known = tagger.VIEWS + ("visual",)
-    if cfg.view != "model" and cfg.view not in known:
-        raise SystemExit(f"view must be model or one of {', '.join(known)}, got {cfg.view!r}")
+    if cfg.view != "model" and cfg.view not in methods.VIEWS:
+        raise SystemExit(f"view must be model or one of {', '.join(methods.VIEWS)}, got {cfg.view!r}")
     runner.validate_model_job(cfg, "tag_entities", "train_mner")
 
 

@@ -32,23 +32,20 @@ class ImageEncoder:
 
     def __init__(self, name: str, device: str = "cpu"):
         self.name, self.device = name, device
+        self.regions, self.width = shape_of(name)
         if name == EFFICIENTNET:
             self.model: Any = efficientnet.load_model(device=device)
             self.processor = None
-            self.regions, self.width = 49, efficientnet.HEAD_CHANNELS
             return
-        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+        from transformers import CLIPImageProcessor, CLIPVisionModel
 
         location = encoders.locate(name)
-        config = CLIPVisionConfig.from_pretrained(location)
         self.model = CLIPVisionModel.from_pretrained(location, use_safetensors=True).to(device).eval()
         try:
             self.processor = CLIPImageProcessor.from_pretrained(location)
         except OSError:  # no preprocessor_config.json: CLIP's own preprocessing at this image size
-            size = config.image_size
+            size = self.model.config.image_size
             self.processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        self.regions = 1 + (config.image_size // config.patch_size) ** 2
-        self.width = config.hidden_size
 
     @torch.inference_mode()
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
