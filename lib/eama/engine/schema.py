@@ -92,7 +92,9 @@ def work_schema(fields: list[pa.Field], stages: tuple[str, ...]) -> pa.Schema:
     return pa.schema([pa.field(f.name, f.type) for f in fields if f.name not in names] + RUNNER_FIELDS
                      + [pa.field(f"seconds_{s}", pa.float64()) for s in stages])
 
-# Instruction rows of EAMA's three alignment tasks.
+# Instruction rows of EAMA's three alignment tasks. `image` is the row's own image, or null when
+# the sample's image is stored once in the TASK_IMAGES_DIR folder beside the rows (TASK_IMAGE
+# rows, keyed by sample_id): build_alignment_data writes it that way.
 TASK_NAMES = ("sentence_selection", "entity_selection", "captioning")
 TASK = pa.schema(
     [
@@ -104,6 +106,8 @@ TASK = pa.schema(
         pa.field("weight", pa.float32(), nullable=False),
     ]
 )
+TASK_IMAGES_DIR = "_images"
+TASK_IMAGE = pa.schema([pa.field("sample_id", pa.string(), nullable=False), pa.field("image", pa.binary(), nullable=False)])
 
 
 # What flows between caption_corpus stages: the sample plus every column a stage adds. A row whose

@@ -95,6 +95,10 @@ def exists(path: str) -> bool:
     return filesystem(path).exists(strip(path))
 
 
+def isdir(path: str) -> bool:
+    return filesystem(path).isdir(strip(path))
+
+
 def list_files(path: str, suffix: str = ".parquet") -> list[str]:
     """Files under a directory (recursive), a glob, or a single file; sorted, hidden files skipped."""
     return [f for f, _ in list_files_with_sizes(path, suffix)]

@@ -13,6 +13,9 @@ From one sample (article, image, reference caption) and its spaCy annotations:
 Every prompt starts with the sample's news context (prompts.news_context: candidate entities listed;
 the sentence group's members numbered in sentence selection, elsewhere the sentences eama
 inference offers).
+Each sample's normalised image is written once, to OUTPUT/_images (schema.TASK_IMAGE, keyed by
+sample_id), and its task rows leave `image` null: training sorts the small rows and joins the
+images back by sample_id (engine/blobs.py).
 Matching is entities.mentions_match everywhere. The stored prompt is the model-agnostic
 instruction from prompts.py; the trainer wraps it with models.format_prompt, exactly as
 inference does, so both see the same text.
@@ -66,7 +69,7 @@ class BuildConfig(runner.RunnerConfig):
     seed: int = 0
     # Ray Data
     batch_size: int = 16  # samples per block
-    commit_rows: int = 500  # samples per committed file (task rows carry the image)
+    commit_rows: int = 500  # samples per committed file (and per file of their images, OUTPUT/_images)
     actors: int = 1  # spaCy actors
     actor_cpus: float = 0.5  # per actor; on 2 CPUs a pool holding every CPU hangs Ray Data
     io_cpus: float = 0.25  # per read / commit task
@@ -229,7 +232,8 @@ BUILDERS = {
 
 
 def task_row(task: str, a: Annotated, prompt: str, target: str, weight: float = 1.0) -> Row:
-    return {"task": task, "sample_id": a.sample_id, "image": a.image, "prompt": prompt, "target": target,
+    """One task row; its image is stored once per sample (`image_rows`), so the row's own is null."""
+    return {"task": task, "sample_id": a.sample_id, "image": None, "prompt": prompt, "target": target,
             "weight": weight}
 
 
@@ -276,9 +280,9 @@ class TaskBuilder:
                 row["skip_reason"], row["tasks"] = reason, []
             else:
                 ready.append((row, image))
-        self._annotate_and_build(ready)
         for row in rows:
-            row["image"] = None  # the task rows carry the normalised image
+            row["image"] = None
+        self._annotate_and_build(ready)
         return pa.Table.from_pylist(rows, schema=WORK)
 
     def _usable(self, row: Row) -> tuple[str | None, Any]:
@@ -305,6 +309,7 @@ class TaskBuilder:
                           image, ents, sents, cap_ents)
             tasks, skipped = build_tasks(a, self.cfg)
             row["tasks"], row["skips"] = tasks, json.dumps(skipped, sort_keys=True)
+            row["image"] = image if tasks else None  # the normalised image, written once (image_rows)
             if not tasks:
                 row["skip_reason"] = (NO_ENTITIES if not ents or NO_ENTITIES in skipped.values()
                                       else "; ".join(sorted(set(skipped.values()))))
@@ -314,10 +319,17 @@ def emit_tasks(row: Row) -> list[Row]:
     return list(row.get("tasks") or [])
 
 
+def image_rows(row: Row) -> list[Row]:
+    """The sample's normalised image, once for all its task rows (OUTPUT/_images)."""
+    return [{"sample_id": row["sample_id"], "image": row["image"]}] if row.get("tasks") else []
+
+
 def build_in_process(samples: list[Row], cfg: BuildConfig | None = None) -> tuple[list[Row], dict[str, str]]:
-    """(task rows, sample_id -> why it yields none) of sample rows, without Ray (tests, benchmarks)."""
+    """(task rows, sample_id -> why it yields none) of sample rows, without Ray (tests, benchmarks);
+    each task row carries its sample's image inline."""
     out = TaskBuilder(cfg or BuildConfig())(pa.Table.from_pylist(samples)).to_pylist()
-    return [t for r in out for t in emit_tasks(r)], {r["sample_id"]: r["skip_reason"] for r in out if r["skip_reason"]}
+    tasks = [dict(t, image=r["image"]) for r in out for t in emit_tasks(r)]
+    return tasks, {r["sample_id"]: r["skip_reason"] for r in out if r["skip_reason"]}
 
 
 def block_stats(rows: list[Row]) -> dict[str, Any]:
@@ -341,6 +353,7 @@ def alignment_job(cfg: BuildConfig) -> runner.BatchJob:
         work_schema=WORK, output_schema=schema.TASK,
         stages=[runner.Stage("build", TaskBuilder, {"cfg": cfg}, actors=cfg.actors, cpus=cfg.actor_cpus)],
         emit=emit_tasks, stats=block_stats, io_cpus=cfg.io_cpus,
+        attachments=[runner.Attachment(schema.TASK_IMAGES_DIR, schema.TASK_IMAGE, image_rows)],
         check_table=schema.check_sample_images,
         prepare=functools.partial(captioning.prepare_sample, max_article_words=cfg.max_article_words),
     )

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from eama.engine import images, schema, storage, trainer
+from eama.engine import blobs, images, schema, storage, trainer
 from eama.engine.trainer import export_dir, read_metrics, run_dir  # noqa: F401 - this job's API
 from eama.news import prompts
 
@@ -39,6 +39,7 @@ class TrainConfig(trainer.TrainerConfig):
     """train_alignment settings. Learning-rate defaults follow LLaVA-1.5's recipe for a 7B model."""
 
     data: str = ""  # task rows from build_alignment_data: directory, file or glob, local or s3://
+    images: str = ""  # the task rows' images stored once (sample_id, image); default: DATA/_images
     model: str = "tiny-llava"  # preset, hub id, local path or s3:// URI
     run_name: str = "alignment"
     task_weights: str = "sentence_selection=1,entity_selection=1,captioning=1"  # loss weight of each task, task=w,...
@@ -62,6 +63,15 @@ def validate(cfg: TrainConfig) -> None:
         raise SystemExit("train_alignment needs --data (task rows from build_alignment_data)")
     trainer.validate(cfg)
     parse_task_weights(cfg.task_weights)
+
+
+def images_folder(cfg: TrainConfig) -> str:
+    """Where rows whose `image` is null find theirs: `images`, else the _images folder beside the
+    task rows (DATA itself when it is a folder, else the folder holding DATA)."""
+    if cfg.images:
+        return cfg.images
+    base = cfg.data if storage.isdir(cfg.data) else cfg.data.rsplit("/", 1)[0]
+    return storage.join(base, schema.TASK_IMAGES_DIR)
 
 
 def task_files(data: str) -> tuple[list[str], int]:
@@ -159,9 +169,10 @@ class Collator:
     LLaVA's rows by their padding and, for InstructBLIP, opens a gap of that size between the
     query tokens and the text that generation never sees."""
 
-    def __init__(self, lm: Any, task_weights: dict[str, float]):
+    def __init__(self, lm: Any, task_weights: dict[str, float], images: blobs.BlobTable | None = None):
         self.lm = lm
         self.task_weights = task_weights
+        self.images = images
         tok = lm.tokenizer
         tok.padding_side = "left"
         self.eos = tok.eos_token or ""
@@ -187,7 +198,7 @@ class Collator:
         from eama.news import models
 
         pairs = [self.texts(p, t) for p, t in zip(rows["prompt"], rows["target"])]
-        pics = [images.load_rgb(b) for b in rows["image"]]
+        pics = [images.load_rgb(b) for b in blobs.fill(rows, self.images)]
         enc = models.encode(self.lm, [f for _, f in pairs], pics)
         if self.positions:
             enc["position_ids"] = generation_position_ids(enc["attention_mask"])
@@ -259,7 +270,9 @@ class AlignmentTask(trainer.TrainingTask):
 
     def build_model(self, ds_config: dict[str, Any], device: str, dtype: Any) -> trainer.ModelParts:
         self.lm, keep_alive = load_for_training(self.config, ds_config, device, dtype)
-        self.collator = Collator(self.lm, parse_task_weights(self.config.task_weights))
+        folder = images_folder(self.config)
+        self.collator = Collator(self.lm, parse_task_weights(self.config.task_weights),
+                                 blobs.BlobTable(folder) if storage.exists(folder) else None)
         return trainer.ModelParts(self.lm.model, keep_alive=keep_alive)
 
     def collate(self, rows: dict[str, np.ndarray]) -> Batch:
@@ -290,9 +303,10 @@ def fit(cfg: TrainConfig) -> Any:
 
 
 def selection_scores(lm: Any, rows: Sequence[dict[str, Any]], batch_size: int = 8,
-                     max_new_tokens: int = 40) -> dict[str, dict[str, float]]:
+                     max_new_tokens: int = 40, image_table: blobs.BlobTable | None = None
+                     ) -> dict[str, dict[str, float]]:
     """Exact-match accuracy and micro F1 of the model's answers to sentence- and entity-selection
-    rows (answers parsed as at inference)."""
+    rows (answers parsed as at inference); rows without an image find it in `image_table`."""
     from eama.news import models
 
     tally: dict[str, list[float]] = {}
@@ -303,7 +317,8 @@ def selection_scores(lm: Any, rows: Sequence[dict[str, Any]], batch_size: int = 
             chunk = todo[k : k + batch_size]
             cands = [prompts.listed_entities(r["prompt"]) if kind == "entities"
                      else prompts.sentence_choices(len(prompts.numbered_sentences(r["prompt"]))) for r in chunk]
-            answers = models.generate_text(lm, [r["prompt"] for r in chunk], [images.load_rgb(r["image"]) for r in chunk],
+            pics = blobs.fill({k: [r[k] for r in chunk] for k in ("image", "sample_id")}, image_table)
+            answers = models.generate_text(lm, [r["prompt"] for r in chunk], [images.load_rgb(b) for b in pics],
                                            max_new_tokens, [(kind, c) for c in cands])
             for r, answer, c in zip(chunk, answers, cands):
                 if kind == "sentences":

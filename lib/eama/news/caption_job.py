@@ -32,6 +32,7 @@ class CaptionCorpusConfig(runner.RunnerConfig):
     max_new_tokens: int = 48  # caption length limit in tokens
     selection_max_new_tokens: int = 32  # limit for each selection answer (eama mode)
     share_image_prefix: bool = True  # eama: one KV cache of image + news context for a sample's three prompts
+    selection_groups: int = 0  # eama: groups of 10 sentences / 30 entities selected over per sample (0: the whole article)
     max_image_side: int = images.DEFAULT_MAX_SIDE  # longer image side after normalising, pixels
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS  # larger images are refused before decoding
     max_article_words: int = 5000  # articles are cut to this many words before spaCy
@@ -48,8 +49,9 @@ def validate(cfg: CaptionCorpusConfig) -> None:
     for key in ("generate_batch_size", "max_new_tokens", "selection_max_new_tokens", "max_article_words"):
         if getattr(cfg, key) < 1:
             raise config.ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.gpus_per_mllm <= 0 or min(cfg.mllm_actors, cfg.ner_actors, cfg.mllm_threads) < 0:
-        raise config.ConfigError("gpus_per_mllm must be > 0 and mllm_actors, ner_actors, mllm_threads >= 0")
+    if cfg.gpus_per_mllm <= 0 or min(cfg.mllm_actors, cfg.ner_actors, cfg.mllm_threads, cfg.selection_groups) < 0:
+        raise config.ConfigError("gpus_per_mllm must be > 0 and mllm_actors, ner_actors, mllm_threads, "
+                                 "selection_groups >= 0")
     with config.checking_settings():
         runner.validate(cfg)
     if cfg.input:
@@ -89,7 +91,7 @@ def caption_job(cfg: CaptionCorpusConfig, plan: resources.StagePlan, label: str,
     captioner = captioning.CaptionerConfig(
         model=cfg.model, mode=cfg.mode, device=plan.device, max_new_tokens=cfg.max_new_tokens,
         selection_max_new_tokens=cfg.selection_max_new_tokens, generate_batch_size=cfg.generate_batch_size,
-        share_image_prefix=cfg.share_image_prefix, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+        share_image_prefix=cfg.share_image_prefix, selection_groups=cfg.selection_groups, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
         threads=cfg.mllm_threads or max(1, int(plan.mllm_cpus)),
     )
     stages = [

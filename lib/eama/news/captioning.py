@@ -101,6 +101,7 @@ class CaptionerConfig:
     selection_max_new_tokens: int = 32
     generate_batch_size: int = 8
     share_image_prefix: bool = True  # eama: run each image + news context once for its three prompts
+    selection_groups: int = 0  # eama: candidate groups selected over per sample (0: the whole article)
     trust_remote_code: bool = False
     revision: str | None = None
     threads: int = 1
@@ -110,10 +111,12 @@ class Captioner:
     """EAMA self-supplemented captioning with one model replica per actor.
 
     Mode 'eama': (a) entity-aware sentence selection and (b) entity selection, asked together in
-    one batched generate call, then (c) the caption prompted with the selections; all three start
-    with the sample's news context (prompts.news_context: the article within the word budget, the
-    offered sentences numbered). Where the model allows (models.shares_image_prefix), image and
-    context run once and the three prompts continue that KV cache with their own lines.
+    one batched generate call per group of candidates (the whole article in prompt-sized groups,
+    candidates.selection_groups), then (c) the caption prompted with every group's selections; all
+    start with the sample's news context (prompts.news_context: the article within the word
+    budget, the group's sentences numbered, its entities listed). Where the model allows
+    (models.shares_image_prefix), image and context run once per group and its prompts continue
+    that KV cache with their own lines; the caption continues group 0's.
     Mode 'plain': image + truncated article -> caption ('Base')."""
 
     def __init__(self, cfg: CaptionerConfig, lm: Any = None):
@@ -152,13 +155,19 @@ class Captioner:
             r["dropped_answers"] = 0
         prefix = None
         if self.cfg.mode == "eama":
-            offered = [candidates.candidate_sentence_ids(r["sentences"] or [], r["article_entities"] or []) for r in chunk]
-            names = [candidates.candidate_entities(r["article_entities"] or []) for r in chunk]
-            contexts = [prompts.news_context(r["article"], r["headline"], r["sentences"] or [], ids, ents)
-                        for r, ids, ents in zip(chunk, offered, names)]
-            if self.cfg.share_image_prefix and models.shares_image_prefix(self.lm):
-                prefix = models.image_prefix(self.lm, imgs, contexts)
-            self._select(chunk, imgs, contexts, offered, names, prefix)
+            groups = [candidates.selection_groups(r["sentences"] or [], r["article_entities"] or [],
+                                                  self.cfg.selection_groups) for r in chunk]
+            share = self.cfg.share_image_prefix and models.shares_image_prefix(self.lm)
+            # one wave per group index, group 0 last: every row has one, and its context heads the
+            # caption prompt, so that wave's cached heads serve the captions too
+            for wave in reversed(range(max(len(g) for g in groups))):
+                rows = [k for k, g in enumerate(groups) if wave < len(g)]
+                contexts = [self._context(chunk[k], groups[k][wave]) for k in rows]
+                prefix = models.image_prefix(self.lm, [imgs[k] for k in rows], contexts) if share else None
+                self._select([chunk[k] for k in rows], [imgs[k] for k in rows], contexts,
+                             [groups[k][wave] for k in rows], prefix)
+            for r in chunk:
+                in_order(r)
             caption_prompts = [prompts.caption_prompt(c, r["selected_sentences"], [e["text"] for e in r["selected_entities"]])
                                for r, c in zip(chunk, contexts)]
         else:
@@ -166,6 +175,11 @@ class Captioner:
         captions = self._generate(caption_prompts, list(range(len(chunk))), imgs, prefix, self.cfg.max_new_tokens)
         for r, text in zip(chunk, captions):
             r["generated_caption"] = text
+
+    @staticmethod
+    def _context(r: Row, group: candidates.Group) -> str:
+        return prompts.news_context(r["article"], r["headline"], r["sentences"] or [], group.sentence_ids,
+                                    group.entities)
 
     def _answer_bound(self, asks: list[tuple[Row, str, list[Any]]]) -> int:
         """Decode no longer than the longest possible valid answer (every candidate listed), capped
@@ -175,18 +189,19 @@ class Captioner:
         longest = max(len(ids) for ids in self.lm.tokenizer(full, add_special_tokens=False)["input_ids"]) + 1
         return max(1, min(self.cfg.selection_max_new_tokens, longest))
 
-    def _select(self, chunk: list[Row], imgs: list[Any], contexts: list[str], offered: list[list[int]],
-                names: list[list[str]], prefix: Any) -> None:
-        """(a) sentence and (b) entity selection for the chunk, all in one batched generate call."""
+    def _select(self, chunk: list[Row], imgs: list[Any], contexts: list[str], groups: list[candidates.Group],
+                prefix: Any) -> None:
+        """(a) sentence and (b) entity selection over one group of each row, in one batched
+        generate call; what a row picks is added to what its other groups picked."""
         asks: list[tuple[Row, str, list[Any]]] = []  # (row, kind, candidates)
         instructions, ask_rows = [], []
-        for k, (r, context, sent_ids, ents) in enumerate(zip(chunk, contexts, offered, names)):
-            if sent_ids:
-                asks.append((r, "sentences", sent_ids))
+        for k, (r, context, group) in enumerate(zip(chunk, contexts, groups)):
+            if group.sentence_ids:
+                asks.append((r, "sentences", group.sentence_ids))
                 instructions.append(prompts.sentence_selection_prompt(context))
                 ask_rows.append(k)
-            if ents:
-                asks.append((r, "entities", ents))
+            if group.entities:
+                asks.append((r, "entities", group.entities))
                 instructions.append(prompts.entity_selection_prompt(context))
                 ask_rows.append(k)
         if not asks:
@@ -196,12 +211,22 @@ class Captioner:
         for (r, kind, cands), answer in zip(asks, answers):
             if kind == "sentences":
                 picked, dropped = prompts.parse_sentence_ids(answer, len(cands))
-                r["selected_sentence_ids"] = [cands[i] for i in picked]
-                r["selected_sentences"] = [r["sentences"][cands[i]] for i in picked]
+                r["selected_sentence_ids"] += [cands[i] for i in picked]
             else:
                 picked, dropped = prompts.parse_entities(answer, cands)
                 by_text = {}
                 for e in r["article_entities"]:
                     by_text.setdefault(entities.normalize(e["text"]), e)
-                r["selected_entities"] = [by_text[entities.normalize(cands[i])] for i in picked]
+                r["selected_entities"] += [by_text[entities.normalize(cands[i])] for i in picked]
             r["dropped_answers"] += dropped
+
+
+def in_order(r: Row) -> None:
+    """A row's selections from all its groups in article order, each once."""
+    ids = sorted(set(r["selected_sentence_ids"]))
+    r["selected_sentence_ids"], r["selected_sentences"] = ids, [r["sentences"][i] for i in ids]
+    first = {}
+    for k, e in enumerate(r["article_entities"] or []):
+        first.setdefault(entities.normalize(e["text"]), k)
+    unique = {entities.normalize(e["text"]): e for e in r["selected_entities"]}
+    r["selected_entities"] = [unique[n] for n in sorted(unique, key=first.__getitem__)]
