@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from eama.engine import schema, storage
-from eama.news import generations, metrics
+from eama.news import evaluation, generations, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TAT_FILE = Path("nytimes800k") / "generations.jsonl"
@@ -174,6 +174,7 @@ def test_job_end_to_end_writes_report(tmp_path, capsys):
     assert sorted(os.listdir(out)) == list(job.REPORT_FILES)
     report = json.loads((out / "report.json").read_text())
     assert report["rows"]["scored"] == 3 and report["rows"]["skipped"] == 3
+    assert report["rows"]["distinct_generations"] == 3
     assert report["rows"]["skipped_by_reason"] == {
         "empty_reference": 1, "empty_generation": 1, "reference_without_words": 1}
     assert {e["sample_id"] for e in report["rows"]["skipped_examples"]} == {"null-ref", "empty-gen", "punct-ref"}
@@ -185,6 +186,14 @@ def test_job_end_to_end_writes_report(tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert "| BLEU-4 |" in md and "| Entity recall |" in md
     assert "| CIDEr |" in capsys.readouterr().out
+
+
+def test_distinct_generations_count_one_template_once(tmp_path):
+    rows = [dict(r, generated_caption="Grace Liu  at a rally.") for r in SMALL_ROWS[:3]]
+    report = evaluation.evaluate(evaluation.EvaluateConfig(input=_write_parquet(tmp_path / "c.parquet", rows),
+                                                           output=str(tmp_path / "r"), meteor=False))
+    assert report["rows"]["scored"] == 3 and report["rows"]["distinct_generations"] == 1
+    assert "; 1 distinct generations." in evaluation.markdown_report(report)
 
 
 def test_job_stored_entities_and_rare_recall(tmp_path, monkeypatch):

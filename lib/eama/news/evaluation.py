@@ -206,6 +206,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     rows, row_summary = select_rows(table, cfg)
     log.info("scoring %d of %d rows", len(rows), table.num_rows)
     refs, gens = _texts(table, cfg.reference_column), _texts(table, cfg.generated_column)
+    # a model that writes one caption for every image scores n-grams of a shared template, not its inputs
+    row_summary["distinct_generations"] = len({" ".join(gens[i].split()) for i in rows})
     scores, unavailable = metrics.caption_scores(
         [refs[i] for i in rows], [gens[i] for i in rows], cfg.meteor, cfg.meteor_timeout_s
     )
@@ -255,6 +257,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         "",
         f"Scored {rows['scored']} of {rows['total']} rows; skipped {rows['skipped']}"
         + (f" ({', '.join(f'{k}: {v}' for k, v in rows['skipped_by_reason'].items())})" if rows["skipped"] else "")
+        + f"; {rows['distinct_generations']} distinct generations"
         + ". Scores x100 (report.json holds the raw values).",
         "",
         "| Metric | Score x100 | Detail |",
