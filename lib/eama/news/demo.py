@@ -19,6 +19,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from eama.engine import schema, storage
+from eama.news.evaluation import pct
 
 PEOPLE = [
     "Maria Gonzalez", "James Carter", "Aisha Rahman", "Thomas Becker", "Elena Petrova", "David Kim",
@@ -174,14 +175,10 @@ def write_fixed_captions(corpus: str, caption: str, output: str) -> str:
 SCORES = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
-
-
 def headline(report: dict) -> str:
     """One line of a caption report: CIDEr, entity F1 and how many distinct captions."""
     rows, ent = report["rows"], report["entities"]["all"]
-    return (f"CIDEr {_pct(report['metrics'].get('CIDEr'))}, entity F1 {_pct(ent['f1'])}, "
+    return (f"CIDEr {pct(report['metrics'].get('CIDEr'))}, entity F1 {pct(ent['f1'])}, "
             f"{rows['distinct_generations']} distinct captions of {rows['scored']}")
 
 
@@ -190,9 +187,9 @@ def comparison(reports: dict[str, dict]) -> str:
     names = list(reports)
     lines = ["| metric (x100) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for metric in SCORES:
-        lines.append(f"| {metric} | " + " | ".join(_pct(r["metrics"].get(metric)) for r in reports.values()) + " |")
+        lines.append(f"| {metric} | " + " | ".join(pct(r["metrics"].get(metric)) for r in reports.values()) + " |")
     for key in ("precision", "recall", "f1"):
-        lines.append(f"| entity {key} | " + " | ".join(_pct(r["entities"]["all"][key]) for r in reports.values()) + " |")
+        lines.append(f"| entity {key} | " + " | ".join(pct(r["entities"]["all"][key]) for r in reports.values()) + " |")
     lines.append("| distinct captions | " + " | ".join(
         f"{r['rows']['distinct_generations']} of {r['rows']['scored']}" for r in reports.values()) + " |")
     return "\n".join(lines)
@@ -208,12 +205,12 @@ def goal_lines(reports: dict[str, dict], min_distinct_share: float) -> list[str]
               f"distinct captions: {distinct} of {scored} (goal >= {min_distinct_share * scored:.0f})")]
     if "fixed caption" in f1:
         goals.append((f1["eama, trained"] >= 2 * f1["fixed caption"],
-                      f"entity F1 {_pct(f1['eama, trained'])} vs the fixed caption's {_pct(f1['fixed caption'])} "
+                      f"entity F1 {pct(f1['eama, trained'])} vs the fixed caption's {pct(f1['fixed caption'])} "
                       "(goal: at least twice it)"))
     if "plain (Base), trained" in f1:
         goals.append((f1["eama, trained"] > f1["plain (Base), trained"],
-                      f"entity F1 {_pct(f1['eama, trained'])} vs plain (Base) trained the same way "
-                      f"{_pct(f1['plain (Base), trained'])} (goal: above it)"))
+                      f"entity F1 {pct(f1['eama, trained'])} vs plain (Base) trained the same way "
+                      f"{pct(f1['plain (Base), trained'])} (goal: above it)"))
     return [f"{'met    ' if ok else 'NOT met'}  {text}" for ok, text in goals] + (
         [] if all(ok for ok, _ in goals) else
         ["At this scale the goals above marked NOT met were not reached: read the table as the loop "

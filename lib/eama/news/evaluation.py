@@ -231,7 +231,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------- rendering
 
 
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
+    """A raw score x100 with two decimals, as the reports show it; n/a for None."""
     return "n/a" if value is None else f"{100 * value:.2f}"
 
 
@@ -262,7 +263,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         "",
         "| Metric | Score x100 | Detail |",
         "|---|---:|---|",
-        *(f"| {name} | {_pct(value)} | {detail} |" for name, value, detail in summary_rows(report)),
+        *(f"| {name} | {pct(value)} | {detail} |" for name, value, detail in summary_rows(report)),
         "",
         f"Entities: reference from {report['entities']['source']['reference']}, "
         f"generated from {report['entities']['source']['generated']}.",
@@ -271,7 +272,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for label, b in report["entities"]["by_label"].items():
-        lines.append(f"| {label} | {_pct(b['precision'])} | {_pct(b['recall'])} | {_pct(b['f1'])} | "
+        lines.append(f"| {label} | {pct(b['precision'])} | {pct(b['recall'])} | {pct(b['f1'])} | "
                      f"{b['generated_matched']}/{b['generated']} | {b['reference_matched']}/{b['reference']} |")
     return "\n".join(lines) + "\n"
 
