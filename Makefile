@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
-.PHONY: install demo test bench mpnet
+.PHONY: install demo test test-long bench mpnet
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -24,6 +24,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -rs --durations=25 tests $(ARGS)
+
+# the whole-recipe tests left out of `make test` to keep it under 30 minutes (the demo's: ~4 min)
+test-long: $(VENV)/.installed
+	$(PY) -m pytest -q -rs -m long tests $(ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) jobs/benchmark_caption.py $(ARGS)

@@ -176,6 +176,24 @@ def test_bga_export_tags_and_scores_through_the_jobs_and_a_rerun_adds_nothing(bg
                   str(tmp_path / "x"), "view=caption"])
 
 
+def test_an_image_that_does_not_decode_is_an_error_row_in_the_visual_view(bga_run, tmp_path):
+    """Tagging with the real image: a row whose image bytes do not decode is an error row naming
+    it (not quietly tagged from its caption); its neighbours, with and without images, are tagged."""
+    rows = pq.read_table(bga_run["test"]).to_pylist()
+    good = next(r for r in rows if r["image"])
+    bare = next(r for r in rows if not r["image"])
+    broken = dict(good, sample_id="broken", image=b"\x89PNG not really")
+    write([good, broken, bare], tmp_path / "in")
+    out = tmp_path / "tagged"
+    manifest = load_job("tag_entities").main(["--model", str(bga_run["export"]), "--input", str(tmp_path / "in"),
+                                              "--output", str(out), "view=visual"])
+    assert manifest["this_run"]["written"] == 2 and manifest["this_run"]["errors"] == 1
+    assert sorted(r["sample_id"] for r in pq.read_table(out).to_pylist()) == sorted([good["sample_id"], bare["sample_id"]])
+    (error,) = pq.read_table(out / "_errors").to_pylist()
+    assert error["sample_id"] == "broken" and error["stage"] == "tag"
+    assert "sample broken: image does not decode" in error["reason"], error
+
+
 def test_benchmark_table_reads_the_bga_rows_caption_proxy_view(tmp_path):
     from eama.mner import benchmark
 
@@ -189,7 +207,7 @@ def test_benchmark_table_reads_the_bga_rows_caption_proxy_view(tmp_path):
 
 def test_visual_inputs_use_the_image_else_the_caption_else_nothing(shared_data, tiny_clip):
     """Real news photos through EfficientNet's grid and a tiny CLIP; an image that does not decode
-    falls back to the row's caption; a row with neither has no visual source."""
+    is reported by row (training lets it read its caption); a row with neither has no visual source."""
     from transformers import AutoTokenizer
 
     from eama.engine import encoders
@@ -208,6 +226,7 @@ def test_visual_inputs_use_the_image_else_the_caption_else_nothing(shared_data, 
         assert float(out["image_features"][0].abs().sum()) > 0 and float(out["image_features"][1:].abs().sum()) == 0
         assert out["proxy_mask"].any(1).tolist() == [True, True, True, False]  # the model prefers the image
         assert out["has_visual"].tolist() == [True, True, True, False]
+        assert list(out["undecodable"]) == [1] and "ImageError" in out["undecodable"][1]
     model = bga_tagger.build("minilm", ["PER"], spec, 32)[0].eval()
     with torch.no_grad():
         regions, mask = model.regions(out["image_features"], out["image_mask"], out["proxy_ids"], out["proxy_mask"],

@@ -35,7 +35,7 @@ def test_goal_lines_judge_eama_against_each_baseline():
     assert "| distinct captions | 1 of 48 | 12 of 48 | 48 of 48 |" in table
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_demo_training_makes_captions_follow_their_inputs(ray_local, tmp_path):
     """The demo's recipe (eama only, to keep the suite short): the trained model's 48 held-out
     captions are not one template, and it names the pictured event's entities well above what the

@@ -248,6 +248,28 @@ def test_extract_keyphrases_is_exactly_once_after_a_kill_and_scores(trained, tmp
 # ---------------------------------------------------------------- benchmark bookkeeping
 
 
+def test_joint_list_adds_the_two_heads_probabilities_per_phrase():
+    """sum: a phrase both heads back rises above either head's single pick; beams_first keeps the
+    decoder's order and fills with classes."""
+    import math
+
+    beams = [("a", math.log(0.30)), ("b", math.log(0.25)), ("d", math.log(0.01))]
+    classes = [("c", math.log(0.50)), ("b", math.log(0.28)), ("e", math.log(0.02))]
+    summed = kp_model.joint_ranking(beams, classes, 4)
+    assert [p for p, _ in summed] == ["b", "c", "a", "e"]  # 0.53, 0.50, 0.30, 0.02
+    assert summed[0][1] == pytest.approx(math.log(0.53))
+    assert [p for p, _ in kp_model.joint_ranking(beams, classes, 4, "beams_first")] == ["a", "b", "d", "c"]
+
+
+def test_benchmark_names_a_ranking_and_decodes_a_trained_run_again():
+    cfg = benchmark.BenchmarkConfig(tag="headlr")
+    assert benchmark.run_name(cfg, "joint", 0) == "minilm-joint-s0-headlr"
+    cfg.joint_rank = "beams_first"
+    assert benchmark.run_name(cfg, "joint", 0) == "minilm-joint-s0-headlr-beams_first"
+    assert benchmark.train_name(cfg, "joint", 0) == "minilm-joint-s0-headlr"  # the same trained model
+    assert benchmark.run_name(cfg, "classify", 1) == "minilm-classify-s1-headlr"  # no joint list to rank
+
+
 def test_benchmark_skips_finished_runs_and_reports_mean_and_std(tmp_path):
     cfg = benchmark.BenchmarkConfig(results=str(tmp_path / "results"), output=str(tmp_path / "out"),
                                     data=str(tmp_path / "missing"), configs="joint", seeds="0,1", baselines="tfidf")

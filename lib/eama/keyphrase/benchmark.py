@@ -48,6 +48,7 @@ class BenchmarkConfig:
     lr: float = 5e-5  # the encoder's learning rate
     head_lr: float = 0.0  # the new layers' learning rate; 0 = lr
     tag: str = ""  # appended to the neural runs' names: set it when a setting above changes, so earlier results are not taken for these
+    joint_rank: str = "sum"  # joint rows' list: sum (a phrase's decoder + classifier probability) | beams_first; a finished training run is only decoded again
     micro_batch_size: int = 16  # posts per worker per forward pass
     num_workers: int = 1  # training workers
     cpus_per_worker: float = 1.0  # CPUs each training worker reserves
@@ -58,10 +59,17 @@ class BenchmarkConfig:
     throughput_rows: int = 1000  # test posts for the throughput comparison
 
 
+def train_name(cfg: BenchmarkConfig, config: str, seed: int | None) -> str:
+    """The training run's folder name (shared by the rankings of one trained model)."""
+    return f"{os.path.basename(cfg.encoder.rstrip('/'))}-{config}-s{seed}" + (f"-{cfg.tag}" if cfg.tag else "")
+
+
 def run_name(cfg: BenchmarkConfig, config: str, seed: int | None) -> str:
+    """The result's name: the training run's, plus the ranking where it is not the default."""
     if config in BASELINES:
         return f"baseline-{config}"
-    return f"{os.path.basename(cfg.encoder.rstrip('/'))}-{config}-s{seed}" + (f"-{cfg.tag}" if cfg.tag else "")
+    ranked = CONFIGS[config][1] == "joint" and cfg.joint_rank != "sum"
+    return train_name(cfg, config, seed) + (f"-{cfg.joint_rank}" if ranked else "")
 
 
 def import_data(cfg: BenchmarkConfig) -> dict[str, str]:
@@ -80,14 +88,21 @@ def import_data(cfg: BenchmarkConfig) -> dict[str, str]:
 
 
 def train_one(cfg: BenchmarkConfig, data: dict[str, str], config: str, seed: int) -> training.KeyphraseTrainConfig:
+    """Train (or resume) one row's model; a run that already holds all its steps is not started."""
     inputs, mode = CONFIGS[config]
     tcfg = training.KeyphraseTrainConfig(
         train=data["train"], valid=data["holdout"], output=storage.join(cfg.output, "runs"),
-        run_name=run_name(cfg, config, seed), encoder=cfg.encoder, inputs=inputs, mode=mode, epochs=cfg.epochs,
+        run_name=train_name(cfg, config, seed), encoder=cfg.encoder, inputs=inputs, mode=mode, epochs=cfg.epochs,
         lr=cfg.lr, head_lr=cfg.head_lr, seed=seed, micro_batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers,
-        cpus_per_worker=cfg.cpus_per_worker, torch_threads=cfg.torch_threads)
-    tcfg.checkpoint_every = trainer.steps_per_epoch(training.keyphrase_files(data["train"])[1], tcfg)
+        cpus_per_worker=cfg.cpus_per_worker, torch_threads=cfg.torch_threads, joint_rank=cfg.joint_rank)
+    rows = training.keyphrase_files(data["train"])[1]
+    tcfg.checkpoint_every = trainer.steps_per_epoch(rows, tcfg)
     tcfg.keep_checkpoints = 1
+    started = storage.exists(storage.join(trainer.run_dir(tcfg), "metrics.jsonl"))
+    trained = trainer.run_summary(tcfg)["steps"] if started else 0
+    if trained >= trainer.plan_steps(rows, tcfg).total_steps and storage.exists(trainer.export_dir(tcfg)):
+        print(f"benchmark_keyphrase: {tcfg.run_name} is trained ({trained} steps); decoding its export", flush=True)
+        return tcfg
     result = training.fit(tcfg)
     if result.error:
         raise RuntimeError(f"training {tcfg.run_name} failed: {result.error}")
@@ -103,12 +118,13 @@ def neural_run(cfg: BenchmarkConfig, data: dict[str, str], config: str, seed: in
     started = time.time()
     tcfg = train_one(cfg, data, config, seed)
     summary = trainer.run_summary(tcfg)
-    out = storage.join(cfg.output, "extracted", tcfg.run_name)
+    out = storage.join(cfg.output, "extracted", run_name(cfg, config, seed))
     manifest = extraction.run(extraction.ExtractConfig(input=data["test"], output=out, model=trainer.export_dir(tcfg),
-                                                       threads=cfg.extract_threads))
+                                                       threads=cfg.extract_threads, joint_rank=cfg.joint_rank))
     full = report.score_output(report.ScoreConfig(input=out))
     best = next((d for d in summary["dev"] if d["step"] == summary["selected_step"]), {})
     return {"config": config, "seed": seed, "encoder": cfg.encoder, "inputs": tcfg.inputs, "mode": tcfg.mode,
+            "train_run": tcfg.run_name, "joint_rank": cfg.joint_rank if tcfg.mode == "joint" else None,
             "epochs": cfg.epochs, "lr": cfg.lr, "head_lr": cfg.head_lr or cfg.lr, "tag": cfg.tag,
             "selected_step": summary["selected_step"], "dev": best,
             "test": scores_of(full), "train_seconds": summary["train_seconds"],
@@ -158,7 +174,8 @@ def table(results: list[dict[str, Any]]) -> str:
     lines = ["| row | encoder | F1@1 | F1@3 | MAP@5 | present F1@1 | absent F1@1 | train s/run |",
              "|---|---|---|---|---|---|---|---|"]
     def key(r: dict[str, Any]) -> tuple[str, str]:
-        return r["config"] + (f" ({r['tag']})" if r.get("tag") else ""), r.get("encoder") or "-"
+        notes = [n for n in (r.get("tag"), r.get("joint_rank") if r.get("joint_rank") != "sum" else None) if n]
+        return r["config"] + (f" ({', '.join(notes)})" if notes else ""), r.get("encoder") or "-"
 
     keys = sorted({key(r) for r in results},
                   key=lambda k: (order.index(k[0].split()[0]) if k[0].split()[0] in order else 99, k))
@@ -185,7 +202,7 @@ def throughput(cfg: BenchmarkConfig, results: list[dict[str, Any]]) -> str | Non
     neural = sorted((r for r in results if r.get("seed") is not None and r["config"] == "joint"), key=lambda r: r["run"])
     if not neural:
         return None
-    export = storage.join(cfg.output, "runs", neural[0]["run"], "export")
+    export = storage.join(cfg.output, "runs", neural[0].get("train_run", neural[0]["run"]), "export")
     if not storage.exists(export):
         return None
     rows = training.read_rows(storage.join(cfg.output, "data", "test"), with_images=False)[:cfg.throughput_rows]

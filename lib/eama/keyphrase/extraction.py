@@ -36,19 +36,23 @@ class ExtractConfig(runner.ModelJobConfig):
     beam_size: int = 0  # beams; 0 = the model's
     images: bool = True  # region features for rows with an image (when the model was trained with them)
     extract_batch_size: int = 32  # posts per beam search (sorted by length within a block)
+    joint_rank: str = "model"  # mode=joint: model (the export's) | sum | beams_first
 
 
 def validate(cfg: ExtractConfig) -> None:
     if cfg.mode != "model" and cfg.mode not in kp_model.MODES:
         raise SystemExit(f"mode must be model or one of {', '.join(kp_model.MODES)}, got {cfg.mode!r}")
+    if cfg.joint_rank != "model" and cfg.joint_rank not in kp_model.JOINT_RANKS:
+        raise SystemExit(f"joint_rank must be model or one of {', '.join(kp_model.JOINT_RANKS)}, got {cfg.joint_rank!r}")
     if cfg.top_n < 0 or cfg.beam_size < 0 or cfg.extract_batch_size < 1:
         raise SystemExit("top_n and beam_size must be >= 0 (0: the model's), extract_batch_size >= 1")
     runner.validate_model_job(cfg, "extract_keyphrases", "train_keyphrase")
 
 
 def effective_spec(spec: kp_model.KeyphraseSpec, cfg: ExtractConfig) -> kp_model.KeyphraseSpec:
-    """The export's spec with this run's mode / top_n / beam_size where they are set."""
+    """The export's spec with this run's mode / top_n / beam_size / joint_rank where they are set."""
     return dataclasses.replace(spec, mode=spec.mode if cfg.mode == "model" else cfg.mode,
+                               joint_rank=spec.joint_rank if cfg.joint_rank == "model" else cfg.joint_rank,
                                top_n=cfg.top_n or spec.top_n, beam_size=cfg.beam_size or spec.beam_size,
                                images=spec.images and cfg.images)
 

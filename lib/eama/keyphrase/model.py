@@ -33,6 +33,7 @@ from eama.engine import encoders
 
 SPEC_FILE = "eama_keyphrase.json"
 MODES = ("joint", "classify", "generate")
+JOINT_RANKS = ("sum", "beams_first")
 INPUTS = ("text", "all")
 POST, OCR, ENTITIES = 0, 1, 2
 NEG = -1e9
@@ -53,6 +54,7 @@ class KeyphraseSpec:
     top_n: int = 10  # keyphrases per post in the output
     encoder: str = ""  # what the encoder was loaded from
     region_dim: int = 1280  # width of a region feature (EfficientNet-Lite0's grid)
+    joint_rank: str = "sum"  # mode=joint: sum (generation + classifier probability per phrase) | beams_first
 
 
 @dataclasses.dataclass
@@ -419,8 +421,7 @@ def predict(model: KeyphraseModel, tokenizer: Any, rows: Sequence[dict[str, Any]
             regions: torch.Tensor | None = None,
             has_image: torch.Tensor | None = None, device: Any = "cpu") -> list[list[tuple[str, float]]]:
     """Ranked (keyphrase, score) lists, `spec.top_n` per post. classify: the classifier's classes;
-    generate: the beams; joint: the beams (copying from the classifier's top-k), then the
-    classifier's classes not already there."""
+    generate: the beams; joint: see `joint_ranking`."""
     inputs = encode_inputs(tokenizer, rows, spec, regions, has_image).to(device)
     memory = model.encode(inputs)
     by_class = ranked_classes(memory, spec.classes, spec.top_n)
@@ -428,14 +429,26 @@ def predict(model: KeyphraseModel, tokenizer: Any, rows: Sequence[dict[str, Any]
         return by_class
     classes = model.class_memory(memory, spec.copy_top_k) if spec.mode == "joint" else None
     beams = beam_search(model, memory, tokenizer, spec, classes)
-    out = []
-    for gen, cls in zip(beams, by_class):
-        ranked = list(gen[:spec.top_n])
-        if spec.mode == "joint":
-            have = {p for p, _ in ranked}
-            ranked += [(p, s) for p, s in cls if p not in have][:spec.top_n - len(ranked)]
-        out.append(ranked)
-    return out
+    if spec.mode == "generate":
+        return [list(gen[:spec.top_n]) for gen in beams]
+    return [joint_ranking(gen, cls, spec.top_n, spec.joint_rank) for gen, cls in zip(beams, by_class)]
+
+
+def joint_ranking(beams: Sequence[tuple[str, float]], classes: Sequence[tuple[str, float]], n: int,
+                  how: str = "sum") -> list[tuple[str, float]]:
+    """The joint model's list from its two heads' (phrase, log-probability) lists. sum: each phrase
+    scored by its probability under the decoder (the finished beam) plus under the classifier, so
+    a phrase both heads back rises and a confident class outranks a weak beam; beams_first: the
+    beams, then the classes not among them. Scores returned are log of the summed probability."""
+    if how == "beams_first":
+        ranked = list(beams[:n])
+        have = {p for p, _ in ranked}
+        return ranked + [(p, s) for p, s in classes if p not in have][:n - len(ranked)]
+    total: dict[str, float] = {}
+    for phrase, logp in list(beams) + list(classes):
+        total[phrase] = total.get(phrase, 0.0) + math.exp(logp)
+    ranked = sorted(total.items(), key=lambda kv: -kv[1])[:n]
+    return [(p, math.log(v) if v > 0 else NEG) for p, v in ranked]
 
 
 # ---------------------------------------------------------------- building, export and loading

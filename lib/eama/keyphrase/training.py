@@ -47,6 +47,7 @@ class KeyphraseTrainConfig(trainer.TrainerConfig):
     copy_top_k: int = 5  # classifier predictions the decoder may copy from (mode=joint)
     beam_size: int = 10  # beams at evaluation and in the export
     top_n: int = 10  # keyphrases per post
+    joint_rank: str = "sum"  # mode=joint: sum (a phrase's decoder + classifier probability) | beams_first (beams, then classes)
     max_length: int = 96  # subtokens of post + OCR + entities (median 51, 90th percentile 85 on the Twitter posts)
     max_phrase_tokens: int = 8  # subtokens of one keyphrase
     dropout: float = 0.1
@@ -69,6 +70,8 @@ def validate(cfg: KeyphraseTrainConfig) -> None:
         raise SystemExit("train_keyphrase needs --train (keyphrase Parquet rows: import_corpus --format twitter-keyphrase)")
     if cfg.mode not in kp_model.MODES:
         raise SystemExit(f"mode must be one of {', '.join(kp_model.MODES)}, got {cfg.mode!r}")
+    if cfg.joint_rank not in kp_model.JOINT_RANKS:
+        raise SystemExit(f"joint_rank must be one of {', '.join(kp_model.JOINT_RANKS)}, got {cfg.joint_rank!r}")
     if cfg.inputs not in kp_model.INPUTS:
         raise SystemExit(f"inputs must be one of {', '.join(kp_model.INPUTS)}, got {cfg.inputs!r}")
     if cfg.zero_stage > 2:
@@ -183,7 +186,7 @@ class KeyphraseTask(trainer.TrainingTask):
         self.spec = kp_model.KeyphraseSpec(
             classes=classes, mode=config.mode, inputs=config.inputs, images=config.images,
             max_length=config.max_length, max_phrase_tokens=config.max_phrase_tokens, copy_top_k=config.copy_top_k,
-            beam_size=config.beam_size, top_n=config.top_n, encoder=config.encoder)
+            beam_size=config.beam_size, top_n=config.top_n, encoder=config.encoder, joint_rank=config.joint_rank)
 
     def validate(self) -> None:
         validate(self.config)

@@ -2,9 +2,11 @@
 rows as model inputs (the post's subtokens, and its real visual source), tagging, loading an export.
 
 A row's real visual source is its image (decoded, through the frozen image encoder of the spec)
-where it has one that decodes, else its caption (the caption proxy: the caption's subtokens through
-a frozen copy of the pretrained text encoder), else none. Inference view `text` (the paper's) reads
-no visual input at all; view `visual` adds each row's real source where it has one.
+where it has one, else its caption (the caption proxy: the caption's subtokens through a frozen
+copy of the pretrained text encoder), else none. Inference view `text` (the paper's) reads no
+visual input at all; view `visual` adds each row's real source where it has one, and a row whose
+image does not decode fails (an error row in tag_entities) instead of quietly reading its caption.
+In training such a row trains on its caption (or text alone), and is counted and named in the log.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from eama.engine import encoders
+from eama.engine import encoders, faults
 from eama.engine import images as image_io
 from eama.mner import bga, spans, tagger, visual
 
@@ -46,28 +48,32 @@ def load(location: str, device: str = "cpu") -> tuple[bga.BgaTagger, Any, tagger
     return model, tokenizer, spec
 
 
-def decoded_images(rows: Sequence[dict[str, Any]]) -> dict[int, Any]:
-    """Row index -> RGB image, for the rows whose image (bytes or URI) decodes."""
-    out = {}
+def decoded_images(rows: Sequence[dict[str, Any]]) -> tuple[dict[int, Any], dict[int, str]]:
+    """Row index -> RGB image for the rows whose image (bytes or URI) decodes, and row index ->
+    reason for the rows whose image does not."""
+    out, failed = {}, {}
     for i, r in enumerate(rows):
         if not (r.get("image") or r.get("image_uri")):
             continue
         try:
             out[i] = image_io.to_rgb(image_io.open_image(image_io.fetch(r.get("image"), r.get("image_uri"))))
-        except (image_io.ImageError, OSError):
-            continue  # no usable image: the row falls back to its caption, or to text alone
-    return out
+        except (image_io.ImageError, OSError) as exc:
+            if faults.is_transient(exc):
+                raise  # a storage hiccup: the caller's retry, not a bad image
+            failed[i] = f"{type(exc).__name__}: {exc}"
+    return out, failed
 
 
 def visual_inputs(rows: Sequence[dict[str, Any]], tokenizer: Any, spec: bga.BgaSpec, device: Any = "cpu") -> dict[str, Any]:
     """Model inputs of the rows' real visual sources: image features and mask (rows with an image),
-    caption-proxy subtokens and mask (rows with a caption), and `has_visual` [B]."""
+    caption-proxy subtokens and mask (rows with a caption), `has_visual` [B], and `undecodable`
+    (row index -> reason, the rows whose image did not decode; they read their caption if any)."""
     n = len(rows)
     out: dict[str, Any] = {}
     has = torch.zeros(n, dtype=torch.bool)
     if spec.vision != visual.NONE:
         encoder = visual.load(spec.vision)
-        pictures = decoded_images(rows)
+        pictures, out["undecodable"] = decoded_images(rows)
         features = torch.zeros(n, encoder.regions, encoder.width)
         mask = torch.zeros(n, encoder.regions, dtype=torch.bool)
         if pictures:
@@ -83,6 +89,7 @@ def visual_inputs(rows: Sequence[dict[str, Any]], tokenizer: Any, spec: bga.BgaS
         has |= mask.any(1)
         out.update(proxy_ids=enc["input_ids"].to(device), proxy_mask=mask.to(device))
     out["has_visual"] = has.to(device)
+    out.setdefault("undecodable", {})
     return out
 
 
@@ -95,6 +102,10 @@ def tag_rows(model: Any, tokenizer: Any, spec: tagger.TaggerSpec, rows: Sequence
     extra = {}
     if view == "visual":
         extra = visual_inputs(rows, tokenizer, bga_spec(spec), device)
+        if (bad := extra.pop("undecodable")):
+            i, why = next(iter(bad.items()))
+            raise image_io.ImageError(f"sample {rows[i].get('sample_id')}: image does not decode ({why}); "
+                                      f"view visual needs it (view text tags without images)")
         extra["use_real"] = extra.pop("has_visual")
     return tagger.predict(model, enc, spec.labels, [len(w) for w in words], extra)
 

@@ -15,12 +15,15 @@ evaluation, with BGA's model, inputs and loss.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Mapping
 
 import numpy as np
 
 from eama.engine import trainer
 from eama.mner import bga_tagger, tagger, training
+
+log = logging.getLogger("eama.trainer")
 
 
 class BgaTask(training.MnerTask):
@@ -67,11 +70,15 @@ class BgaTask(training.MnerTask):
         words = [list(r["tokens"]) for r in as_rows]
         text = tagger.encode(self.tokenizer, words, None, cfg.max_length, self.device)
         visual = bga_tagger.visual_inputs(as_rows, self.tokenizer, self.settings, self.device)
+        undecodable = visual.pop("undecodable")
+        for i, why in undecodable.items():
+            log.warning("sample %s: image does not decode (%s); it trains on its caption or text alone",
+                        as_rows[i]["sample_id"], why)
         has = visual.pop("has_visual")
         visual["use_real"] = has & (torch.rand(n, device=has.device) < cfg.real_visual_prob)
         gold = tagger.gold_labels([list(r["tags"]) for r in as_rows], self.labels, text.word_mask.shape[1])
         return {"text": text, "visual": visual, "has_visual": has, "gold": gold.to(self.device),
-                "words": sum(len(w) for w in words)}
+                "words": sum(len(w) for w in words), "undecodable_images": len(undecodable)}
 
     def loss(self, engine: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
         cfg: training.MnerTrainConfig = self.config  # type: ignore[assignment]
@@ -82,7 +89,7 @@ class BgaTask(training.MnerTask):
         return row_loss.sum() / cfg.micro_batch_size, row_loss.detach(), batch["has_visual"].long()
 
     def counts(self, batch: dict[str, Any]) -> Mapping[str, int]:
-        return {"words": batch["words"]}
+        return {"words": batch["words"], "undecodable_images": batch["undecodable_images"]}
 
     def export_info(self) -> dict[str, Any]:
         cfg: training.MnerTrainConfig = self.config  # type: ignore[assignment]
