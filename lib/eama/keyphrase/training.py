@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from eama.engine import images as image_io
-from eama.engine import schema, storage, trainer
+from eama.engine import feature_cache, schema, storage, trainer
 from eama.keyphrase import metric
 from eama.keyphrase import model as kp_model
 
@@ -150,8 +150,10 @@ def class_vocabulary(path: str, min_count: int) -> list[str]:
     return [k for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_count]
 
 
-def region_features(rows: list[dict[str, Any]], use: bool) -> tuple[Any, Any]:
-    """([B, 49, 1280] grid features, [B] has-image) when `use` and a row has an image, else (None, None)."""
+def region_features(rows: list[dict[str, Any]], use: bool, cache: feature_cache.FeatureCache | None = None
+                    ) -> tuple[Any, Any]:
+    """([B, 49, 1280] grid features, [B] has-image) when `use` and a row has an image, else (None,
+    None); with `cache`, an image's grid is computed once and kept."""
     import torch
 
     if not use or not any(r.get("image") for r in rows):
@@ -159,9 +161,16 @@ def region_features(rows: list[dict[str, Any]], use: bool) -> tuple[Any, Any]:
     from eama.engine import vision
 
     has = [bool(r.get("image")) for r in rows]
-    grid = vision.feature_grid([image_io.open_image(r["image"]).convert("RGB") for r in rows if r.get("image")])
-    out = torch.zeros(len(rows), grid.shape[1], grid.shape[2])
-    out[torch.tensor(has)] = grid
+    with_image = [i for i, h in enumerate(has) if h]
+
+    def compute(todo: list[int]) -> dict[int, Any]:
+        grid = vision.feature_grid([image_io.open_image(rows[with_image[j]]["image"]).convert("RGB") for j in todo])
+        return dict(zip(todo, grid))
+
+    found = feature_cache.lookup(cache, [feature_cache.image_key(rows[i]["image"]) for i in with_image], compute)
+    out = torch.zeros(len(rows), 49, vision.HEAD_CHANNELS)
+    for j, grid in found.items():
+        out[with_image[j]] = grid
     return out, torch.tensor(has)
 
 
@@ -207,6 +216,7 @@ class KeyphraseTask(trainer.TrainingTask):
                                                   cfg.region_attention_weight)
         self.model.to(device)
         self.device = device
+        self.image_cache = feature_cache.FeatureCache(cfg.image_cache_mb)
         self.class_index = {c: i for i, c in enumerate(self.spec.classes)}
         self.valid_rows = read_rows(cfg.valid, cfg.images) if cfg.valid else []
         encoder_ids = {id(p) for p in self.model.encoder.parameters()}
@@ -222,7 +232,7 @@ class KeyphraseTask(trainer.TrainingTask):
             for k in ("keyphrases", "visual_entities"):
                 if r.get(k) is not None:
                     r[k] = list(r[k])
-        regions, has = region_features(as_rows, self.config.images)
+        regions, has = region_features(as_rows, self.config.images, self.image_cache)
         inputs = kp_model.encode_inputs(self.tokenizer, as_rows, self.spec, regions, has).to(self.device)
         targets = kp_model.make_targets(self.tokenizer, as_rows, self.spec, self.class_index).to(self.device)
         import torch
@@ -254,7 +264,8 @@ class KeyphraseTask(trainer.TrainingTask):
         sums = metric.accumulate([], [], [])
         for k in range(0, len(mine), cfg.eval_batch_size):
             chunk = mine[k:k + cfg.eval_batch_size]
-            ranked = predict_rows(engine.module, self.tokenizer, chunk, self.spec, cfg.images, self.device)
+            ranked = predict_rows(engine.module, self.tokenizer, chunk, self.spec, cfg.images, self.device,
+                                  self.image_cache)
             part = metric.accumulate([r["post"] for r in chunk], [r.get("keyphrases") or [] for r in chunk],
                                      [[p for p, _ in x] for x in ranked])
             for scope in sums:
@@ -271,11 +282,12 @@ class KeyphraseTask(trainer.TrainingTask):
 
 
 def predict_rows(model: Any, tokenizer: Any, rows: list[dict[str, Any]], spec: kp_model.KeyphraseSpec,
-                 images: bool, device: Any) -> list[list[tuple[str, float]]]:
-    """Ranked keyphrases of rows (region features computed where a row has an image)."""
+                 images: bool, device: Any, cache: feature_cache.FeatureCache | None = None
+                 ) -> list[list[tuple[str, float]]]:
+    """Ranked keyphrases of rows (region features computed, or taken from `cache`, where a row has an image)."""
     import torch
 
-    regions, has = region_features(rows, images and spec.images)
+    regions, has = region_features(rows, images and spec.images, cache)
     with torch.no_grad():
         return kp_model.predict(model, tokenizer, rows, spec, regions, has, device)
 

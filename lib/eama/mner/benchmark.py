@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from eama.engine import benchmarks, importing, schema, storage, trainer
-from eama.mner import bga_tagger, conll, methods, report, tagging, training
+from eama.mner import bga_tagger, conll, methods, report, tagger, tagging, training
 
 # ITA (NAACL 2022), Table 1: test F1, BERT-base-cased CRF rows (text-only eval / text+view eval).
 ITA_BERT = {
@@ -104,9 +104,7 @@ def train_one(cfg: BenchmarkConfig, data: dict[str, str], dataset: str, config: 
 def eval_views(config: str) -> list[str]:
     """The test-set evaluation views of a config: text-only input, and its view (BGA: the caption proxy)."""
     settings = CONFIGS[config]
-    if settings.get("method") == "bga":
-        return list(bga_tagger.VIEWS)
-    return ["text"] + ([settings["view"]] if settings["view"] != "text" else [])
+    return list(bga_tagger.VIEWS) if settings.get("method") == "bga" else tagger.evaluation_views(settings["view"])
 
 
 def second_view(result: dict[str, Any]) -> str | None:

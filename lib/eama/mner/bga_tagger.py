@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from eama.engine import encoders, faults
+from eama.engine import encoders, faults, feature_cache
 from eama.engine import images as image_io
 from eama.mner import bga, spans, tagger, visual
 
@@ -64,7 +64,27 @@ def decoded_images(rows: Sequence[dict[str, Any]]) -> tuple[dict[int, Any], dict
     return out, failed
 
 
-def visual_inputs(rows: Sequence[dict[str, Any]], tokenizer: Any, spec: bga.BgaSpec, device: Any = "cpu") -> dict[str, Any]:
+def image_features(rows: Sequence[dict[str, Any]], encoder: Any,
+                   cache: feature_cache.FeatureCache | None = None) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+    """Row index -> frozen features [regions, width] of the rows with an image that decodes (kept
+    in `cache`, so an image is decoded and encoded once), and row index -> reason for those whose
+    image does not decode."""
+    with_image = [i for i, r in enumerate(rows) if r.get("image") or r.get("image_uri")]
+    failed: dict[int, str] = {}
+
+    def compute(todo: list[int]) -> dict[int, torch.Tensor]:
+        pictures, bad = decoded_images([rows[with_image[j]] for j in todo])
+        failed.update({with_image[todo[k]]: why for k, why in bad.items()})
+        order = sorted(pictures)
+        return {todo[k]: f for k, f in zip(order, encoder([pictures[k] for k in order]))}
+
+    keys = [feature_cache.image_key(rows[i].get("image"), rows[i].get("image_uri")) for i in with_image]
+    found = feature_cache.lookup(cache, keys, compute)
+    return {with_image[j]: f for j, f in found.items()}, failed
+
+
+def visual_inputs(rows: Sequence[dict[str, Any]], tokenizer: Any, spec: bga.BgaSpec, device: Any = "cpu",
+                  cache: feature_cache.FeatureCache | None = None) -> dict[str, Any]:
     """Model inputs of the rows' real visual sources: image features and mask (rows with an image),
     caption-proxy subtokens and mask (rows with a caption), `has_visual` [B], and `undecodable`
     (row index -> reason, the rows whose image did not decode; they read their caption if any)."""
@@ -73,13 +93,11 @@ def visual_inputs(rows: Sequence[dict[str, Any]], tokenizer: Any, spec: bga.BgaS
     has = torch.zeros(n, dtype=torch.bool)
     if spec.vision != visual.NONE:
         encoder = visual.load(spec.vision)
-        pictures, out["undecodable"] = decoded_images(rows)
+        found, out["undecodable"] = image_features(rows, encoder, cache)
         features = torch.zeros(n, encoder.regions, encoder.width)
         mask = torch.zeros(n, encoder.regions, dtype=torch.bool)
-        if pictures:
-            index = list(pictures)
-            features[index] = encoder([pictures[i] for i in index])
-            mask[index] = True
+        for i, f in found.items():
+            features[i], mask[i] = f, True
         has |= mask.any(1)
         out.update(image_features=features.to(device), image_mask=mask.to(device))
     if spec.caption_proxy:
@@ -94,14 +112,14 @@ def visual_inputs(rows: Sequence[dict[str, Any]], tokenizer: Any, spec: bga.BgaS
 
 
 def tag_rows(model: Any, tokenizer: Any, spec: tagger.TaggerSpec, rows: Sequence[dict[str, Any]], view: str,
-             device: Any = "cpu") -> list[list[str]]:
+             device: Any = "cpu", cache: feature_cache.FeatureCache | None = None) -> list[list[str]]:
     """BIO tags of MNER rows in inference view `text` or `visual`. `model` is a BgaTagger or
     anything called like one that has its `crf` (the DeepSpeed engine in training)."""
     words = [list(r["tokens"]) for r in rows]
     enc = tagger.encode(tokenizer, words, None, spec.max_length, device)
     extra = {}
     if view == "visual":
-        extra = visual_inputs(rows, tokenizer, bga_spec(spec), device)
+        extra = visual_inputs(rows, tokenizer, bga_spec(spec), device, cache)
         if (bad := extra.pop("undecodable")):
             i, why = next(iter(bad.items()))
             raise image_io.ImageError(f"sample {rows[i].get('sample_id')}: image does not decode ({why}); "

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from eama.engine import trainer
+from eama.engine import feature_cache, trainer
 from eama.mner import bga_tagger, tagger, training
 
 log = logging.getLogger("eama.trainer")
@@ -48,6 +48,7 @@ class BgaTask(training.MnerTask):
                                                       cfg.dropout, dtype)
         self.model.to(device)
         self.device = device
+        self.image_cache = feature_cache.FeatureCache(cfg.image_cache_mb)
         self.labels = self.spec.labels
         images = ("image", "image_uri") if self.settings.vision != "none" else ()
         self.valid_rows = training.read_rows(cfg.valid, images) if cfg.valid else []
@@ -69,7 +70,7 @@ class BgaTask(training.MnerTask):
         as_rows = [{k: rows[k][i] for k in rows} for i in range(n)]
         words = [list(r["tokens"]) for r in as_rows]
         text = tagger.encode(self.tokenizer, words, None, cfg.max_length, self.device)
-        visual = bga_tagger.visual_inputs(as_rows, self.tokenizer, self.settings, self.device)
+        visual = bga_tagger.visual_inputs(as_rows, self.tokenizer, self.settings, self.device, self.image_cache)
         undecodable = visual.pop("undecodable")
         for i, why in undecodable.items():
             log.warning("sample %s: image does not decode (%s); it trains on its caption or text alone",
@@ -108,5 +109,6 @@ class BgaTask(training.MnerTask):
         return scores
 
     def predict(self, engine: Any, rows: list[dict[str, Any]], view: str) -> list[list[str]]:
-        return bga_tagger.tag_rows(training.called(engine), self.tokenizer, self.spec, rows, view, self.device)
+        return bga_tagger.tag_rows(training.called(engine), self.tokenizer, self.spec, rows, view, self.device,
+                                   self.image_cache)
 

@@ -56,6 +56,12 @@ class Tagger(nn.Module):
         return self.emission(self.dropout(first_subtokens(hidden, word_index)))
 
 
+def evaluation_views(view: str) -> list[str]:
+    """ITA's two evaluation views of a tagger trained with `view`: text-only input, and the
+    text+view input where there is a view (ITA's Table 1)."""
+    return ["text"] + ([view] if view != "text" else [])
+
+
 def first_subtokens(hidden: torch.Tensor, word_index: torch.Tensor) -> torch.Tensor:
     """Each word's first-subtoken feature [B, W, h] from subtoken features [B, T, h]."""
     return hidden.gather(1, word_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))

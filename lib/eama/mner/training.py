@@ -259,7 +259,7 @@ class MnerTask(trainer.TrainingTask):
 
     def eval_views(self) -> list[str]:
         """Evaluation views on valid: text-only input, and the text+view input where there is a view."""
-        return ["text"] + ([self.config.view] if self.config.view != "text" else [])
+        return tagger.evaluation_views(self.config.view)
 
     def with_selection(self, scores: dict[str, float]) -> dict[str, float]:
         """`dev_f1`, what model selection reads: the mean of the views' F1."""
