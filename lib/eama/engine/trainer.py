@@ -85,7 +85,6 @@ class TrainerConfig:
     data_loading: str = "auto"  # local (every worker reads the files and orders them in memory) | stream (Ray Data streaming split, any size) | auto (local when the files total <= local_data_bytes)
     local_data_bytes: int = 1 << 30  # data_loading=auto: Parquet bytes up to which every worker holds the data itself
     seed: int = 0  # data order and initialisation
-    image_cache_mb: float = 1024  # per worker: frozen image features kept by sample (BGA, keyphrase images), so each image is decoded and encoded once; 0 = every step
     checkpoint_every: int = 50  # optimizer steps (and at the end); 0 = never (benchmarks)
     keep_checkpoints: int = 2  # newest checkpoints kept in storage
     max_failures: int = 2  # worker-group restarts from the last checkpoint

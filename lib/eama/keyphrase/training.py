@@ -40,6 +40,7 @@ class KeyphraseTrainConfig(trainer.TrainerConfig):
     mode: str = "joint"  # joint (classifier + generator copying from it) | classify | generate
     inputs: str = "all"  # text (the post alone) | all (post + OCR + visual entities)
     images: bool = True  # region features (EfficientNet-Lite0 7x7 grid) for rows that carry an image
+    image_cache_mb: float = 1024  # per worker: region features kept per image, so each is decoded and encoded once, not every epoch; 0 = every step
     min_class_count: int = 1  # a training keyphrase joins the classifier's vocabulary from this many posts
     generation_weight: float = 1.0  # loss weight of the decoder's NLL
     classification_weight: float = 1.0  # loss weight of the classifier's cross-entropy

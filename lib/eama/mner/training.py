@@ -54,6 +54,7 @@ class MnerTrainConfig(trainer.TrainerConfig):
     # BGA-MNER (method=bga); ITA reads none of these
     method: str = "ita"  # ita (encoder + CRF, optional view and CVA) | bga (bidirectional generative alignment)
     vision: str = "efficientnet"  # bga: frozen image encoder for rows with an image: efficientnet | none | a CLIPVisionModel id or folder
+    image_cache_mb: float = 1024  # bga, per worker: the frozen encoder's features kept per image, so each is decoded and encoded once, not every epoch; 0 = every step
     caption_proxy: bool = True  # bga: rows without an image use their caption (frozen text encoder) as visual features
     proxy_tokens: int = 32  # bga: caption subtokens kept as proxy regions
     bga_layers: int = 1  # bga: BGA layers
