@@ -182,15 +182,21 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def export_of(cfg: BenchmarkConfig, result: dict[str, Any]) -> str:
+    """The export folder of a finished run (absent where its result came from another machine)."""
+    return storage.join(cfg.output, "runs", result["run"], "export")
+
+
 def throughput(cfg: BenchmarkConfig, results: list[dict[str, Any]]) -> str | None:
     """tag_entities rows/s (whole job, and the tag stage's busy time) against the same export's raw
     batched forward (tokenise + forward + Viterbi in one process) on the same rows and threads."""
     import pyarrow as pa
 
-    if not results:
+    here = [r for r in results if storage.exists(export_of(cfg, r))]  # results may come from another machine
+    if not here:
         return None
-    first = sorted(results, key=lambda r: (r["config"].startswith("bga"), r["run"]))[0]
-    model = storage.join(cfg.output, "runs", first["run"], "export")
+    first = sorted(here, key=lambda r: (r["config"].startswith("bga"), r["run"]))[0]
+    model = export_of(cfg, first)
     rows = test_rows(cfg, first["dataset"])
     copies = [dict(r, sample_id=f"{r['sample_id']}#{k}") for k in range(-(-cfg.throughput_rows // len(rows)))
               for r in rows][:cfg.throughput_rows]
@@ -232,14 +238,14 @@ def bga_cost(cfg: BenchmarkConfig, results: list[dict[str, Any]]) -> str | None:
     """BGA-MNER's text-only inference against the text-only CRF (same encoder, dataset and seed) on
     the same test posts: rows/s of each and BGA's cost ratio (the goal: at most 1.5x)."""
     pairs = [(b, t) for b in results if b["config"] == "bga" for t in results
-             if t["config"] == "text" and (t["encoder"], t["dataset"], t["seed"]) == (b["encoder"], b["dataset"], b["seed"])]
+             if t["config"] == "text" and (t["encoder"], t["dataset"], t["seed"]) == (b["encoder"], b["dataset"], b["seed"])
+             and storage.exists(export_of(cfg, b)) and storage.exists(export_of(cfg, t))]
     if not pairs:
         return None
     lines = ["| dataset | rows | text-only CRF rows/s | BGA text-only inference rows/s | BGA cost (x CRF) |",
              "|---|---|---|---|---|"]
     for b, t in pairs[:1]:
         rows = test_rows(cfg, b["dataset"])
-        crf = raw_rate(cfg, storage.join(cfg.output, "runs", t["run"], "export"), rows, "text")
-        gen = raw_rate(cfg, storage.join(cfg.output, "runs", b["run"], "export"), rows, "text")
+        crf, gen = raw_rate(cfg, export_of(cfg, t), rows, "text"), raw_rate(cfg, export_of(cfg, b), rows, "text")
         lines.append(f"| {b['dataset']} | {len(rows)} | {crf:.1f} | {gen:.1f} | {crf / gen:.2f} |")
     return "\n".join(lines)
