@@ -16,8 +16,8 @@ import logging
 import sys
 from typing import Sequence
 
-from eama.engine import config, console
-from eama.news.caption_job import CaptionCorpusConfig, run
+from eama.engine import config
+from eama.news.caption_job import CaptionCorpusConfig, run, summary
 
 FLAGS = [
     config.Flag("--input", "input", "Parquet shards: file, directory or glob, local or s3://"),
@@ -29,15 +29,11 @@ FLAGS = [
 ]
 
 
-def print_summary(m: dict) -> None:
-    print("\n".join(console.summary_lines(m, f"model {m['model']}  mode {m['mode']}", "captioned")))
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = config.parse_args(CaptionCorpusConfig, __doc__.splitlines()[0], FLAGS, argv)
     manifest = run(cfg)
-    print_summary(manifest)
+    print(summary(manifest))
     return manifest
 
 

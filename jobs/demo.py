@@ -23,13 +23,10 @@ from typing import Sequence
 import ray
 import ray.data
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import caption_corpus  # noqa: E402
-
-from eama.engine import config, storage, trainer
-from eama.news import alignment, alignment_training, demo, evaluation, importers
+from eama.engine import config, storage, trainer  # noqa: E402
+from eama.news import alignment, alignment_training, caption_job, demo, evaluation, importers  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -70,7 +67,7 @@ def score(cfg: DemoConfig, captions: str, name: str) -> dict:
 
 def caption_and_score(cfg: DemoConfig, corpus: str, name: str, model: str, mode: str = "eama") -> dict:
     out = storage.join(cfg.workdir, name)
-    caption_corpus.run(caption_corpus.CaptionCorpusConfig(input=corpus, output=out, model=model, mode=mode,
+    caption_job.run(caption_job.CaptionCorpusConfig(input=corpus, output=out, model=model, mode=mode,
                                                           overwrite=True))
     return score(cfg, out, name)
 
@@ -124,8 +121,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
         nyt = storage.join(w, "nyt", "samples")
         print(importers.write_shards(importers.goodnews_samples(
             os.path.join(cfg.nyt, "caption.json"), os.path.join(cfg.nyt, "images")), nyt))
-        caption_corpus.print_summary(caption_corpus.run(caption_corpus.CaptionCorpusConfig(
-            input=nyt, output=storage.join(w, "nyt", "captions"), model="tiny-instructblip", overwrite=True)))
+        print(caption_job.summary(caption_job.run(caption_job.CaptionCorpusConfig(
+            input=nyt, output=storage.join(w, "nyt", "captions"), model="tiny-instructblip", overwrite=True))))
 
     step("3. baselines: the untrained model, one fixed caption")
     reports = {"untrained": caption_and_score(cfg, eval_corpus, "captions_untrained", cfg.model)}

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from typing import Any
 
-from eama.engine import config, images, resources, runner, schema, storage
+from eama.engine import config, console, images, resources, runner, schema, storage
 from eama.news import captioning, demo
 
 DEMO_INPUT = os.path.join("demo_out", "corpus")
@@ -132,3 +132,8 @@ def run(cfg: CaptionCorpusConfig) -> dict[str, Any]:
                                  cfg.gpus_per_mllm, cfg.ner_actors, cfg.ner_on_gpu)
     run_id = runner.new_run_id()
     return runner.run(caption_job(cfg, plan, model_label(cfg), run_id), cfg, run_id=run_id)
+
+
+def summary(m: dict[str, Any]) -> str:
+    """The end-of-run lines a caption_corpus run prints."""
+    return "\n".join(console.summary_lines(m, f"model {m['model']}  mode {m['mode']}", "captioned"))
