@@ -68,7 +68,7 @@ def score(cfg: DemoConfig, captions: str, name: str) -> dict:
 def caption_and_score(cfg: DemoConfig, corpus: str, name: str, model: str, mode: str = "eama") -> dict:
     out = storage.join(cfg.workdir, name)
     caption_job.run(caption_job.CaptionCorpusConfig(input=corpus, output=out, model=model, mode=mode,
-                                                          overwrite=True))
+                                                    overwrite=True))
     return score(cfg, out, name)
 
 

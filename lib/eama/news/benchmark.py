@@ -14,9 +14,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from eama.engine import config, images, resources, schema, storage
-from eama.news import candidates, captioning, demo, models
-from eama.news.caption_job import CaptionCorpusConfig
-from eama.news.caption_job import run as run_caption_job
+from eama.news import caption_job, candidates, captioning, demo, models
 
 
 @dataclasses.dataclass
@@ -130,13 +128,13 @@ def end_to_end(cfg: BenchConfig, rows: list[dict], mode: str) -> float:
         corpus = os.path.join(tmp, "in")
         storage.write_table_atomic(pa.Table.from_pylist(rows, schema=schema.SAMPLE),
                                    os.path.join(corpus, "part-0.parquet"), storage.ROW_GROUP_ROWS // 4)
-        run_cfg = CaptionCorpusConfig(
+        run_cfg = caption_job.CaptionCorpusConfig(
             input=corpus, output=os.path.join(tmp, "out"), model=cfg.model, mode=mode, device=cfg.device,
             batch_size=cfg.batch_size, generate_batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
             selection_max_new_tokens=cfg.selection_max_new_tokens, mllm_threads=cfg.mllm_threads)
-        run_caption_job(run_cfg)  # warm: Ray workers, imports, spaCy and model files in the page cache
+        caption_job.run(run_cfg)  # warm: Ray workers, imports, spaCy and model files in the page cache
         run_cfg.overwrite = True
-        _, seconds = timed(lambda: run_caption_job(run_cfg))
+        _, seconds = timed(lambda: caption_job.run(run_cfg))
     return seconds
 
 
