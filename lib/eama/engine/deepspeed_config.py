@@ -1,7 +1,7 @@
 """The one builder of the DeepSpeed config, and the learning-rate schedule that goes with it.
 
 Everything DeepSpeed is told comes from `build_config`: ZeRO stage, precision (bf16 on GPU, fp32 on
-CPU), batch geometry, clipping, optional CPU offload, and a torch AdamW (DeepSpeed's `torch_adam`)
+CPU), batch geometry, clipping, optional CPU offload, and torch's fused AdamW (DeepSpeed's `torch_adam`)
 so that no C++ optimizer op is compiled. The schedule (linear warm-up then cosine or linear decay) is a torch
 LambdaLR that deepspeed.initialize builds from the optimizer and saves in every checkpoint.
 """
@@ -63,8 +63,10 @@ def build_config(
         "zero_optimization": zero,
         "optimizer": {
             "type": "AdamW",
+            # torch's fused AdamW: one pass over each flat partition (on CPU ~10x faster than the
+            # per-op update, which costs more than a base-size encoder's forward and backward)
             "params": {"lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay,
-                       "torch_adam": True},
+                       "torch_adam": True, "fused": True},
         },
         # A torch optimizer with offload: DeepSpeed would otherwise insist on its compiled CPU Adam.
         "zero_force_ds_cpu_optimizer": False,

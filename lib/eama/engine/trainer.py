@@ -82,6 +82,7 @@ class TrainerConfig:
     offload_params: bool = False  # keep parameters in CPU memory (ZeRO-3)
     param_persistence_threshold: int = -1  # ZeRO-3: params below this many elements stay whole; -1 = DeepSpeed's
     shuffle: bool = True  # one seeded global shuffle per epoch
+    group_by_length: int = 0  # > 0: rows of similar length share micro-batches (less padding), sorted by length inside random buckets of about this many micro-batches; 0 = off
     data_loading: str = "auto"  # local (every worker reads the files and orders them in memory) | stream (Ray Data streaming split, any size) | auto (local when the files total <= local_data_bytes)
     local_data_bytes: int = 1 << 30  # data_loading=auto: Parquet bytes up to which every worker holds the data itself
     seed: int = 0  # data order and initialisation
@@ -110,6 +111,8 @@ def validate(cfg: TrainerConfig) -> None:
         raise SystemExit(f"schedule must be one of {', '.join(deepspeed_config.SCHEDULES)}, got {cfg.schedule!r}")
     if cfg.epochs > 1 and not cfg.shuffle:
         raise SystemExit("epochs > 1 needs shuffle=true (each epoch is a seeded order of the rows)")
+    if cfg.group_by_length < 0 or (cfg.group_by_length and not cfg.shuffle):
+        raise SystemExit("group_by_length must be >= 0 and needs shuffle=true (it groups inside the seeded order)")
     if cfg.data_loading not in DATA_LOADING:
         raise SystemExit(f"data_loading must be one of {', '.join(DATA_LOADING)}, got {cfg.data_loading!r}")
 
@@ -143,6 +146,8 @@ class TrainingTask(abc.ABC):
 
     #: columns hashed (with seed and epoch) for the deterministic order; together unique per row
     sort_columns: Sequence[str] = ()
+    #: columns whose lengths (a list's items, a string's words) sum to a row's length (group_by_length)
+    length_columns: Sequence[str] = ()
     #: columns read from the data files (None = all)
     columns: Sequence[str] | None = None
     #: names of the row groups whose losses are logged apart (`loss` returns indexes into it)
@@ -256,40 +261,91 @@ def steps_per_epoch(rows: int, cfg: TrainerConfig) -> int:
     return max(1, math.ceil(plan_steps(rows, cfg).total_steps / cfg.epochs))
 
 
-ORDER_BITS = 40  # sort key: epoch * 2**40 + a 40-bit hash of the row
+ORDER_BITS = 40  # sort key: epoch * 2**40 + a 40-bit key of the row (its seeded hash, or bucket | length | hash)
+LENGTH_BITS = 12  # group_by_length: row lengths are capped at 4095 in the key
 ROWS_PER_SORT_PARTITION = 50_000
 
 
-def training_dataset(files: Sequence[str], cfg: TrainerConfig, rows: int, sort_columns: Sequence[str],
+@dataclasses.dataclass(frozen=True)
+class RowOrder:
+    """The seeded per-epoch order of the rows, as a sort key per row.
+
+    Without grouping the key is a 40-bit hash of (seed, epoch, the row's `key_columns`). With
+    `length_columns` (group_by_length) the hash's top `bucket_bits` put the row in one of
+    2**bucket_bits random buckets and, inside a bucket, rows sort by length (the summed lengths of
+    `length_columns`: list items, or words of a string), the rest of the hash breaking ties; so a
+    micro-batch holds rows of similar length (less padding), and the buckets, in random order,
+    keep each epoch's mix. The key depends on the row alone, never on how rows are split into
+    blocks, workers or loading paths."""
+
+    seed: int
+    key_columns: tuple[str, ...]
+    length_columns: tuple[str, ...] = ()
+    bucket_bits: int = 0
+
+    def keys(self, table: Any, epoch: int) -> list[int]:
+        cols = [table.column(c).to_pylist() for c in self.key_columns]
+        joined = ["\0".join(str(v) for v in values) for values in zip(*cols)]
+        hashes = [int.from_bytes(hashlib.blake2b(f"{self.seed}:{epoch}:{k}".encode(), digest_size=8).digest(), "big")
+                  >> (64 - ORDER_BITS) for k in joined]
+        if not self.length_columns:
+            return hashes
+        low = ORDER_BITS - self.bucket_bits - LENGTH_BITS
+        lengths = row_lengths(table, self.length_columns)
+        return [(h >> (ORDER_BITS - self.bucket_bits) << (ORDER_BITS - self.bucket_bits))
+                | (min(n, (1 << LENGTH_BITS) - 1) << low) | (h & ((1 << low) - 1))
+                for h, n in zip(hashes, lengths)]
+
+
+def row_order(cfg: TrainerConfig, rows: int, key_columns: Sequence[str], length_columns: Sequence[str]) -> RowOrder:
+    """The order `cfg` asks for over `rows` rows an epoch: with group_by_length, buckets of
+    group_by_length global micro-batches or fewer (in expectation)."""
+    bits = 0
+    if cfg.group_by_length:
+        if not length_columns:
+            raise SystemExit("group_by_length: this task declares no length_columns")
+        window = cfg.group_by_length * cfg.micro_batch_size * cfg.num_workers
+        bits = min(ORDER_BITS - LENGTH_BITS - 8, math.ceil(math.log2(max(1.0, rows / window))))
+    return RowOrder(cfg.seed, tuple(key_columns), tuple(length_columns) if cfg.group_by_length else (), bits)
+
+
+def row_lengths(table: Any, columns: Sequence[str]) -> list[int]:
+    """Per row, the summed lengths of `columns`: a list's items, a string's words, 0 for null."""
+    total = [0] * table.num_rows
+    for c in columns:
+        for i, v in enumerate(table.column(c).to_pylist()):
+            total[i] += len(v.split()) if isinstance(v, str) else len(v) if v is not None else 0
+    return total
+
+
+def training_dataset(files: Sequence[str], cfg: TrainerConfig, rows: int, order: RowOrder,
                      columns: Sequence[str] | None = None) -> Any:
     """One pass over `epochs` copies of the rows, each in its own seeded order (or the files'
     order with shuffle=false), in blocks of exactly one micro-batch.
 
-    The order is a sort on a hash of (seed, epoch, the row's `sort_columns`), so it does not depend
-    on how Ray Data splits files into blocks; the data is read once (a union of per-epoch reads
-    would run one file-listing task per copy, which starves a small cluster), and the sort's
-    partitions are given as key ranges sized from the row count (Ray's default is 200 reduce tasks)."""
+    The order is a sort on `order`'s per-row keys, so it does not depend on how Ray Data splits
+    files into blocks; the data is read once (a union of per-epoch reads would run one
+    file-listing task per copy, which starves a small cluster), and the sort's partitions are given
+    as key ranges sized from the row count (Ray's default is 200 reduce tasks)."""
     import ray.data
 
     ds = ray.data.read_parquet(list(files), columns=list(columns) if columns is not None else None)
     if cfg.shuffle:
-        if not sort_columns:
+        if not order.key_columns:
             raise ValueError("shuffle=true needs the task's sort_columns (the columns that identify a row)")
-        ds = ds.map_batches(epoch_order, batch_format="pyarrow",
-                            fn_kwargs={"epochs": cfg.epochs, "seed": cfg.seed, "key_columns": list(sort_columns)})
+        ds = ds.map_batches(epoch_order, batch_format="pyarrow", fn_kwargs={"epochs": cfg.epochs, "order": order})
         ds = ds.sort("order", boundaries=sort_boundaries(rows, cfg.epochs)).drop_columns(["order"])
     return ds.repartition(target_num_rows_per_block=cfg.micro_batch_size, strict=True)
 
 
-def epoch_order(batch: Any, epochs: int, seed: int, key_columns: Sequence[str]) -> Any:
-    """Each row once per epoch, with `order` = epoch * 2**40 + a seeded hash of the row's key
-    columns (joined by NUL)."""
+def epoch_order(batch: Any, epochs: int, order: RowOrder) -> Any:
+    """Each row once per epoch, with `order` = epoch * 2**40 + the row's key in that epoch."""
     import pyarrow as pa
 
     copies = []
     for epoch in range(epochs):
-        order = [(epoch << ORDER_BITS) + k for k in _epoch_keys(batch, epoch, seed, key_columns)]
-        copies.append(batch.append_column("order", pa.array(order, pa.int64())))
+        keys = [(epoch << ORDER_BITS) + k for k in order.keys(batch, epoch)]
+        copies.append(batch.append_column("order", pa.array(keys, pa.int64())))
     return pa.concat_tables(copies)
 
 
@@ -301,19 +357,11 @@ def sort_boundaries(rows: int, epochs: int) -> list[int]:
     return bounds or [epochs * span]  # one boundary past every key: Ray needs at least one
 
 
-def _epoch_keys(table: Any, epoch: int, seed: int, key_columns: Sequence[str]) -> list[int]:
-    """A 40-bit seeded hash per row of its key columns (joined by NUL) in `epoch`."""
-    cols = [table.column(c).to_pylist() for c in key_columns]
-    keys = ["\0".join(str(v) for v in values) for values in zip(*cols)]
-    return [int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{k}".encode(), digest_size=8).digest(), "big")
-            >> (64 - ORDER_BITS) for k in keys]
-
-
-def local_micro_batches(files: Sequence[str], cfg: TrainerConfig, sort_columns: Sequence[str],
+def local_micro_batches(files: Sequence[str], cfg: TrainerConfig, order: RowOrder,
                         columns: Sequence[str] | None, rank: int, world: int, per_rank: int, skip: int
                         ) -> Iterator[dict[str, np.ndarray]]:
-    """data_loading=local: the same order as `training_dataset` (epoch by epoch, rows sorted on the
-    seeded hash; the files' order with shuffle=false), cut into micro-batches, micro-batch j going to
+    """data_loading=local: the same order as `training_dataset` (epoch by epoch, rows sorted on
+    `order`'s keys; the files' order with shuffle=false), cut into micro-batches, micro-batch j going to
     rank j % world, read by the worker itself (no Ray Data split coordinator polling beside it)."""
     import pyarrow as pa
 
@@ -321,7 +369,7 @@ def local_micro_batches(files: Sequence[str], cfg: TrainerConfig, sort_columns: 
                               for f in files], promote_options="permissive")
     n = table.num_rows
     if cfg.shuffle:
-        orders = (sorted(range(n), key=_epoch_keys(table, e, cfg.seed, sort_columns).__getitem__)
+        orders = (sorted(range(n), key=order.keys(table, e).__getitem__)
                   for e in range(cfg.epochs))
     else:
         orders = (range(n) for _ in range(cfg.epochs))
@@ -871,7 +919,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     info("engine ready (ZeRO-%d) at step %d, %.1fs after start", cfg.zero_stage, state.step, time.time() - started)
     peak = peak_flops(torch.cuda.get_device_name()) if cfg.use_gpu else None
     if config.get("files"):
-        batches = local_micro_batches(config["files"], cfg, task.sort_columns, task.columns, rank, world,
+        batches = local_micro_batches(config["files"], cfg, config["order"], task.columns, rank, world,
                                       plan.micro_batches_per_rank, skip=state.step * cfg.grad_accum)
     else:
         batches = micro_batches(ray.train.get_dataset_shard("train"), cfg.micro_batch_size,
@@ -959,17 +1007,21 @@ def fit(task: TrainingTask) -> Any:
              plan.warmup_steps, cfg.zero_stage, run_dir(cfg))
     local = use_local_data(files, cfg)
     log.info("data: %s", "read by every worker (data_loading=local)" if local else "Ray Data streaming split")
+    order = row_order(cfg, rows, task.sort_columns, task.length_columns)
+    if cfg.group_by_length:
+        log.info("group_by_length: rows sorted by %s inside %d random buckets per epoch",
+                 " + ".join(order.length_columns), 1 << order.bucket_bits)
     data: dict[str, Any] = {}
     if not local:
         ingest = DataConfig.default_ingest_options()
         ingest.preserve_order = True  # with one-micro-batch blocks: micro-batch j goes to rank j % world
-        data = {"datasets": {"train": training_dataset(files, cfg, rows, task.sort_columns, task.columns)},
+        data = {"datasets": {"train": training_dataset(files, cfg, rows, order, task.columns)},
                 "dataset_config": DataConfig(datasets_to_split=["train"], execution_options=ingest)}
     relay = ray.remote(num_cpus=0)(ProgressRelay).remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"task": task, "plan": dataclasses.asdict(plan), "relay": relay,
-                           "files": list(files) if local else None},
+                           "files": list(files) if local else None, "order": order},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         **data,

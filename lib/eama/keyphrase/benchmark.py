@@ -50,6 +50,7 @@ class BenchmarkConfig:
     tag: str = ""  # appended to the neural runs' names: set it when a setting above changes, so earlier results are not taken for these
     joint_rank: str = "sum"  # joint rows' list: sum (a phrase's decoder + classifier probability) | beams_first; a finished training run is only decoded again
     micro_batch_size: int = 16  # posts per worker per forward pass
+    group_by_length: int = 0  # > 0: micro-batches of posts of similar length, in random buckets of this many (the trainer's setting; recorded in each result)
     num_workers: int = 1  # training workers
     cpus_per_worker: float = 1.0  # CPUs each training worker reserves
     torch_threads: int = 2  # per training worker
@@ -93,7 +94,8 @@ def train_one(cfg: BenchmarkConfig, data: dict[str, str], config: str, seed: int
     tcfg = training.KeyphraseTrainConfig(
         train=data["train"], valid=data["holdout"], output=storage.join(cfg.output, "runs"),
         run_name=train_name(cfg, config, seed), encoder=cfg.encoder, inputs=inputs, mode=mode, epochs=cfg.epochs,
-        lr=cfg.lr, head_lr=cfg.head_lr, seed=seed, micro_batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers,
+        lr=cfg.lr, head_lr=cfg.head_lr, seed=seed, micro_batch_size=cfg.micro_batch_size,
+        group_by_length=cfg.group_by_length, num_workers=cfg.num_workers,
         cpus_per_worker=cfg.cpus_per_worker, torch_threads=cfg.torch_threads, joint_rank=cfg.joint_rank)
     rows = training.keyphrase_files(data["train"])[1]
     tcfg.checkpoint_every = trainer.steps_per_epoch(rows, tcfg)
@@ -126,6 +128,7 @@ def neural_run(cfg: BenchmarkConfig, data: dict[str, str], config: str, seed: in
     return {"config": config, "seed": seed, "encoder": cfg.encoder, "inputs": tcfg.inputs, "mode": tcfg.mode,
             "train_run": tcfg.run_name, "joint_rank": cfg.joint_rank if tcfg.mode == "joint" else None,
             "epochs": cfg.epochs, "lr": cfg.lr, "head_lr": cfg.head_lr or cfg.lr, "tag": cfg.tag,
+            "group_by_length": cfg.group_by_length,
             "selected_step": summary["selected_step"], "dev": best,
             "test": scores_of(full), "train_seconds": summary["train_seconds"],
             "train_wall_seconds": round(time.time() - started, 1), "extract_seconds": manifest["wall_seconds"]}

@@ -59,6 +59,7 @@ class BenchmarkConfig:
     epochs: int = 5  # ITA trains 10
     lr: float = 5e-5  # encoder learning rate (ITA: 5e-6 with XLM-R-large)
     micro_batch_size: int = 16  # posts per worker per forward pass
+    group_by_length: int = 0  # > 0: micro-batches of posts of similar length, in random buckets of this many (the trainer's setting; recorded in each result)
     num_workers: int = 1  # training workers
     cpus_per_worker: float = 1.0  # CPUs each training worker reserves
     torch_threads: int = 2  # per training worker
@@ -90,7 +91,8 @@ def train_one(cfg: BenchmarkConfig, data: dict[str, str], dataset: str, config: 
         train=data["train"], valid=data["valid"], output=storage.join(cfg.output, "runs"),
         run_name=run_name(cfg, dataset, config, seed), encoder=cfg.encoder, **CONFIGS[config],
         temperature=TEMPERATURE.get(dataset, 2.0), epochs=cfg.epochs, lr=cfg.lr, seed=seed,
-        micro_batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
+        micro_batch_size=cfg.micro_batch_size, group_by_length=cfg.group_by_length,
+        num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
         torch_threads=cfg.torch_threads)
     # a checkpoint per epoch: an interrupted run resumes from its last epoch at the next invocation
     tcfg.checkpoint_every = trainer.steps_per_epoch(training.mner_files(data["train"])[1], tcfg)
@@ -147,7 +149,8 @@ def run_matrix(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
                 test = {v: tag_and_score(cfg, model, data["test"], storage.join(cfg.output, "tagged", name), v)
                         for v in views}
                 result = {"run": name, "dataset": dataset, "config": config, "seed": seed, "encoder": cfg.encoder,
-                          "epochs": cfg.epochs, "lr": cfg.lr, "selected_step": best["step"],
+                          "epochs": cfg.epochs, "lr": cfg.lr, "group_by_length": cfg.group_by_length,
+                          "selected_step": best["step"],
                           "dev": {k.removeprefix("eval/"): v for k, v in best.items() if k.startswith("eval/")},
                           "test": test, "train_seconds": round(sum(r["step_seconds"] for r in history), 1),
                           "train_wall_seconds": round(train_wall, 1)}

@@ -38,6 +38,7 @@ class BgaTask(training.MnerTask):
         self.settings = bga_tagger.settings_of(config)
         self.spec.method, self.spec.bga = "bga", dataclasses.asdict(self.settings)
         self.spec.view, self.spec.cva = "text", False
+        self.length_columns = ("tokens", "caption")  # the caption is the proxy's image side
 
     def build_model(self, ds_config: dict[str, Any], device: str, dtype: Any) -> trainer.ModelParts:
         import torch

@@ -17,6 +17,9 @@ from eama.mner import crf as crf_module
 from eama.mner import spans
 
 VIEWS = ("text", "caption", "ocr", "tags", "all")
+# the sample columns each view reads (`view_text`)
+VIEW_COLUMNS = {"text": (), "caption": ("caption",), "ocr": ("ocr",), "tags": ("object_tags",),
+                "all": ("caption", "ocr", "object_tags")}
 SPEC_FILE = "eama_mner.json"
 
 

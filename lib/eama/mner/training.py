@@ -175,6 +175,7 @@ class MnerTask(trainer.TrainingTask):
         self.types = types
         self.spec = tagger.TaggerSpec(types=types, view=config.view, max_length=config.max_length,
                                       encoder=config.encoder, cva=config.cva, temperature=config.temperature)
+        self.length_columns = ("tokens",) + tagger.VIEW_COLUMNS[config.view]
 
     def validate(self) -> None:
         validate(self.config)
@@ -183,6 +184,7 @@ class MnerTask(trainer.TrainingTask):
         files, rows = mner_files(self.config.train)
         present = set(storage.read_schema(files[0]).names)
         self.columns = tuple(c for c in type(self).columns if c in present)
+        self.length_columns = tuple(c for c in self.length_columns if c in self.columns)
         return files, rows
 
     def build_model(self, ds_config: dict[str, Any], device: str, dtype: Any) -> trainer.ModelParts:

@@ -256,6 +256,7 @@ class AlignmentTask(trainer.TrainingTask):
 
     sort_columns = ("task", "sample_id", "prompt")
     columns = tuple(schema.TASK.names)
+    length_columns = ("prompt", "target")
     group_names = tuple(schema.TASK_NAMES)
     title = "EAMA alignment training"
 
