@@ -67,6 +67,9 @@ def test_config_layers_and_errors(tmp_path):
         config.parse_args(cap.CaptionCorpusConfig, "t", cap.FLAGS, ["batch_sise=3"])
     with pytest.raises(config.ConfigError, match="batch_size"):
         config.parse_args(cap.CaptionCorpusConfig, "t", cap.FLAGS, ["batch_size=many"])
+    assert config.parse_args(cap.CaptionCorpusConfig, "t", cap.FLAGS, ["mode="]).mode == ""
+    with pytest.raises(config.ConfigError, match="batch_size"):
+        config.parse_args(cap.CaptionCorpusConfig, "t", cap.FLAGS, ["batch_size="])
 
 
 JOB_CONFIGS = {

@@ -156,7 +156,8 @@ def build_config(schema: type[T], *layers: Any) -> T:
             if isinstance(layer, str):
                 layer = OmegaConf.load(layer)
             elif isinstance(layer, (list, tuple)):
-                layer = OmegaConf.from_dotlist(list(layer))
+                # `key=` means the empty string (OmegaConf would read it as null)
+                layer = OmegaConf.from_dotlist([f"{item}''" if item.endswith("=") else item for item in layer])
             merged = OmegaConf.merge(merged, layer)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
