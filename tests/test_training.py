@@ -457,6 +457,7 @@ class ToyClassifierTask(trainer.TrainingTask):
 
     sort_columns = ("row_id",)
     columns = ("row_id", "x", "y")
+    length_columns = ("x", "caption")  # no caption column in the data: group_by_length leaves it out
     group_names = ("negative", "positive")
     title = "toy classifier"
 
@@ -502,7 +503,8 @@ def test_engine_trains_a_small_classifier_task(zero_stage, tmp_path, ray_local, 
                                str(tmp_path / "toy" / "part-00000.parquet"))
     cfg = ToyConfig(data=str(tmp_path / "toy"), output=str(tmp_path / "runs"), run_name=f"toy-zero{zero_stage}",
                     num_workers=2, zero_stage=zero_stage, param_persistence_threshold=0, micro_batch_size=8,
-                    epochs=3, lr=1e-2, warmup_ratio=0.05, checkpoint_every=100, eval_every=16)
+                    epochs=3, lr=1e-2, warmup_ratio=0.05, checkpoint_every=100, eval_every=16,
+                    group_by_length=2 if zero_stage == 2 else 0)
     caplog.set_level(logging.INFO, logger="eama.trainer")
     result = trainer.fit(ToyClassifierTask(cfg))
     assert result.error is None, result.error
@@ -527,6 +529,8 @@ def test_engine_trains_a_small_classifier_task(zero_stage, tmp_path, ray_local, 
     assert (info["zero_stage"], info["world_size"], info["step"]) == (zero_stage, 2, 48)
 
     lines = caplog.messages  # rank 0's lines, relayed to the driver
+    if zero_stage == 2:  # 256 rows in buckets of 2 global micro-batches (2 x 8 rows) or fewer: 8 buckets
+        assert "group_by_length: rows sorted by x inside 8 random buckets per epoch" in lines, lines
     assert any(m.startswith("step ") and "ETA" in m and "s/step" in m for m in lines), lines
     assert any("engine ready" in m for m in lines) and any("model loaded" in m for m in lines)
     assert any(m.startswith("step 48/48") for m in lines) and any("exported" in m for m in lines)

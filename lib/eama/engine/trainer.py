@@ -146,7 +146,8 @@ class TrainingTask(abc.ABC):
 
     #: columns hashed (with seed and epoch) for the deterministic order; together unique per row
     sort_columns: Sequence[str] = ()
-    #: columns whose lengths (a list's items, a string's words) sum to a row's length (group_by_length)
+    #: columns whose lengths (a list's items, a string's words) sum to a row's length (group_by_length);
+    #: those not among `columns` (absent from the data) are left out
     length_columns: Sequence[str] = ()
     #: columns read from the data files (None = all)
     columns: Sequence[str] | None = None
@@ -1007,7 +1008,8 @@ def fit(task: TrainingTask) -> Any:
              plan.warmup_steps, cfg.zero_stage, run_dir(cfg))
     local = use_local_data(files, cfg)
     log.info("data: %s", "read by every worker (data_loading=local)" if local else "Ray Data streaming split")
-    order = row_order(cfg, rows, task.sort_columns, task.length_columns)
+    lengths = [c for c in task.length_columns if task.columns is None or c in task.columns]
+    order = row_order(cfg, rows, task.sort_columns, lengths)
     if cfg.group_by_length:
         log.info("group_by_length: rows sorted by %s inside %d random buckets per epoch",
                  " + ".join(order.length_columns), 1 << order.bucket_bits)

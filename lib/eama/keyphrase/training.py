@@ -205,8 +205,7 @@ class KeyphraseTask(trainer.TrainingTask):
         files, rows = keyphrase_files(self.config.train)
         present = set(storage.read_schema(files[0]).names)
         self.columns = tuple(c for c in COLUMNS if c in present and (self.config.images or c != "image"))
-        wanted = ("post",) if self.config.inputs == "text" else ("post", "ocr", "visual_entities")
-        self.length_columns = tuple(c for c in wanted if c in self.columns)
+        self.length_columns = ("post",) if self.config.inputs == "text" else ("post", "ocr", "visual_entities")
         return files, rows
 
     def build_model(self, ds_config: dict[str, Any], device: str, dtype: Any) -> trainer.ModelParts:

@@ -184,7 +184,6 @@ class MnerTask(trainer.TrainingTask):
         files, rows = mner_files(self.config.train)
         present = set(storage.read_schema(files[0]).names)
         self.columns = tuple(c for c in type(self).columns if c in present)
-        self.length_columns = tuple(c for c in self.length_columns if c in self.columns)
         return files, rows
 
     def build_model(self, ds_config: dict[str, Any], device: str, dtype: Any) -> trainer.ModelParts:
