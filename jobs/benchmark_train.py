@@ -14,6 +14,7 @@ import dataclasses
 import os
 import statistics
 import tempfile
+from collections.abc import Sequence
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -129,8 +130,8 @@ def cuda_benchmark(bench: BenchConfig, workdir: str) -> list[dict]:
     return [dict(measure(cfg, bench.warmup), layers=layers, device=torch.cuda.get_device_name())]
 
 
-def main() -> None:
-    bench = config.parse_args(BenchConfig, __doc__.splitlines()[0], FLAGS)
+def main(argv: Sequence[str] | None = None) -> None:
+    bench = config.parse_args(BenchConfig, __doc__.splitlines()[0], FLAGS, argv)
     if bench.device not in ("cpu", "cuda"):
         raise SystemExit(f"device must be cpu or cuda, got {bench.device!r}")
     if bench.device == "cpu":

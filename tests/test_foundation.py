@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -381,6 +382,15 @@ def test_plan_on_a_gpu_cluster_puts_one_model_per_gpu():
     assert trf.ner_gpus > 0 and trf.mllm_actors * trf.mllm_gpus + trf.ner_actors * trf.ner_gpus <= 8
     cold = resources.plan_stages(cpus=8, gpus=0, device="cuda")  # GPU workers not up yet: still one GPU actor
     assert (cold.device, cold.mllm_actors, cold.mllm_gpus) == ("cuda", 1, 1.0)
+
+
+@pytest.mark.parametrize("job", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "jobs").glob("*.py")))
+def test_every_job_prints_its_help(job, capsys):
+    """`python jobs/JOB.py --help` exits 0 with a usage line, whatever its help strings hold (a "10%")."""
+    with pytest.raises(SystemExit) as done:
+        load_job(job).main(["--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("usage:")
 
 
 def test_help_explains_every_key(capsys):

@@ -213,10 +213,11 @@ def parse_args(
     )
     parser.add_argument("--config", help="YAML file with config keys (flags and key=value win over it)")
     for flag in flags:
+        text = flag.help.replace("%", "%%")  # argparse %-formats help strings ("10%" would break --help)
         if flag.switch:
-            parser.add_argument(flag.name, dest=flag.key, action="store_true", default=None, help=flag.help)
+            parser.add_argument(flag.name, dest=flag.key, action="store_true", default=None, help=text)
         else:
-            parser.add_argument(flag.name, dest=flag.key, default=None, help=flag.help)
+            parser.add_argument(flag.name, dest=flag.key, default=None, help=text)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else list(argv))
     bad = [o for o in args.overrides if "=" not in o]
