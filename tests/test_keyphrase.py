@@ -182,7 +182,7 @@ def trained(tmp_path_factory, ray_local) -> dict:
     test = write_rows(test_rows, base / "test")
     cfg = training.KeyphraseTrainConfig(train=str(train), valid=str(valid), output=str(base / "runs"), run_name="j",
                                         epochs=2, micro_batch_size=16, num_workers=1, cpus_per_worker=1,
-                                        lr=2e-4, beam_size=4, top_n=5)
+                                        lr=2e-4, head_lr=2e-4, beam_size=4, top_n=5)
     result = training.fit(cfg)
     assert result.error is None
     return {"export": base / "runs" / "j" / "export", "run": base / "runs" / "j", "test": test,

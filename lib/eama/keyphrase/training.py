@@ -56,8 +56,8 @@ class KeyphraseTrainConfig(trainer.TrainerConfig):
     eval_per_epoch: bool = True  # evaluate on the held-out posts after every epoch
     run_name: str = "keyphrase"
     lr: float = 5e-5  # the encoder's learning rate
-    head_lr: float = 0.0  # the new layers' (classifier, decoder, filters); 0 = lr
-    epochs: int = 4
+    head_lr: float = 1e-3  # the new layers' (classifier, decoder, filters); 0 = lr
+    epochs: int = 8
     micro_batch_size: int = 16
     zero_stage: int = 2
     schedule: str = "linear"
