@@ -12,7 +12,6 @@ Prints a table and writes DIR/benchmark_ledger.json. A build already in DIR is r
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import statistics
@@ -122,8 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"rows ({cfg.rows}) must be at least 10 x files ({cfg.files})")
     small = bench_one(os.path.join(cfg.output, f"rows-{cfg.rows // 10}"), cfg.rows // 10, cfg)
     large = bench_one(os.path.join(cfg.output, f"rows-{cfg.rows}"), cfg.rows, cfg)
-    print(f"\n| committed rows | input files | list input (s) | plan no-op (s) | no-op / list | plan +1% new (s) "
-          f"| peak MiB no-op | peak MiB +1% | index KiB |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| committed rows | input files | list input (s) | plan no-op (s) | no-op / list | plan +1% new (s) "
+          "| peak MiB no-op | peak MiB +1% | index KiB |\n|---|---|---|---|---|---|---|---|---|")
     for r in (small, large):
         print(f"| {r['committed_rows']:,} | {r['input_files']} | {r['list_input_seconds']:.3f} | {r['plan_noop_seconds']:.3f} "
               f"| {r['plan_noop_seconds'] / r['list_input_seconds']:.2f} | {r['plan_one_percent_new_seconds']:.3f} "

@@ -26,7 +26,7 @@ import pytest
 from conftest import load_job
 from eama.engine import config, console, ledger, schema, storage
 from eama.engine.lease import LeaseHeld
-from eama.news import caption_job, demo
+from eama.news import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
