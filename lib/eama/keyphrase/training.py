@@ -197,6 +197,7 @@ class KeyphraseTask(trainer.TrainingTask):
             classes=classes, mode=config.mode, inputs=config.inputs, images=config.images,
             max_length=config.max_length, max_phrase_tokens=config.max_phrase_tokens, copy_top_k=config.copy_top_k,
             beam_size=config.beam_size, top_n=config.top_n, encoder=config.encoder, joint_rank=config.joint_rank)
+        self.length_columns = ("post",) if config.inputs == "text" else ("post", "ocr", "visual_entities")
 
     def validate(self) -> None:
         validate(self.config)
@@ -205,7 +206,6 @@ class KeyphraseTask(trainer.TrainingTask):
         files, rows = keyphrase_files(self.config.train)
         present = set(storage.read_schema(files[0]).names)
         self.columns = tuple(c for c in COLUMNS if c in present and (self.config.images or c != "image"))
-        self.length_columns = ("post",) if self.config.inputs == "text" else ("post", "ocr", "visual_entities")
         return files, rows
 
     def build_model(self, ds_config: dict[str, Any], device: str, dtype: Any) -> trainer.ModelParts:
