@@ -272,7 +272,7 @@ def test_benchmark_names_a_ranking_and_decodes_a_trained_run_again():
 
 def test_benchmark_skips_finished_runs_and_reports_mean_and_std(tmp_path):
     cfg = benchmark.BenchmarkConfig(results=str(tmp_path / "results"), output=str(tmp_path / "out"),
-                                    data=str(tmp_path / "missing"), configs="joint", seeds="0,1", baselines="tfidf")
+                                    data=str(tmp_path / "missing"), configs="joint", seeds="0,1", baselines="tfidf", tag="")
     scores = {"all": {"F1@1": 0.30, "F1@3": 0.20, "MAP@5": 0.35}, "present": {"F1@1": 0.6}, "absent": {"F1@1": 0.1}}
     for seed, f1 in ((0, 0.30), (1, 0.34)):
         test = json.loads(json.dumps(scores))

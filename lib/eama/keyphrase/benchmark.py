@@ -44,13 +44,13 @@ class BenchmarkConfig:
     seeds: str = "0,1"  # training seeds of the neural rows
     encoder: str = "minilm"  # minilm | mpnet | a Hugging Face id or folder
     holdout: float = 0.1  # share of the training posts held out for model selection
-    epochs: int = 4
-    lr: float = 5e-5  # the encoder's learning rate
-    head_lr: float = 0.0  # the new layers' learning rate; 0 = lr
-    tag: str = ""  # appended to the neural runs' names: set it when a setting above changes, so earlier results are not taken for these
+    epochs: int = training.KeyphraseTrainConfig.epochs
+    lr: float = training.KeyphraseTrainConfig.lr  # the encoder's learning rate
+    head_lr: float = training.KeyphraseTrainConfig.head_lr  # the new layers' learning rate; 0 = lr
+    tag: str = "headlr-e8"  # appended to the neural runs' names (the default names the default recipe): change it with any setting above, so earlier results are not taken for these
     joint_rank: str = "sum"  # joint rows' list: sum (a phrase's decoder + classifier probability) | beams_first; a finished training run is only decoded again
-    micro_batch_size: int = 16  # posts per worker per forward pass
-    group_by_length: int = 0  # > 0: micro-batches of posts of similar length, in random buckets of this many (the trainer's setting; recorded in each result)
+    micro_batch_size: int = training.KeyphraseTrainConfig.micro_batch_size  # posts per worker per forward pass
+    group_by_length: int = training.KeyphraseTrainConfig.group_by_length  # > 0: micro-batches of posts of similar length, in random buckets of this many (the trainer's setting; recorded in each result)
     num_workers: int = 1  # training workers
     cpus_per_worker: float = 1.0  # CPUs each training worker reserves
     torch_threads: int = 2  # per training worker

@@ -59,6 +59,7 @@ class KeyphraseTrainConfig(trainer.TrainerConfig):
     head_lr: float = 1e-3  # the new layers' (classifier, decoder, filters); 0 = lr
     epochs: int = 8
     micro_batch_size: int = 16
+    group_by_length: int = 50  # posts of similar length share a micro-batch, in random buckets of this many (less padding); 0 = off
     zero_stage: int = 2
     schedule: str = "linear"
     warmup_ratio: float = 0.05
