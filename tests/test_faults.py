@@ -248,7 +248,7 @@ def test_training_checkpoints_are_unpickled_weights_only(zero_stage, tmp_path, s
     from eama.engine import trainer
 
     def weights(engine) -> list:
-        return [t.detach().clone() for t in trainer.gather_state_dict(engine, zero_stage, rank=0).values()]  # ZeRO-3: gathered
+        return [t.detach().clone() for t in trainer.gather_state_dict(engine, rank=0).values()]  # ZeRO-3: gathered
 
     trained = _deepspeed_engine(seed=0, zero_stage=zero_stage)
     loss = trained(torch.ones(2, 4)).square().mean()

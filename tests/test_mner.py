@@ -3,8 +3,10 @@ training run that learns, exactly-once tagging after a kill, and bad input as er
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -329,3 +331,48 @@ def test_benchmark_skips_finished_runs_and_reports_mean_and_std(tmp_path):
     row = benchmark.table(results).splitlines()[-1]
     # mean 82.00 / 84.00, sample std of (80, 84) and (82, 86) = 2.83
     assert "| 82.00 ± 2.83 (n=2) | 84.00 ± 2.83 (n=2) | 100 |" in row and "85.96 / 85.85" in row
+    # a seed whose selected epoch scored 0 on valid (it tags everything O) is named, not averaged
+    dead = dict(result, run="minilm-twitter2017-caption_cva-s2", seed=2, train_seconds=104.0,
+                dev={"dev_f1": 0.0}, test={"text": {"f1": 0.0}, "caption": {"f1": 0.0}})
+    row = benchmark.table(results + [dead]).splitlines()[-1]
+    assert "| 82.00 ± 2.83 (n=2) + 1 collapsed (seed 2) | 84.00 ± 2.83 (n=2) | 102 |" in row
+
+
+def conll_slice(src: Path, dst: Path, posts: int) -> None:
+    """The first `posts` posts of a UMT CoNLL file (blocks separated by blank lines)."""
+    blocks = [b for b in src.read_text(encoding="utf-8").split("\n\n") if b.strip()][:posts]
+    dst.write_text("\n\n".join(blocks) + "\n\n", encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_benchmark_without_ray_scores_test_as_tag_entities_does(shared_data, tmp_path, ray_local):
+    """launcher=local trains and tags the test posts in the benchmark's own process (no Ray, no
+    DeepSpeed: how it runs on a GPU machine that has neither); its test scores are those of
+    tag_entities on Ray Data for the same export, and the result names the launcher."""
+    from eama.mner import benchmark
+
+    data = tmp_path / "data" / "twitter2017"
+    data.mkdir(parents=True)
+    real = shared_data / "mner" / "twitter2017"
+    for split, n in (("train", 160), ("valid", 48), ("test", 96)):
+        conll_slice(real / f"{split}.txt", data / f"{split}.txt", n)
+    (data / "blip2_captions.txt").write_bytes((real / "blip2_captions.txt").read_bytes())
+    cfg = benchmark.BenchmarkConfig(data=str(tmp_path / "data"), output=str(tmp_path / "out"),
+                                    results=str(tmp_path / "results"), datasets="twitter2017", configs="caption",
+                                    seeds="0", epochs=2, lr=1e-4, launcher="local", throughput=False)
+    [result] = benchmark.run_matrix(cfg)
+    assert (result["launcher"], result["device"]) == ("local", f"cpu ({os.cpu_count()} cores)")
+    run = tmp_path / "out" / "runs" / result["run"]
+    # nothing of Ray Train's in the run folder; one checkpoint kept per epoch (keep_checkpoints=1)
+    assert {p.name for p in run.iterdir()} == {"metrics.jsonl", "loss_curves.png", "export", "local-checkpoints"}
+    assert [p.name for p in (run / "local-checkpoints").iterdir()] == ["checkpoint-00000020"]  # 160 x 2 / 16
+
+    export = str(tmp_path / "out" / "runs" / result["run"] / "export")
+    on_ray = dataclasses.replace(cfg, launcher="ray")
+    for view in ("text", "caption"):
+        want = benchmark.tag_and_score(on_ray, export, str(tmp_path / "out" / "data" / "twitter2017" / "test"),
+                                       str(tmp_path / "tagged"), view)
+        got = result["test"][view]
+        assert got["gold_spans"] == want["gold_spans"] == sum(
+            len(spans.bio_spans(r["tags"])) for r in rows_of(tmp_path / "out" / "data" / "twitter2017" / "test"))
+        assert (got["f1"], got["per_type"]) == (want["f1"], want["per_type"]), view

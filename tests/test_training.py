@@ -491,6 +491,20 @@ class ToyClassifierTask(trainer.TrainingTask):
         return {"accuracy": float((engine(torch.from_numpy(x)).argmax(1).numpy() == y).mean())}
 
 
+def write_toy(tmp_path: Path, n: int = 256) -> str:
+    """The toy task's rows (seed 0) as one Parquet file; returns its folder."""
+    x, y = toy_rows(n, seed=0)
+    storage.write_table_atomic(pa.table({"row_id": [f"r{i}" for i in range(n)], "x": list(x), "y": y}),
+                               str(tmp_path / "toy" / "part-00000.parquet"))
+    return str(tmp_path / "toy")
+
+
+def toy_export(cfg: ToyConfig) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(trainer.export_dir(cfg), "model.safetensors"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_engine_trains_a_small_classifier_task(zero_stage, tmp_path, ray_local, caplog):
@@ -498,10 +512,7 @@ def test_engine_trains_a_small_classifier_task(zero_stage, tmp_path, ray_local, 
     from safetensors.torch import load_file
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this file
-    x, y = toy_rows(256, seed=0)
-    storage.write_table_atomic(pa.table({"row_id": [f"r{i}" for i in range(256)], "x": list(x), "y": y}),
-                               str(tmp_path / "toy" / "part-00000.parquet"))
-    cfg = ToyConfig(data=str(tmp_path / "toy"), output=str(tmp_path / "runs"), run_name=f"toy-zero{zero_stage}",
+    cfg = ToyConfig(data=write_toy(tmp_path), output=str(tmp_path / "runs"), run_name=f"toy-zero{zero_stage}",
                     num_workers=2, zero_stage=zero_stage, param_persistence_threshold=0, micro_batch_size=8,
                     epochs=3, lr=1e-2, warmup_ratio=0.05, checkpoint_every=100, eval_every=16,
                     group_by_length=2 if zero_stage == 2 else 0)
@@ -547,3 +558,72 @@ def test_per_epoch_steps_end_on_the_runs_last_step():
     assert trainer.steps_per_epoch(4870, cfg) == 305
     cfg2 = trainer.TrainerConfig(epochs=2, micro_batch_size=16, num_workers=2)
     assert trainer.steps_per_epoch(640, cfg2) == 20  # 640 x 2 / 2 workers / 16 = 40 steps, 20 an epoch
+
+
+# ---------------------------------------------------------------- the local launcher
+
+
+@pytest.mark.slow
+def test_local_launcher_takes_the_ray_launchers_steps(tmp_path, ray_local):
+    """launcher=local (one process, torch AdamW, no Ray or DeepSpeed) with num_workers=2 takes the
+    steps of 2 Ray Train workers under ZeRO-2: the same rows per step, the same losses and learning
+    rates, the same exported weights up to float rounding."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    common = dict(data=write_toy(tmp_path), output=str(tmp_path / "runs"), num_workers=2, zero_stage=2,
+                  micro_batch_size=8, epochs=2, lr=1e-2, warmup_ratio=0.1, checkpoint_every=0, eval_every=8,
+                  group_by_length=2, select_metric="accuracy")
+    on_ray, here = ToyConfig(run_name="ray", **common), ToyConfig(run_name="local", launcher="local", **common)
+    assert trainer.fit(ToyClassifierTask(on_ray)).error is None
+    assert trainer.fit(ToyClassifierTask(here)).error is None
+
+    want, got = trainer.read_metrics(trainer.run_dir(on_ray)), trainer.read_metrics(trainer.run_dir(here))
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 33))  # 256 x 2 / (2 x 8)
+    assert all(r["examples"] == 16 for r in got)
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4)
+    np.testing.assert_allclose([r["lr"] for r in got], [r["lr"] for r in want], rtol=1e-9)
+    assert [r.get("eval/accuracy") for r in got] == [r.get("eval/accuracy") for r in want]
+    for name, tensor in toy_export(on_ray).items():
+        torch.testing.assert_close(toy_export(here)[name], tensor, rtol=1e-4, atol=1e-5)
+    info = json.loads(Path(trainer.export_dir(here), "eama_export.json").read_text())
+    assert (info["launcher"], info["zero_stage"], info["world_size"]) == ("local", None, 1)
+
+
+def test_local_launcher_resumes_after_a_crash(tmp_path):
+    """A local run that dies after step 20 (checkpoints every 8 steps) resumes from step 16 when
+    relaunched under the same name and ends with the weights and losses of a run never stopped."""
+    import subprocess
+
+    common = dict(data=write_toy(tmp_path), output=str(tmp_path / "runs"), launcher="local", num_workers=1,
+                  micro_batch_size=8, epochs=2, lr=1e-2, warmup_ratio=0.1, checkpoint_every=8, keep_checkpoints=2)
+    whole = ToyConfig(run_name="whole", **common)
+    assert trainer.fit(ToyClassifierTask(whole)).error is None
+
+    marker = tmp_path / "failed"
+    broken = dict(common, run_name="broken", fail_at_step=20, fail_marker=str(marker))
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "from test_training import ToyClassifierTask, ToyConfig\nfrom eama.engine import trainer\n"
+            f"trainer.fit(ToyClassifierTask(ToyConfig(**{broken!r})))\n")
+    died = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert died.returncode == 1 and marker.read_text().startswith("rank 0 exited after step 20"), died.stderr[-2000:]
+    cfg = ToyConfig(**broken)
+    result = trainer.fit(ToyClassifierTask(cfg))  # the marker exists: no second failure
+    assert result.error is None and result.checkpoint.path.endswith("checkpoint-00000064")
+    kept = sorted(p.name for p in Path(trainer.run_dir(cfg), "local-checkpoints").iterdir())
+    assert kept == ["checkpoint-00000056", "checkpoint-00000064"]
+
+    want, got = trainer.read_metrics(trainer.run_dir(whole)), trainer.read_metrics(trainer.run_dir(cfg))
+    assert [r["step"] for r in got] == list(range(1, 65))  # 256 x 2 / 8, each step once
+    assert {r["attempt"] for r in got[:16]} == {1} and {r["attempt"] for r in got[16:]} == {2}
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    for name, tensor in toy_export(whole).items():
+        assert torch.equal(toy_export(cfg)[name], tensor), name
+
+
+def test_launcher_settings_are_checked():
+    with pytest.raises(SystemExit, match="launcher must be one of ray, local, got 'slurm'"):
+        trainer.validate(ToyConfig(launcher="slurm"))
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            trainer.fit(ToyClassifierTask(ToyConfig(launcher="local", use_gpu=True, data="unused")))

@@ -49,6 +49,7 @@ log = logging.getLogger("eama.trainer")
 
 TRAINER_STATE = "trainer_state.json"
 DATA_LOADING = ("auto", "local", "stream")
+LAUNCHERS = ("ray", "local")
 EXPORT_INFO = "eama_export.json"
 DS_TAG = "deepspeed"
 
@@ -62,6 +63,7 @@ class TrainerConfig:
 
     output: str = "runs"  # storage root, local or s3://; the run lives in OUTPUT/RUN_NAME
     run_name: str = "run"  # a relaunch with the same name resumes from its last checkpoint
+    launcher: str = "ray"  # ray (Ray Train workers + DeepSpeed: nodes, GPUs, ZeRO, retries) | local (this process alone, torch AdamW, fp32, no Ray or DeepSpeed: one GPU, a laptop, debugging; a step still holds num_workers x grad_accum micro-batches)
     num_workers: int = 2  # one per GPU (or per CPU slot without GPUs)
     use_gpu: bool = False  # one GPU per worker, bf16 (else fp32 on CPU)
     cpus_per_worker: float = 0.5  # keep CPUs free for Ray Data's read tasks on small machines
@@ -113,6 +115,8 @@ def validate(cfg: TrainerConfig) -> None:
         raise SystemExit("epochs > 1 needs shuffle=true (each epoch is a seeded order of the rows)")
     if cfg.group_by_length < 0 or (cfg.group_by_length and not cfg.shuffle):
         raise SystemExit("group_by_length must be >= 0 and needs shuffle=true (it groups inside the seeded order)")
+    if cfg.launcher not in LAUNCHERS:
+        raise SystemExit(f"launcher must be one of {', '.join(LAUNCHERS)}, got {cfg.launcher!r}")
     if cfg.data_loading not in DATA_LOADING:
         raise SystemExit(f"data_loading must be one of {', '.join(DATA_LOADING)}, got {cfg.data_loading!r}")
 
@@ -756,20 +760,20 @@ def load_engine_state(engine: Any, ckpt: Any) -> None:
         engine.load_checkpoint(path, tag=DS_TAG)
 
 
-def gather_state_dict(engine: Any, zero_stage: int, rank: int) -> dict[str, Any] | None:
+def gather_state_dict(engine: Any, rank: int) -> dict[str, Any] | None:
     """The full model state dict on rank 0 (None elsewhere); every rank must call it."""
-    if zero_stage == 3:
+    if engine.zero_optimization_stage() == 3:
         return engine._zero3_consolidated_16bit_state_dict()  # gathers the shards layer by layer
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if rank == 0 else None
 
 
-def export_model(engine: Any, task: TrainingTask, dest: str, zero_stage: int, rank: int,
+def export_model(engine: Any, task: TrainingTask, dest: str, rank: int,
                  info: dict[str, Any]) -> None:
     """The task's consolidated export (+ eama_export.json with `info`) in `dest` (local or s3://).
     Every rank must call it."""
     import torch.distributed as dist
 
-    state_dict = gather_state_dict(engine, zero_stage, rank)
+    state_dict = gather_state_dict(engine, rank)
     if rank == 0:
         with tempfile.TemporaryDirectory(prefix="eama-export-") as tmp:
             task.save_export(engine.module, state_dict, tmp)
@@ -799,11 +803,11 @@ def upload_dir(local: str, dest: str) -> None:
 
 
 def train_step(engine: Any, task: TrainingTask, batches: Iterator[dict[str, np.ndarray]],
-               cfg: TrainerConfig) -> StepStats:
-    """One optimizer step: grad_accum micro-batches forward and backward (DeepSpeed scales each
-    loss by 1/grad_accum, averages gradients over ranks, clips, and steps at the boundary)."""
+               accumulation: int) -> StepStats:
+    """One optimizer step: `accumulation` micro-batches forward and backward (the engine scales each
+    loss by 1/accumulation, averages gradients over ranks, clips, and steps at the boundary)."""
     stats = StepStats(len(task.group_names))
-    for _ in range(cfg.grad_accum):
+    for _ in range(accumulation):
         batch = task.collate(next(batches))
         loss, row_losses, group_ids = task.loss(engine, batch)
         engine.backward(loss)
@@ -836,7 +840,8 @@ def maybe_fail(cfg: TrainerConfig, rank: int, world_size: int, step: int) -> Non
 
 
 def export_info(task: TrainingTask, cfg: TrainerConfig, state: TrainerState, world: int) -> dict[str, Any]:
-    info = {"run_name": cfg.run_name, "step": state.step, "zero_stage": cfg.zero_stage, "world_size": world,
+    info = {"run_name": cfg.run_name, "step": state.step, "launcher": cfg.launcher,
+            "zero_stage": cfg.zero_stage if cfg.launcher == "ray" else None, "world_size": world,
             **task.export_info()}
     if cfg.select_metric:
         info.update(selected_on=cfg.select_metric, selected_value=state.best_value)
@@ -862,7 +867,7 @@ def select_model(engine: Any, task: TrainingTask, cfg: TrainerConfig, state: Tra
         return
     state.best_value, state.best_step = v, state.step
     t0 = time.time()
-    export_model(engine, task, export_dir(cfg), cfg.zero_stage, rank, export_info(task, cfg, state, world))
+    export_model(engine, task, export_dir(cfg), rank, export_info(task, cfg, state, world))
     if rank == 0:
         log.info("step %d is the best so far (%s %.4g): exported in %.1fs", state.step, cfg.select_metric, v,
                  time.time() - t0)
@@ -925,20 +930,52 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         batches = micro_batches(ray.train.get_dataset_shard("train"), cfg.micro_batch_size,
                                 skip=state.step * cfg.grad_accum)
+
+    def checkpoint(record: dict[str, Any]) -> None:
+        save_checkpoint(engine, state, {"step": state.step, "loss": record["loss"]}, rank)
+
+    run_steps(engine, task, plan, state, batches,
+              StepContext(rank, world, trainable, peak, started, checkpoint, cfg.grad_accum))
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What the step loop needs from the launcher that runs it."""
+
+    rank: int
+    world: int
+    trainable: int  # trainable parameters (for MFU)
+    peak: float | None  # the device's peak FLOP/s (GPU), for MFU
+    started: float  # time.time() at the launcher's start
+    checkpoint: Any  # record -> None: commit a checkpoint of the engine and the trainer state
+    accumulation: int  # micro-batches per optimizer step on this rank
+
+
+def run_steps(engine: Any, task: TrainingTask, plan: StepPlan, state: TrainerState,
+              batches: Iterator[dict[str, np.ndarray]], ctx: StepContext) -> None:
+    """The step loop every launcher shares: optimizer steps, metrics, evaluation, model selection,
+    checkpoints, the loss PNG and the export. `engine` is DeepSpeed's or the local launcher's."""
+    cfg = task.config
+    rank, world = ctx.rank, ctx.world
+
+    def info(msg: str, *args: Any) -> None:
+        if rank == 0:
+            log.info(msg, *args)
+
     progress = Progress(plan.total_steps, state.step)
     engine.train()
     while state.step < plan.total_steps:
         t0 = time.perf_counter()
-        stats = train_step(engine, task, batches, cfg)
+        stats = train_step(engine, task, batches, ctx.accumulation)
         state.step += 1
-        record = stats.reduce(engine.device, world, cfg.grad_accum, task.group_names)
+        record = stats.reduce(engine.device, world, ctx.accumulation, task.group_names)
         seconds = time.perf_counter() - t0
         record.update(step=state.step, lr=engine.get_lr()[0], step_seconds=seconds,
                       rows_per_s=plan.rows_per_step / seconds, attempt=state.attempts)
         if "tokens" in record:
             record["tokens_per_s"] = record["tokens"] / seconds
-            if peak:
-                record["mfu"] = mfu(record["tokens_per_s"], trainable, world, peak)
+            if ctx.peak:
+                record["mfu"] = mfu(record["tokens_per_s"], ctx.trainable, world, ctx.peak)
         state.history.append(record)
         if progress.due(state.step):
             info("%s", progress.line(state.step, record))
@@ -954,7 +991,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 select_model(engine, task, cfg, state, scores, rank, world)
         if cfg.checkpoint_every and (state.step % cfg.checkpoint_every == 0 or state.step == plan.total_steps):
             t0 = time.time()
-            save_checkpoint(engine, state, {"step": state.step, "loss": record["loss"]}, rank)
+            ctx.checkpoint(record)
             info("checkpoint at step %d in %.1fs", state.step, time.time() - t0)
             if rank == 0:
                 write_metrics(state.history, run_dir(cfg))
@@ -964,12 +1001,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         plot_losses(state.history, storage.join(run_dir(cfg), "loss_curves.png"), task.group_names, task.title)
     if cfg.export and not cfg.select_metric:
         t0 = time.time()
-        export_model(engine, task, export_dir(cfg), cfg.zero_stage, rank, export_info(task, cfg, state, world))
+        export_model(engine, task, export_dir(cfg), rank, export_info(task, cfg, state, world))
         info("exported to %s in %.1fs", export_dir(cfg), time.time() - t0)
     elif cfg.export:
         info("the export holds step %d (%s %.4g, the best of the evaluations)", state.best_step,
              cfg.select_metric, state.best_value if state.best_value is not None else float("nan"))
-    info("done: %d steps, %.1fs in this attempt", state.step, time.time() - started)
+    info("done: %d steps, %.1fs in this attempt", state.step, time.time() - ctx.started)
 
 
 # ---------------------------------------------------------------- the driver
@@ -989,15 +1026,20 @@ def worker_env(cfg: TrainerConfig) -> dict[str, str]:
 
 def fit(task: TrainingTask) -> Any:
     """Run (or resume, when OUTPUT/RUN_NAME holds checkpoints) the task's training; returns Ray's
-    Result. Progress lines are logged on the driver under 'eama.trainer'."""
+    Result (launcher=local: `local_launcher.LocalResult`, the same fields the jobs read). Progress
+    lines are logged on the driver under 'eama.trainer'."""
+    task.validate()
+    cfg = task.config
+    cfg.output = storage.absolute(cfg.output)
+    if cfg.launcher == "local":
+        from eama.engine import local_launcher
+
+        return local_launcher.fit(task)
     import ray
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    task.validate()
-    cfg = task.config
-    cfg.output = storage.absolute(cfg.output)
     if not ray.is_initialized():
         ray.init()
     files, rows = task.data_files()

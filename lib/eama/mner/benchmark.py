@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from eama.engine import benchmarks, importing, schema, storage, trainer
-from eama.mner import bga_tagger, conll, methods, report, tagger, tagging, training
+from eama.mner import bga_tagger, conll, methods, report, spans, tagger, tagging, training
 
 # ITA (NAACL 2022), Table 1: test F1, BERT-base-cased CRF rows (text-only eval / text+view eval).
 ITA_BERT = {
@@ -64,6 +64,8 @@ class BenchmarkConfig:
     cpus_per_worker: float = 1.0  # CPUs each training worker reserves
     torch_threads: int = 2  # per training worker
     tag_threads: int = 2  # torch threads of the tag_entities actor and of the raw-forward baseline
+    launcher: str = "ray"  # ray: train on Ray Train + DeepSpeed, tag test with tag_entities | local: train (trainer launcher=local) and tag test in this process, no Ray or DeepSpeed
+    use_gpu: bool = False  # train on GPUs (launcher=local: this process's GPU, fp32, which also tags the test set)
     max_runs: int = 0  # stop after this many new runs (0 = all); finished ones never count
     throughput: bool = True  # also measure tag_entities against the raw forward (needs one finished run)
     throughput_rows: int = 6000  # rows for the throughput comparison (test posts repeated with new ids)
@@ -93,7 +95,7 @@ def train_one(cfg: BenchmarkConfig, data: dict[str, str], dataset: str, config: 
         temperature=TEMPERATURE.get(dataset, 2.0), epochs=cfg.epochs, lr=cfg.lr, seed=seed,
         micro_batch_size=cfg.micro_batch_size, group_by_length=cfg.group_by_length,
         num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
-        torch_threads=cfg.torch_threads)
+        torch_threads=cfg.torch_threads, launcher=cfg.launcher, use_gpu=cfg.use_gpu)
     # a checkpoint per epoch: an interrupted run resumes from its last epoch at the next invocation
     tcfg.checkpoint_every = trainer.steps_per_epoch(training.mner_files(data["train"])[1], tcfg)
     tcfg.keep_checkpoints = 1
@@ -114,6 +116,10 @@ def second_view(result: dict[str, Any]) -> str | None:
 
 
 def tag_and_score(cfg: BenchmarkConfig, model: str, test: str, out: str, view: str) -> dict[str, Any]:
+    """Test scores of an export in one evaluation view: tag_entities on Ray, or (launcher=local) the
+    same model code in this process."""
+    if cfg.launcher == "local":
+        return tag_and_score_here(cfg, model, test, view)
     tag_cfg = tagging.TagConfig(input=test, output=storage.join(out, view), model=model, view=view,
                                 threads=cfg.tag_threads)
     manifest = tagging.run(tag_cfg)
@@ -121,6 +127,37 @@ def tag_and_score(cfg: BenchmarkConfig, model: str, test: str, out: str, view: s
     return {"f1": scores["f1"], "precision": scores["precision"], "recall": scores["recall"],
             "gold_spans": scores["gold_spans"], "per_type": scores["per_type"],
             "tag_seconds": manifest["wall_seconds"]}
+
+
+def tag_and_score_here(cfg: BenchmarkConfig, model: str, test: str, view: str, batch: int = 64) -> dict[str, Any]:
+    """tag_entities' work without Ray: the rows its checks pass, length-sorted batches through the
+    export (methods.tag_with), scored like its output."""
+    import torch
+
+    device = "cuda" if cfg.use_gpu else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(cfg.tag_threads)
+    started = time.time()
+    net, tok, spec = methods.load(model, device)
+    rows = sorted((r for f in storage.list_files(test) for r in storage.read_table(f).to_pylist()
+                   if tagging.check_post(r) is None and r.get("tags") is not None), key=lambda r: len(r["tokens"]))
+    predicted: list[list[str]] = []
+    with torch.inference_mode():
+        for k in range(0, len(rows), batch):
+            predicted.extend(methods.tag_with(net, tok, spec, rows[k:k + batch], view, device))
+    scores = spans.score([r["tags"] for r in rows], predicted)
+    return {"f1": scores["f1"], "precision": scores["precision"], "recall": scores["recall"],
+            "gold_spans": scores["gold_spans"], "per_type": scores["per_type"],
+            "tag_seconds": round(time.time() - started, 1)}
+
+
+def device_name(cfg: BenchmarkConfig) -> str:
+    """What trained the runs: the GPU's name, or the CPU count."""
+    if cfg.use_gpu:
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cuda"
+    return f"cpu ({os.cpu_count()} cores)"
 
 
 def run_matrix(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
@@ -150,6 +187,7 @@ def run_matrix(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
                         for v in views}
                 result = {"run": name, "dataset": dataset, "config": config, "seed": seed, "encoder": cfg.encoder,
                           "epochs": cfg.epochs, "lr": cfg.lr, "group_by_length": cfg.group_by_length,
+                          "launcher": cfg.launcher, "device": device_name(cfg),
                           "selected_step": best["step"],
                           "dev": {k.removeprefix("eval/"): v for k, v in best.items() if k.startswith("eval/")},
                           "test": test, "train_seconds": round(sum(r["step_seconds"] for r in history), 1),
@@ -169,18 +207,28 @@ def _anchor(pair: tuple[float | None, float | None] | None) -> str:
     return " / ".join("-" if v is None else f"{v:.2f}" for v in pair)
 
 
+def collapsed(result: dict[str, Any]) -> bool:
+    """A run that never learned: the epoch model selection kept scored 0 F1 on valid (it tags
+    everything O). It is counted beside the row, not averaged into it."""
+    return result.get("dev", {}).get("dev_f1", 1.0) == 0.0
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    """Markdown: per encoder, dataset and config, test F1 mean ± std for both evaluation views."""
+    """Markdown: per encoder, dataset and config, test F1 mean ± std for both evaluation views
+    (collapsed runs named beside the mean, not in it)."""
     lines = ["| encoder | dataset | config | test F1, text-only eval | test F1, text+caption eval | train s/run | "
              "paper (ITA BERT-base T / I+T; BGA-MNER) |", "|---|---|---|---|---|---|---|"]
     keys = sorted({(r["encoder"], r["dataset"], r["config"]) for r in results},
                   key=lambda k: (k[0], k[1], list(CONFIGS).index(k[2]) if k[2] in CONFIGS else 9))
     for enc, ds, conf in keys:
-        rows = [r for r in results if (r["encoder"], r["dataset"], r["config"]) == (enc, ds, conf)]
+        every = [r for r in results if (r["encoder"], r["dataset"], r["config"]) == (enc, ds, conf)]
+        rows = [r for r in every if not collapsed(r)]
+        failed = f" + {len(every) - len(rows)} collapsed (seed {', '.join(str(r['seed']) for r in every if collapsed(r))})" \
+            if len(rows) < len(every) else ""
         text = [r["test"]["text"]["f1"] for r in rows]
         view = [r["test"][second_view(r)]["f1"] for r in rows if second_view(r)]
-        secs = statistics.fmean(r["train_seconds"] for r in rows)
-        lines.append(f"| {enc} | {ds} | {conf} | {benchmarks.mean_std(text)} | {benchmarks.mean_std(view)} | {secs:.0f} | "
+        secs = statistics.fmean(r["train_seconds"] for r in every)
+        lines.append(f"| {enc} | {ds} | {conf} | {benchmarks.mean_std(text)}{failed} | {benchmarks.mean_std(view)} | {secs:.0f} | "
                      f"{BGA_PAPER[ds] if conf == 'bga' and ds in BGA_PAPER else _anchor(ITA_BERT.get((ds, conf)))} |")
     return "\n".join(lines)
 

@@ -1,0 +1,212 @@
+"""The trainer's second launcher (`launcher=local`): the same task, data order, schedule, step loop,
+model selection and export as the Ray launcher, in this one process with a plain torch optimizer.
+
+No Ray and no DeepSpeed: for one GPU (`use_gpu=true`) or a CPU, for debugging a task, and for
+machines where neither is installed. What stays the same as `trainer.fit`:
+
+* the rows of every optimizer step: `num_workers x grad_accum` micro-batches are accumulated in
+  one process, in the order the Ray launcher hands them to its ranks, so a step holds the same rows;
+* the optimizer and schedule: torch's AdamW with the settings `deepspeed_config.build_config` gives
+  DeepSpeed (learning rate, betas, eps, weight decay, fused, gradient clipping) and the same
+  `lr_schedule`; each parameter group keeps its own learning rate;
+* the step loop (`trainer.run_steps`): metrics.jsonl, the loss PNG, evaluation, model selection,
+  the export and its eama_export.json.
+
+What differs: training is fp32 on either device (no bf16 mixed precision); checkpoints are one
+torch file per step (`RUN/local-checkpoints/checkpoint-STEP/engine.pt`, read back with
+weights_only=True) and a relaunch under the same run name resumes from the newest one; a crash is
+not retried (`max_failures` is for the Ray launcher).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import time
+from typing import Any
+
+from eama.engine import deepspeed_config, storage, trainer
+
+log = logging.getLogger("eama.trainer")
+
+CHECKPOINTS = "local-checkpoints"
+ENGINE_FILE = "engine.pt"
+
+
+@dataclasses.dataclass
+class LocalResult:
+    """What `fit` returns: the fields of Ray's Result the jobs read."""
+
+    path: str  # the run's folder
+    checkpoint: Any = None  # the newest checkpoint's folder (an object with .path), if any
+    error: Exception | None = None
+
+
+@dataclasses.dataclass
+class CheckpointRef:
+    path: str
+
+
+class LocalEngine:
+    """The part of DeepSpeed's engine that the step loop and the tasks use, over a torch module and
+    torch's AdamW in this process: call it like the module; `backward` scales the loss by
+    1/accumulation; `step` clips, steps and schedules at every accumulation boundary."""
+
+    def __init__(self, module: Any, params: Any, ds_config: dict[str, Any], schedule: Any, device: str,
+                 accumulation: int):
+        import torch
+
+        opt = ds_config["optimizer"]["params"]
+        self.module, self.device, self.accumulation = module, torch.device(device), accumulation
+        self.max_grad_norm = float(ds_config.get("gradient_clipping") or 0.0)
+        self.optimizer = torch.optim.AdamW(params, lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"],
+                                           weight_decay=opt["weight_decay"], fused=bool(opt.get("fused")))
+        self.scheduler = schedule(self.optimizer)
+        self.micro_steps = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def backward(self, loss: Any) -> None:
+        (loss / self.accumulation).backward()
+
+    def step(self) -> None:
+        import torch
+
+        self.micro_steps += 1
+        if self.micro_steps % self.accumulation:
+            return
+        if self.max_grad_norm > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def zero_optimization_stage(self) -> int:
+        return 0  # nothing is partitioned: the module's state dict is whole
+
+    def state(self) -> dict[str, Any]:
+        """Weights, optimizer, schedule and the random generators (dropout continues as it would have)."""
+        import torch
+
+        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps,
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
+
+    def load(self, state: dict[str, Any]) -> None:
+        import torch
+
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro_steps = int(state["micro_steps"])
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if state["rng_cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+
+
+def checkpoints_dir(cfg: trainer.TrainerConfig) -> str:
+    return storage.join(trainer.run_dir(cfg), CHECKPOINTS)
+
+
+def committed_checkpoints(cfg: trainer.TrainerConfig) -> list[str]:
+    """Checkpoint folders whose trainer state was written (the last file of a checkpoint), oldest first."""
+    root = checkpoints_dir(cfg)
+    if not storage.exists(root):
+        return []
+    return [f.rsplit("/", 1)[0] for f in storage.list_files(root, "/" + trainer.TRAINER_STATE)]
+
+
+def save_checkpoint(engine: LocalEngine, state: trainer.TrainerState, cfg: trainer.TrainerConfig) -> str:
+    """The engine (weights, optimizer, schedule) and the trainer state at this step; older ones
+    beyond `keep_checkpoints` are removed once this one is committed."""
+    import torch
+
+    folder = storage.join(checkpoints_dir(cfg), f"checkpoint-{state.step:08d}")
+    buffer = io.BytesIO()
+    torch.save(engine.state(), buffer)
+    storage.write_bytes_atomic(storage.join(folder, ENGINE_FILE), buffer.getvalue())
+    storage.write_bytes_atomic(storage.join(folder, trainer.TRAINER_STATE),
+                               json.dumps(dataclasses.asdict(state)).encode())
+    for old in committed_checkpoints(cfg)[:-max(1, cfg.keep_checkpoints)]:
+        storage.remove(old)
+    return folder
+
+
+def load_checkpoint(engine: LocalEngine, folder: str) -> trainer.TrainerState:
+    """Restore the engine from a checkpoint folder (unpickled with weights_only=True) and return
+    its trainer state."""
+    import torch
+
+    raw = storage.read_bytes(storage.join(folder, ENGINE_FILE))
+    engine.load(torch.load(io.BytesIO(raw), map_location=engine.device, weights_only=True))
+    state = trainer.TrainerState(**json.loads(storage.read_bytes(storage.join(folder, trainer.TRAINER_STATE))))
+    state.attempts += 1
+    return state
+
+
+def fit(task: trainer.TrainingTask) -> LocalResult:
+    """Train (or resume) `task` in this process; the driver-side checks are `trainer.fit`'s."""
+    import torch
+
+    started = time.time()
+    cfg = task.config
+    if cfg.use_gpu and not torch.cuda.is_available():
+        raise SystemExit("launcher=local with use_gpu=true needs a CUDA GPU in this process; none is visible")
+    device = "cuda" if cfg.use_gpu else "cpu"
+    files, rows = task.data_files()
+    plan = trainer.plan_steps(rows, cfg)
+    accumulation = cfg.num_workers * cfg.grad_accum  # the rows of one step on num_workers ranks
+    lengths = [c for c in task.length_columns if task.columns is None or c in task.columns]
+    order = trainer.row_order(cfg, rows, task.sort_columns, lengths)
+    log.info("%s: %d rows in %d files -> %d steps of %d rows (launcher=local on %s: %d micro-batches of %d "
+             "per step, %d epochs, %d warm-up steps); run %s", task.title, rows, len(files), plan.total_steps,
+             plan.rows_per_step, device, accumulation, cfg.micro_batch_size, cfg.epochs, plan.warmup_steps,
+             trainer.run_dir(cfg))
+
+    torch.manual_seed(cfg.seed)
+    if not cfg.use_gpu:
+        torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
+    ds_config = deepspeed_config.build_config(
+        zero_stage=0, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum, world_size=cfg.num_workers,
+        lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, bf16=False)
+    t0 = time.time()
+    parts = task.build_model(ds_config, device, torch.float32)
+    if cfg.gradient_checkpointing:
+        trainer.enable_gradient_checkpointing(parts.module)
+    trainable = trainer.trainable_params(parts.module)
+    log.info("model loaded in %.1fs: %s trainable parameters", time.time() - t0, f"{trainable:,}")
+    params = parts.parameters if parts.parameters is not None else [
+        p for p in parts.module.parameters() if p.requires_grad]
+    engine = LocalEngine(parts.module, params, ds_config,
+                         deepspeed_config.lr_schedule(plan.total_steps, plan.warmup_steps, cfg.min_lr_ratio,
+                                                      cfg.schedule), device, accumulation)
+    found = committed_checkpoints(cfg)
+    state = load_checkpoint(engine, found[-1]) if found else trainer.TrainerState()
+    state.world_size = 1
+    log.info("%s", f"resumed from {found[-1]} after step {state.step}" if found else "starting from scratch")
+    batches = trainer.local_micro_batches(files, cfg, order, task.columns, 0, 1,
+                                          plan.micro_batches_per_rank * cfg.num_workers,
+                                          skip=state.step * accumulation)
+    last: list[str] = found[-1:]
+
+    def checkpoint(record: dict[str, Any]) -> None:
+        last[:] = [save_checkpoint(engine, state, cfg)]
+
+    peak = trainer.peak_flops(torch.cuda.get_device_name()) if cfg.use_gpu else None
+    trainer.run_steps(engine, task, plan, state, batches,
+                      trainer.StepContext(0, 1, trainable, peak, started, checkpoint, accumulation))
+    return LocalResult(path=trainer.run_dir(cfg), checkpoint=CheckpointRef(last[0]) if last else None)
