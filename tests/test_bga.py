@@ -233,5 +233,6 @@ def test_visual_inputs_use_the_image_else_the_caption_else_nothing(shared_data, 
                                       torch.float32)
         assert mask.any(1).tolist() == [True, True, True, False]
         assert int(mask[0].sum()) == 5  # row 0 reads its image's 5 tokens, not its caption
-        assert torch.allclose(regions[0, :5], model.image_proj(out["image_features"][0]))
+        # the same projection, batched or not (float rounding differs between the two on some CPUs)
+        torch.testing.assert_close(regions[0, :5], model.image_proj(out["image_features"][0]), rtol=1e-5, atol=1e-5)
         assert int(mask[1].sum()) == int(out["proxy_mask"][1].sum())  # row 1: its caption's subtokens

@@ -77,3 +77,25 @@ def test_real_shape_random_model_fits_and_generates():
                             pad_token_id=lm.tokenizer.pad_token_id)
     assert out.shape == (2, inputs["input_ids"].shape[1] + 4)  # the prompt, then exactly 4 new tokens
     assert torch.equal(out[:, : inputs["input_ids"].shape[1]].cpu(), inputs["input_ids"].cpu())
+
+
+def test_local_launcher_trains_on_the_gpu_as_on_the_cpu(tmp_path):
+    """launcher=local use_gpu=true: the toy task's fp32 losses on CUDA (TF32 off) follow the CPU's."""
+    from test_training import ToyClassifierTask, ToyConfig, write_toy
+
+    from eama.engine import launchers, trainer
+
+    common = dict(data=write_toy(tmp_path), output=str(tmp_path / "runs"), launcher="local", num_workers=2,
+                  micro_batch_size=8, epochs=2, lr=1e-2, warmup_ratio=0.1, checkpoint_every=16)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        losses = {}
+        for name, gpu in (("cpu", False), ("gpu", True)):
+            cfg = ToyConfig(run_name=name, use_gpu=gpu, **common)
+            assert launchers.fit(ToyClassifierTask(cfg)).error is None
+            losses[name] = [r["loss"] for r in trainer.read_metrics(trainer.run_dir(cfg))]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert len(losses["gpu"]) == 32
+    torch.testing.assert_close(torch.tensor(losses["gpu"]), torch.tensor(losses["cpu"]), rtol=1e-3, atol=1e-4)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eama.engine import blobs, deepspeed_config, images, schema, storage, trainer
+from eama.engine import blobs, deepspeed_config, images, launchers, schema, storage, trainer
 from eama.news import alignment, alignment_training, demo, models
 
 # ---------------------------------------------------------------- data
@@ -467,11 +467,13 @@ class ToyClassifierTask(trainer.TrainingTask):
 
     def build_model(self, ds_config, device, dtype):
         torch.manual_seed(self.config.seed)
+        self.device = device
         model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
         return trainer.ModelParts(model.to(device, dtype))
 
     def collate(self, rows):
-        return torch.from_numpy(np.stack(rows["x"]).astype(np.float32)), torch.from_numpy(rows["y"].astype(np.int64))
+        x, y = np.stack(rows["x"]).astype(np.float32), rows["y"].astype(np.int64)
+        return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
 
     def loss(self, engine, batch):
         x, y = batch
@@ -488,7 +490,7 @@ class ToyClassifierTask(trainer.TrainingTask):
 
     def evaluate(self, engine, step):
         x, y = toy_rows(128, seed=1)  # held out; every rank runs the same forward (ZeRO-3 needs them all)
-        return {"accuracy": float((engine(torch.from_numpy(x)).argmax(1).numpy() == y).mean())}
+        return {"accuracy": float((engine(torch.from_numpy(x).to(self.device)).argmax(1).cpu().numpy() == y).mean())}
 
 
 def write_toy(tmp_path: Path, n: int = 256) -> str:
@@ -517,7 +519,7 @@ def test_engine_trains_a_small_classifier_task(zero_stage, tmp_path, ray_local, 
                     epochs=3, lr=1e-2, warmup_ratio=0.05, checkpoint_every=100, eval_every=16,
                     group_by_length=2 if zero_stage == 2 else 0)
     caplog.set_level(logging.INFO, logger="eama.trainer")
-    result = trainer.fit(ToyClassifierTask(cfg))
+    result = launchers.fit(ToyClassifierTask(cfg))
     assert result.error is None, result.error
 
     history = trainer.read_metrics(trainer.run_dir(cfg))
@@ -575,8 +577,8 @@ def test_local_launcher_takes_the_ray_launchers_steps(tmp_path, ray_local):
                   micro_batch_size=8, epochs=2, lr=1e-2, warmup_ratio=0.1, checkpoint_every=0, eval_every=8,
                   group_by_length=2, select_metric="accuracy")
     on_ray, here = ToyConfig(run_name="ray", **common), ToyConfig(run_name="local", launcher="local", **common)
-    assert trainer.fit(ToyClassifierTask(on_ray)).error is None
-    assert trainer.fit(ToyClassifierTask(here)).error is None
+    assert launchers.fit(ToyClassifierTask(on_ray)).error is None
+    assert launchers.fit(ToyClassifierTask(here)).error is None
 
     want, got = trainer.read_metrics(trainer.run_dir(on_ray)), trainer.read_metrics(trainer.run_dir(here))
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 33))  # 256 x 2 / (2 x 8)
@@ -598,17 +600,17 @@ def test_local_launcher_resumes_after_a_crash(tmp_path):
     common = dict(data=write_toy(tmp_path), output=str(tmp_path / "runs"), launcher="local", num_workers=1,
                   micro_batch_size=8, epochs=2, lr=1e-2, warmup_ratio=0.1, checkpoint_every=8, keep_checkpoints=2)
     whole = ToyConfig(run_name="whole", **common)
-    assert trainer.fit(ToyClassifierTask(whole)).error is None
+    assert launchers.fit(ToyClassifierTask(whole)).error is None
 
     marker = tmp_path / "failed"
     broken = dict(common, run_name="broken", fail_at_step=20, fail_marker=str(marker))
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-            "from test_training import ToyClassifierTask, ToyConfig\nfrom eama.engine import trainer\n"
-            f"trainer.fit(ToyClassifierTask(ToyConfig(**{broken!r})))\n")
+            "from test_training import ToyClassifierTask, ToyConfig\nfrom eama.engine import launchers\n"
+            f"launchers.fit(ToyClassifierTask(ToyConfig(**{broken!r})))\n")
     died = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert died.returncode == 1 and marker.read_text().startswith("rank 0 exited after step 20"), died.stderr[-2000:]
     cfg = ToyConfig(**broken)
-    result = trainer.fit(ToyClassifierTask(cfg))  # the marker exists: no second failure
+    result = launchers.fit(ToyClassifierTask(cfg))  # the marker exists: no second failure
     assert result.error is None and result.checkpoint.path.endswith("checkpoint-00000064")
     kept = sorted(p.name for p in Path(trainer.run_dir(cfg), "local-checkpoints").iterdir())
     assert kept == ["checkpoint-00000056", "checkpoint-00000064"]
@@ -626,4 +628,4 @@ def test_launcher_settings_are_checked():
         trainer.validate(ToyConfig(launcher="slurm"))
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-            trainer.fit(ToyClassifierTask(ToyConfig(launcher="local", use_gpu=True, data="unused")))
+            launchers.fit(ToyClassifierTask(ToyConfig(launcher="local", use_gpu=True, data="unused")))

@@ -2,7 +2,7 @@
 model selection and export as the Ray launcher, in this one process with a plain torch optimizer.
 
 No Ray and no DeepSpeed: for one GPU (`use_gpu=true`) or a CPU, for debugging a task, and for
-machines where neither is installed. What stays the same as `trainer.fit`:
+machines where neither is installed. What stays the same as the Ray launcher (`trainer.fit_on_ray`):
 
 * the rows of every optimizer step: `num_workers x grad_accum` micro-batches are accumulated in
   one process, in the order the Ray launcher hands them to its ranks, so a step holds the same rows;
@@ -159,7 +159,7 @@ def load_checkpoint(engine: LocalEngine, folder: str) -> trainer.TrainerState:
 
 
 def fit(task: trainer.TrainingTask) -> LocalResult:
-    """Train (or resume) `task` in this process; the driver-side checks are `trainer.fit`'s."""
+    """Train (or resume) `task` in this process (`launchers.fit` has checked its settings)."""
     import torch
 
     started = time.time()

@@ -19,8 +19,9 @@ the rest, the same way for every task:
 * progress lines (logger 'eama.trainer'): rank 0's are relayed to the driver by a small actor,
   so they show there even when Ray does not forward worker output (log_to_driver=False).
 
-`fit(task)` is the driver side; `train_loop_per_worker` the worker side. This module never imports
-a system's code (eama.news): tasks come in as objects.
+`fit_on_ray(task)` is the driver side (`launchers.fit` picks it, or the local launcher);
+`train_loop_per_worker` the worker side; `run_steps` the step loop both launchers share. This
+module never imports a system's code (eama.news): tasks come in as objects.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class TrainerConfig:
     run_name: str = "run"  # a relaunch with the same name resumes from its last checkpoint
     launcher: str = "ray"  # ray (Ray Train workers + DeepSpeed: nodes, GPUs, ZeRO, retries) | local (this process alone, torch AdamW, fp32, no Ray or DeepSpeed: one GPU, a laptop, debugging; a step still holds num_workers x grad_accum micro-batches)
     num_workers: int = 2  # one per GPU (or per CPU slot without GPUs)
-    use_gpu: bool = False  # one GPU per worker, bf16 (else fp32 on CPU)
+    use_gpu: bool = False  # one GPU per worker, bf16 (else fp32 on CPU); launcher=local: this process's GPU, fp32
     cpus_per_worker: float = 0.5  # keep CPUs free for Ray Data's read tasks on small machines
     torch_threads: int = 0  # torch threads per worker on CPU; 0 = the CPUs it reserves (at least 1)
     zero_stage: int = 3  # DeepSpeed ZeRO stage 0-3 (3 partitions parameters, gradients and optimizer state)
@@ -1024,17 +1025,11 @@ def worker_env(cfg: TrainerConfig) -> dict[str, str]:
     return env
 
 
-def fit(task: TrainingTask) -> Any:
-    """Run (or resume, when OUTPUT/RUN_NAME holds checkpoints) the task's training; returns Ray's
-    Result (launcher=local: `local_launcher.LocalResult`, the same fields the jobs read). Progress
-    lines are logged on the driver under 'eama.trainer'."""
-    task.validate()
+def fit_on_ray(task: TrainingTask) -> Any:
+    """The Ray launcher (`launchers.fit` checks the settings first): run (or resume, when
+    OUTPUT/RUN_NAME holds checkpoints) the task's training on Ray Train workers; returns Ray's
+    Result. Progress lines are logged on the driver under 'eama.trainer'."""
     cfg = task.config
-    cfg.output = storage.absolute(cfg.output)
-    if cfg.launcher == "local":
-        from eama.engine import local_launcher
-
-        return local_launcher.fit(task)
     import ray
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig

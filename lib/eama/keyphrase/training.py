@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from eama.engine import images as image_io
-from eama.engine import feature_cache, schema, storage, trainer
+from eama.engine import feature_cache, launchers, schema, storage, trainer
 from eama.keyphrase import metric
 from eama.keyphrase import model as kp_model
 
@@ -309,4 +309,4 @@ def fit(cfg: KeyphraseTrainConfig) -> Any:
     task = KeyphraseTask(cfg, classes)
     if cfg.valid and cfg.eval_per_epoch:
         cfg.eval_every = trainer.steps_per_epoch(keyphrase_files(cfg.train)[1], cfg)
-    return trainer.fit(task)
+    return launchers.fit(task)

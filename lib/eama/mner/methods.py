@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from eama.engine import trainer
+from eama.engine import launchers, trainer
 from eama.mner import bga_tagger, bga_training, tagger, training
 
 VIEWS = tuple(dict.fromkeys(tagger.VIEWS + bga_tagger.VIEWS))  # every inference view of either method
@@ -22,7 +22,7 @@ def fit(cfg: training.MnerTrainConfig) -> Any:
     task = (bga_training.BgaTask if cfg.method == "bga" else training.MnerTask)(cfg, types)
     if cfg.valid and cfg.eval_per_epoch:
         cfg.eval_every = trainer.steps_per_epoch(training.mner_files(cfg.train)[1], cfg)
-    return trainer.fit(task)
+    return launchers.fit(task)
 
 
 def load(location: str, device: str = "cpu") -> tuple[Any, Any, tagger.TaggerSpec]:

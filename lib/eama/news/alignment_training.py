@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from eama.engine import blobs, images, schema, storage, trainer
+from eama.engine import blobs, images, launchers, schema, storage, trainer
 from eama.engine.trainer import export_dir, read_metrics, run_dir  # noqa: F401 - this job's API
 from eama.news import prompts
 
@@ -297,7 +297,7 @@ class AlignmentTask(trainer.TrainingTask):
 
 def fit(cfg: TrainConfig) -> Any:
     """Run (or resume, when OUTPUT/RUN_NAME holds checkpoints) the training; returns Ray's Result."""
-    return trainer.fit(AlignmentTask(cfg))
+    return launchers.fit(AlignmentTask(cfg))
 
 
 # ---------------------------------------------------------------- selection accuracy
