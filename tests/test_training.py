@@ -547,6 +547,26 @@ def test_engine_trains_a_small_classifier_task(zero_stage, tmp_path, ray_local, 
     assert any(m.startswith("step ") and "ETA" in m and "s/step" in m for m in lines), lines
     assert any("engine ready" in m for m in lines) and any("model loaded" in m for m in lines)
     assert any(m.startswith("step 48/48") for m in lines) and any("exported" in m for m in lines)
+    if zero_stage == 2:
+        same_steps_in_one_process(cfg, history)
+
+
+def same_steps_in_one_process(on_ray: ToyConfig, want: list[dict]) -> None:
+    """launcher=local (one process, torch AdamW, no Ray or DeepSpeed) with the same settings takes
+    the steps of the 2 Ray Train workers under ZeRO-2: the same rows per step, the same losses,
+    learning rates and evaluations, the same exported weights up to float rounding."""
+    here = dataclasses.replace(on_ray, run_name="toy-local", launcher="local")
+    assert launchers.fit(ToyClassifierTask(here)).error is None
+    got = trainer.read_metrics(trainer.run_dir(here))
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    assert all(r["examples"] == 16 for r in got)
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4)
+    np.testing.assert_allclose([r["lr"] for r in got], [r["lr"] for r in want], rtol=1e-9)
+    assert [r.get("eval/accuracy") for r in got] == [r.get("eval/accuracy") for r in want]
+    for name, tensor in toy_export(on_ray).items():
+        torch.testing.assert_close(toy_export(here)[name], tensor, rtol=1e-4, atol=1e-5)
+    info = json.loads(Path(trainer.export_dir(here), "eama_export.json").read_text())
+    assert (info["launcher"], info["zero_stage"], info["world_size"]) == ("local", None, 1)
 
 
 def test_per_epoch_steps_end_on_the_runs_last_step():
@@ -563,33 +583,6 @@ def test_per_epoch_steps_end_on_the_runs_last_step():
 
 
 # ---------------------------------------------------------------- the local launcher
-
-
-@pytest.mark.slow
-def test_local_launcher_takes_the_ray_launchers_steps(tmp_path, ray_local):
-    """launcher=local (one process, torch AdamW, no Ray or DeepSpeed) with num_workers=2 takes the
-    steps of 2 Ray Train workers under ZeRO-2: the same rows per step, the same losses and learning
-    rates, the same exported weights up to float rounding."""
-    import ray.cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    common = dict(data=write_toy(tmp_path), output=str(tmp_path / "runs"), num_workers=2, zero_stage=2,
-                  micro_batch_size=8, epochs=2, lr=1e-2, warmup_ratio=0.1, checkpoint_every=0, eval_every=8,
-                  group_by_length=2, select_metric="accuracy")
-    on_ray, here = ToyConfig(run_name="ray", **common), ToyConfig(run_name="local", launcher="local", **common)
-    assert launchers.fit(ToyClassifierTask(on_ray)).error is None
-    assert launchers.fit(ToyClassifierTask(here)).error is None
-
-    want, got = trainer.read_metrics(trainer.run_dir(on_ray)), trainer.read_metrics(trainer.run_dir(here))
-    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 33))  # 256 x 2 / (2 x 8)
-    assert all(r["examples"] == 16 for r in got)
-    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4)
-    np.testing.assert_allclose([r["lr"] for r in got], [r["lr"] for r in want], rtol=1e-9)
-    assert [r.get("eval/accuracy") for r in got] == [r.get("eval/accuracy") for r in want]
-    for name, tensor in toy_export(on_ray).items():
-        torch.testing.assert_close(toy_export(here)[name], tensor, rtol=1e-4, atol=1e-5)
-    info = json.loads(Path(trainer.export_dir(here), "eama_export.json").read_text())
-    assert (info["launcher"], info["zero_stage"], info["world_size"]) == ("local", None, 1)
 
 
 def test_local_launcher_resumes_after_a_crash(tmp_path):
