@@ -39,8 +39,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg.data, cfg.output, cfg.results = os.path.abspath(cfg.data), storage.absolute(cfg.output), storage.absolute(cfg.results)
     results = benchmark.run_matrix(cfg)
     print("\n" + benchmark.table(results))
-    if cfg.throughput and results and cfg.launcher == "ray":  # tag_entities runs on Ray
-        print("\n" + (benchmark.throughput(cfg, results) or ""))
+    if cfg.throughput and results:
+        if cfg.launcher == "ray":
+            print("\n" + (benchmark.throughput(cfg, results) or ""))
+        else:
+            print("\nthroughput: not measured with launcher=local (it times tag_entities, a job on Ray)")
         cost = benchmark.bga_cost(cfg, results)
         if cost:
             print("\n" + cost)

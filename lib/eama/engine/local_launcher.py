@@ -63,6 +63,7 @@ class LocalEngine:
         self.max_grad_norm = float(ds_config.get("gradient_clipping") or 0.0)
         self.optimizer = torch.optim.AdamW(params, lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"],
                                            weight_decay=opt["weight_decay"], fused=bool(opt.get("fused")))
+        self.trained = [p for g in self.optimizer.param_groups for p in g["params"]]  # what clipping sees
         self.scheduler = schedule(self.optimizer)
         self.micro_steps = 0
 
@@ -85,8 +86,7 @@ class LocalEngine:
         if self.micro_steps % self.accumulation:
             return
         if self.max_grad_norm > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.trained, self.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -170,27 +170,17 @@ def fit(task: trainer.TrainingTask) -> LocalResult:
     files, rows = task.data_files()
     plan = trainer.plan_steps(rows, cfg)
     accumulation = cfg.num_workers * cfg.grad_accum  # the rows of one step on num_workers ranks
-    lengths = [c for c in task.length_columns if task.columns is None or c in task.columns]
-    order = trainer.row_order(cfg, rows, task.sort_columns, lengths)
+    order = trainer.task_order(task, rows)
     log.info("%s: %d rows in %d files -> %d steps of %d rows (launcher=local on %s: %d micro-batches of %d "
              "per step, %d epochs, %d warm-up steps); run %s", task.title, rows, len(files), plan.total_steps,
              plan.rows_per_step, device, accumulation, cfg.micro_batch_size, cfg.epochs, plan.warmup_steps,
              trainer.run_dir(cfg))
 
-    torch.manual_seed(cfg.seed)
-    if not cfg.use_gpu:
-        torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
+    trainer.prepare_torch(cfg)
     ds_config = deepspeed_config.build_config(
         zero_stage=0, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum, world_size=cfg.num_workers,
         lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, bf16=False)
-    t0 = time.time()
-    parts = task.build_model(ds_config, device, torch.float32)
-    if cfg.gradient_checkpointing:
-        trainer.enable_gradient_checkpointing(parts.module)
-    trainable = trainer.trainable_params(parts.module)
-    log.info("model loaded in %.1fs: %s trainable parameters", time.time() - t0, f"{trainable:,}")
-    params = parts.parameters if parts.parameters is not None else [
-        p for p in parts.module.parameters() if p.requires_grad]
+    parts, params, trainable = trainer.build_parts(task, ds_config, device, torch.float32, rank=0)
     engine = LocalEngine(parts.module, params, ds_config,
                          deepspeed_config.lr_schedule(plan.total_steps, plan.warmup_steps, cfg.min_lr_ratio,
                                                       cfg.schedule), device, accumulation)

@@ -315,6 +315,12 @@ def row_order(cfg: TrainerConfig, rows: int, key_columns: Sequence[str], length_
     return RowOrder(cfg.seed, tuple(key_columns), tuple(length_columns) if cfg.group_by_length else (), bits)
 
 
+def task_order(task: TrainingTask, rows: int) -> RowOrder:
+    """The seeded order of the task's rows; length columns the data lacks are left out."""
+    lengths = [c for c in task.length_columns if task.columns is None or c in task.columns]
+    return row_order(task.config, rows, task.sort_columns, lengths)
+
+
 def row_lengths(table: Any, columns: Sequence[str]) -> list[int]:
     """Per row, the summed lengths of `columns`: a list's items, a string's words, 0 for null."""
     total = [0] * table.num_rows
@@ -874,6 +880,31 @@ def select_model(engine: Any, task: TrainingTask, cfg: TrainerConfig, state: Tra
                  time.time() - t0)
 
 
+def prepare_torch(cfg: TrainerConfig) -> None:
+    """Seed torch for the run; on CPU, use the threads the worker reserves."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    if not cfg.use_gpu:
+        torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
+
+
+def build_parts(task: TrainingTask, ds_config: dict[str, Any], device: str, dtype: Any,
+                rank: int) -> tuple[ModelParts, Any, int]:
+    """The task's model on `device` (gradient checkpointing applied when asked), what the optimizer
+    trains and the trainable parameter count; rank 0 logs the load time."""
+    t0 = time.time()
+    parts = task.build_model(ds_config, device, dtype)
+    if task.config.gradient_checkpointing:
+        enable_gradient_checkpointing(parts.module)
+    trainable = trainable_params(parts.module)
+    if rank == 0:
+        log.info("model loaded in %.1fs: %s trainable parameters", time.time() - t0, f"{trainable:,}")
+    params = parts.parameters if parts.parameters is not None else [
+        p for p in parts.module.parameters() if p.requires_grad]
+    return parts, params, trainable
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: DeepSpeed engine, resume, the step loop, checkpoints, export."""
     import deepspeed
@@ -892,9 +923,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             log.info(msg, *args)
 
-    torch.manual_seed(cfg.seed)
-    if not cfg.use_gpu:
-        torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
+    prepare_torch(cfg)
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # reuses Ray Train's group
     ckpt = ray.train.get_checkpoint()  # the latest reported one: after a failure or a relaunch
     state = trainer_state(ckpt)
@@ -908,14 +937,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         bf16=cfg.use_gpu, offload_optimizer=cfg.offload_optimizer, offload_params=cfg.offload_params,
         param_persistence_threshold=None if cfg.param_persistence_threshold < 0 else cfg.param_persistence_threshold,
     )
-    t0 = time.time()
-    parts = task.build_model(ds_config, *device_and_dtype(ds_config))  # `parts` lives as long as this frame
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(parts.module)
-    trainable = trainable_params(parts.module)
-    info("model loaded in %.1fs: %s trainable parameters", time.time() - t0, f"{trainable:,}")
-    params = parts.parameters if parts.parameters is not None else [
-        p for p in parts.module.parameters() if p.requires_grad]
+    # `parts` lives as long as this frame (ZeRO-3's HfDeepSpeedConfig in keep_alive)
+    parts, params, trainable = build_parts(task, ds_config, *device_and_dtype(ds_config), rank)
     engine, _, _, _ = deepspeed.initialize(
         model=parts.module, model_parameters=params, config=ds_config,
         lr_scheduler=deepspeed_config.lr_schedule(plan.total_steps, plan.warmup_steps, cfg.min_lr_ratio, cfg.schedule),
@@ -1045,8 +1068,7 @@ def fit_on_ray(task: TrainingTask) -> Any:
              plan.warmup_steps, cfg.zero_stage, run_dir(cfg))
     local = use_local_data(files, cfg)
     log.info("data: %s", "read by every worker (data_loading=local)" if local else "Ray Data streaming split")
-    lengths = [c for c in task.length_columns if task.columns is None or c in task.columns]
-    order = row_order(cfg, rows, task.sort_columns, lengths)
+    order = task_order(task, rows)
     if cfg.group_by_length:
         log.info("group_by_length: rows sorted by %s inside %d random buckets per epoch",
                  " + ".join(order.length_columns), 1 << order.bucket_bits)

@@ -67,7 +67,7 @@ class BenchmarkConfig:
     launcher: str = "ray"  # ray: train on Ray Train + DeepSpeed, tag test with tag_entities | local: train (trainer launcher=local) and tag test in this process, no Ray or DeepSpeed
     use_gpu: bool = False  # train on GPUs (launcher=local: this process's GPU, fp32, which also tags the test set)
     max_runs: int = 0  # stop after this many new runs (0 = all); finished ones never count
-    throughput: bool = True  # also measure tag_entities against the raw forward (needs one finished run)
+    throughput: bool = True  # also measure tag_entities against the raw forward (needs one finished run and launcher=ray)
     throughput_rows: int = 6000  # rows for the throughput comparison (test posts repeated with new ids)
 
 
@@ -129,6 +129,19 @@ def tag_and_score(cfg: BenchmarkConfig, model: str, test: str, out: str, view: s
             "tag_seconds": manifest["wall_seconds"]}
 
 
+def tag_in_batches(loaded: tuple[Any, Any, tagger.TaggerSpec], rows: list[dict[str, Any]], view: str,
+                   device: str = "cpu", batch: int = 64) -> list[list[str]]:
+    """BIO tags of `rows`, in their order, by a loaded export (methods.load), `batch` posts a forward."""
+    import torch
+
+    net, tok, spec = loaded
+    predicted: list[list[str]] = []
+    with torch.inference_mode():
+        for k in range(0, len(rows), batch):
+            predicted.extend(methods.tag_with(net, tok, spec, rows[k:k + batch], view, device))
+    return predicted
+
+
 def tag_and_score_here(cfg: BenchmarkConfig, model: str, test: str, view: str, batch: int = 64) -> dict[str, Any]:
     """tag_entities' work without Ray: the rows its checks pass, length-sorted batches through the
     export (methods.tag_with), scored like its output."""
@@ -138,13 +151,9 @@ def tag_and_score_here(cfg: BenchmarkConfig, model: str, test: str, view: str, b
     if device == "cpu":
         torch.set_num_threads(cfg.tag_threads)
     started = time.time()
-    net, tok, spec = methods.load(model, device)
     rows = sorted((r for f in storage.list_files(test) for r in storage.read_table(f).to_pylist()
                    if tagging.check_post(r) is None and r.get("tags") is not None), key=lambda r: len(r["tokens"]))
-    predicted: list[list[str]] = []
-    with torch.inference_mode():
-        for k in range(0, len(rows), batch):
-            predicted.extend(methods.tag_with(net, tok, spec, rows[k:k + batch], view, device))
+    predicted = tag_in_batches(methods.load(model, device), rows, view, device, batch)
     scores = spans.score([r["tags"] for r in rows], predicted)
     return {"f1": scores["f1"], "precision": scores["precision"], "recall": scores["recall"],
             "gold_spans": scores["gold_spans"], "per_type": scores["per_type"],
@@ -276,12 +285,10 @@ def raw_rate(cfg: BenchmarkConfig, model: str, rows: list[dict[str, Any]], view:
     import torch
 
     torch.set_num_threads(cfg.tag_threads)
-    net, tok, spec = methods.load(model)
+    loaded = methods.load(model)
     ordered = sorted(rows, key=lambda r: len(r["tokens"]))
     started = time.perf_counter()
-    with torch.inference_mode():
-        for k in range(0, len(ordered), 64):
-            methods.tag_with(net, tok, spec, ordered[k:k + 64], view)
+    tag_in_batches(loaded, ordered, view)
     return len(ordered) / (time.perf_counter() - started)
 
 
