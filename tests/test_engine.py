@@ -18,7 +18,8 @@ import ray.cloudpickle
 
 from conftest import run_on_cluster
 from eama.engine import faults, ledger, resources, runner, schema, storage
-from eama.engine.lease import LEASE_FILE, Lease, LeaseHeld
+from eama.engine import lease as leases
+from eama.engine.lease import Lease, LeaseHeld
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
 
@@ -274,33 +275,57 @@ def test_a_second_run_on_a_held_output_refuses_and_names_the_holder(ray_local, t
         assert socket.gethostname() in held.value.message and held.value.code == 3
         assert not storage.list_files(out)  # the refused run wrote nothing
     assert runner.run(toy_job(), cfg_for(str(inp), out))["this_run"]["written"] == 1
-    assert not os.path.exists(os.path.join(out, LEASE_FILE))  # released at the end
+    assert leases.holder(out) is None  # released at the end
+
+
+def _claim(out: str, generation: int, **fields) -> Path:
+    path = Path(out) / "_lease" / f"gen-{generation:010d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fields) if fields else "")
+    return path
 
 
 def test_stale_leases_are_broken(tmp_path):
     out = str(tmp_path / "out")
-    path = os.path.join(out, LEASE_FILE)
-    os.makedirs(out)
-    expired = {"run_id": "old", "host": "elsewhere", "pid": 1, "token": "t", "acquired": 0, "expires": time.time() - 1}
-    Path(path).write_text(json.dumps(expired))
-    with Lease(out, "new", ttl=60):
-        assert json.loads(Path(path).read_text())["run_id"] == "new"
-    dead = dict(expired, host=socket.gethostname(), pid=2 ** 22 + 12345, expires=time.time() + 3600)
-    Path(path).write_text(json.dumps(dead))  # this host, but the process is gone
-    with Lease(out, "newer", ttl=60):
-        assert json.loads(Path(path).read_text())["run_id"] == "newer"
+    expired = {"run_id": "old", "host": "elsewhere", "machine": "elsewhere", "pid": 1, "token": "t",
+               "acquired": 0, "expires": time.time() - 1}
+    _claim(out, 1, **expired)
+    with Lease(out, "new", ttl=60) as lease:
+        assert lease.generation == 2 and leases.holder(out)["run_id"] == "new"
+    # a live-looking claim of this very machine whose process is gone
+    dead = dict(expired, host=socket.gethostname(), machine=leases.machine_id(), pid=2 ** 22 + 12345,
+                expires=time.time() + 3600)
+    _claim(out, 3, **dead)
+    with Lease(out, "newer", ttl=60) as lease:
+        assert lease.generation == 4 and leases.holder(out)["run_id"] == "newer"
+    # the same host name in another container (another process namespace): held until it expires
+    _claim(out, 5, **dict(dead, machine=socket.gethostname() + "/other-boot/other-ns"))
+    with pytest.raises(LeaseHeld, match="old"):
+        Lease(out, "third", ttl=60).acquire()
 
 
 def test_an_unreadable_lease_is_held_until_it_is_old(tmp_path):
     out = str(tmp_path / "out")
-    os.makedirs(out)
-    path = os.path.join(out, LEASE_FILE)
-    Path(path).write_text("")  # cut short by a crash mid-write, or another tool's file
+    path = _claim(out, 1)  # cut short by a crash mid-write, or another tool's file
     with pytest.raises(LeaseHeld, match="unreadable"):
         Lease(out, "new", ttl=60).acquire()
-    os.utime(path, (time.time() - 120, time.time() - 120))
+    os.utime(path, (time.time() - 400, time.time() - 400))
     with Lease(out, "new", ttl=60):
-        assert json.loads(Path(path).read_text())["run_id"] == "new"
+        assert leases.holder(out)["run_id"] == "new"
+
+
+def test_two_runs_taking_over_one_stale_lease_get_one_generation_each(tmp_path):
+    """Take-over is an exclusive create of the next claim: of two runs that both saw the stale
+    claim, exactly one gets generation 2; the other refuses (the winner is live)."""
+    out = str(tmp_path / "out")
+    _claim(out, 1, run_id="old", machine="elsewhere", pid=1, expires=time.time() - 1, acquired=0)
+    a, b = Lease(out, "a", ttl=60), Lease(out, "b", ttl=60)
+    a.generation = b.generation = 2
+    assert storage.create_exclusive(a.path, a._record())
+    assert not storage.create_exclusive(b.path, b._record()) and not b._is_mine()
+    assert a._is_mine()  # a lost answer to a's create, retried, finds a's own claim: never refuses itself
+    with pytest.raises(LeaseHeld, match="in use by run a"):
+        Lease(out, "c", ttl=60).acquire()
 
 
 def test_the_lease_is_exclusive_on_s3_and_renewed(s3_server):
@@ -311,7 +336,7 @@ def test_the_lease_is_exclusive_on_s3_and_renewed(s3_server):
         before = json.loads(storage.read_bytes(lease.path))["expires"]
         time.sleep(1.2)  # renewed every ttl/3
         assert json.loads(storage.read_bytes(lease.path))["expires"] > before
-    assert not storage.exists(storage.join(out, LEASE_FILE))
+    assert leases.holder(out) is None
 
 
 def test_one_s3_client_per_process_and_endpoint(s3_server, monkeypatch):

@@ -1,25 +1,33 @@
 """The ledger: which input rows a job's output already accounts for, and the commit protocol.
 
-An input row is a *position* (source file, row group, row). Every commit accounts for a set of
-positions, each as an output row (or rows, for jobs that emit several per input) or an error row.
-Layout of an output directory (readable as one Parquet dataset by pyarrow, DuckDB or Spark, which
-skip names starting with '_' or '.', such as a write in flight):
+An input row is a *position* (source file version, row group, row). Every commit accounts for a
+set of positions, each as an output row (or rows, for jobs that emit several per input) or an
+error row. Layout of an output directory (readable as one Parquet dataset by pyarrow, DuckDB or
+Spark, which skip names starting with '_' or '.', such as a write in flight):
 
-    OUTPUT/part-<digest>.parquet           output rows of one commit (thousands of rows)
-    OUTPUT/_errors/part-<digest>.parquet   its error rows (sample_id, source_file, stage, reason, ...)
-    OUTPUT/_ledger/commits/part-<digest>.json   the commit's record: positions, counts, errors
-    OUTPUT/_ledger/index.json              compacted records + what is known of each input file
-    OUTPUT/_manifests/<run_id>.json        one manifest per run, written last
-    OUTPUT/_lease.json                     the running job's lease (lease.py)
+    OUTPUT/part-<digest>.parquet              output rows of one commit (thousands of rows)
+    OUTPUT/_errors/part-<digest>.parquet      its error rows (sample_id, source_file, stage, reason, ...)
+    OUTPUT/_ledger/commits/part-<digest>.json the commit's record: positions, counts, lease generation
+    OUTPUT/_ledger/ids/part-<digest>.parquet  its sample ids as 8-byte hashes (id_index.py)
+    OUTPUT/_ledger/ids/seg-<digest>.parquet   compacted id hashes, sorted
+    OUTPUT/_ledger/index.json                 compacted records + what is known of each input file
+    OUTPUT/_ledger/fence.json                 the lease generation that sealed the output last
+    OUTPUT/_manifests/<run_id>.json           one manifest per run, written last
+    OUTPUT/_lease/gen-<N>.json                the lease's claims (lease.py)
 
 Commit protocol: the digest names the positions a commit holds, so a retried task rewrites the
-same objects. The record is written first, then the error file, then the data file, each as one
-atomic object; a commit counts once its last object exists, so a crash between them leaves a
-record that the next run discards (with its objects) and redoes. At the end of a run the records
-are compacted into the index: per input file its size and row groups and the positions done, per
-commit only its counts and error entries. Planning a re-run therefore reads one small index and
-lists the output, and never reads committed data, except the sample ids of committed files when
-new rows must be checked for duplicates (in parallel, one column).
+same objects. The id file is written first, then the record, the error file and the data file,
+each as one atomic object; a commit counts once its last object exists, so a crash between them
+leaves a record that the next run discards (with its objects) and redoes. A record carries its
+run's lease generation: one older than the fence (written after a newer run took the lease) is
+void, and compaction removes it with its data. At the end of a run the records are compacted into
+the index: per input file its version, row groups and the positions done; per commit its counts
+and only the error entries a later run must redo (retryable ones); the rest stay in the error
+files. Planning therefore reads one small index, lists the output, and looks new sample ids up in
+the id index (8 bytes a committed row), reading committed sample ids only to confirm a hit.
+
+A rewritten input file (another size, mtime or ETag) is planned afresh by sample id: ids it still
+holds stay done, new ids are processed, and ids it no longer holds are reported.
 
 Error entries have a kind: 'permanent' (bad data), 'retryable' (a transient fault outlived its
 retries: the next run redoes it), 'duplicate' (the sample id is already taken; never marks the id
@@ -35,10 +43,11 @@ import hashlib
 import logging
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from eama.engine import schema, storage
+from eama.engine import id_index, schema, storage
 
 log = logging.getLogger("eama.ledger")
 
@@ -47,6 +56,8 @@ MANIFESTS_DIR = "_manifests"
 LEDGER_DIR = "_ledger"
 COMMITS_DIR = f"{LEDGER_DIR}/commits"
 INDEX_FILE = f"{LEDGER_DIR}/index.json"
+FENCE_FILE = f"{LEDGER_DIR}/fence.json"
+MAX_SEGMENTS = id_index.MAX_SEGMENTS
 FILE_ROW_GROUP = -1  # the position of an error about a whole input file
 
 PERMANENT, RETRYABLE, DUPLICATE = "permanent", "retryable", "duplicate"
@@ -134,6 +145,10 @@ class Record:
     data: bool  # whether the data file exists
     errors: list[list[Any]] = dataclasses.field(default_factory=list)  # [file, row_group, row, kind]
     rows: dict[str, dict[str, Ranges]] = dataclasses.field(default_factory=dict)  # file -> group -> ranges
+    generation: int = 0  # the lease generation of the run that wrote it (the fencing token)
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)  # file -> the version its positions index
+    ids: int = -1  # ids in its id-index file (-1: written before the id index existed)
+    errors_in_file: bool = False  # only retryable entries are listed; the rest live in its error file
 
     def positions(self) -> Iterator[tuple[str, int, Ranges]]:
         for path, groups in self.rows.items():
@@ -144,6 +159,11 @@ class Record:
         """Which object's existence completes the commit: 'data', 'errors' or None (record only)."""
         return "data" if self.data else ("errors" if self.error_rows else None)
 
+    def indexes(self, path: str, version: str | None) -> bool:
+        """Whether this record's positions in `path` refer to that version of the file."""
+        mine = self.versions.get(path)
+        return mine is None or version is None or mine == version
+
 
 def error_kind(row: dict[str, Any]) -> str:
     if row.get("stage") == "duplicate":
@@ -152,19 +172,25 @@ def error_kind(row: dict[str, Any]) -> str:
 
 
 def commit(output: str, run_id: str, name: str, outputs: list[dict], errors: list[dict],
-           positions: Iterable[tuple[str, int, int]], output_schema: pa.Schema) -> Record:
-    """Commit one batch: record, then error rows, then output rows, each one atomic object.
+           positions: Iterable[tuple[str, int, int]], output_schema: pa.Schema, generation: int = 0,
+           versions: dict[str, str] | None = None) -> Record:
+    """Commit one batch: id index, record, then error rows, then output rows, each one atomic object.
 
     `positions` are the (file, row group, row) this batch accounts for; `errors` rows carry
-    sample_id, source_file, row_group, row, stage, reason, retryable."""
+    sample_id, source_file, row_group, row, stage, reason, retryable. `generation` is the lease's
+    fencing token; `versions` the version of each input file the positions refer to."""
     rows: dict[str, dict[str, Ranges]] = collections.defaultdict(dict)
     by_group: dict[tuple[str, int], list[int]] = collections.defaultdict(list)
     for path, group, row in positions:
         by_group[(path, group)].append(row)
     for (path, group), offsets in by_group.items():
         rows[path][str(group)] = to_ranges(offsets)
+    out_ids = [r["sample_id"] for r in outputs if r.get("sample_id")]
+    err_ids = [e["sample_id"] for e in errors if e.get("sample_id") and error_kind(e) == PERMANENT]
+    n_ids = id_index.write_commit_ids(output, name, out_ids, err_ids) if out_ids or err_ids else 0
     record = Record(name, run_id, len(outputs), len(errors), bool(outputs),
-                    [[e["source_file"], e["row_group"], e["row"], error_kind(e)] for e in errors], dict(rows))
+                    [[e["source_file"], e["row_group"], e["row"], error_kind(e)] for e in errors], dict(rows),
+                    generation, {p: v for p, v in (versions or {}).items() if p in rows}, n_ids)
     storage.write_json_atomic(storage.join(output, COMMITS_DIR, f"{name}.json"), dataclasses.asdict(record))
     if errors:
         table = pa.Table.from_pylist([dict(e, run_id=run_id) for e in errors], schema=schema.ERROR)
@@ -180,13 +206,21 @@ def commit(output: str, run_id: str, name: str, outputs: list[dict], errors: lis
 
 @dataclasses.dataclass
 class FileInfo:
-    """What the index knows of an input file: its size when seen, rows per row group, and the
-    positions done (all of them: done=True)."""
+    """What the index knows of an input file: its version (size + mtime or ETag) and size when
+    seen, rows per row group, and the positions done (all of them: done=True)."""
 
     size: int
     row_groups: list[int]
     done: bool = False
     partial: dict[str, Ranges] = dataclasses.field(default_factory=dict)
+    version: str | None = None  # None: indexed before versions were kept (compared by size)
+    failed: bool | None = None  # the whole file is an error (None: an index older than this field)
+
+    def same(self, size: int, version: str | None) -> bool:
+        """Whether the listed file is the version this entry describes."""
+        if self.version is not None and version is not None:
+            return self.version == version
+        return self.size in (-1, size)  # -1: only known from commit records so far
 
 
 class Ledger:
@@ -198,9 +232,15 @@ class Ledger:
         self.records: dict[str, Record] = {}  # compacted ones carry no rows
         self.fresh: set[str] = set()  # records read from _ledger/commits (not yet compacted)
         self.broken: list[Record] = []  # incomplete commits of a crashed run
+        self.void: list[Record] = []  # commits of a run that had lost its lease (older than the fence)
+        self.orphans: list[str] = []  # data / error files no commit record names
         self.superseded: dict[str, set[tuple[str, int, int]]] = {}  # record -> error positions
         self.fresh_by_file: dict[str, list[tuple[str, str, int, Ranges]]] = {}
         self.folded: list[str] = []  # commit records already in the index, left by an interrupted compaction
+        self.segments: list[str] = []  # id-index segments (id_index.py)
+        self.fence = 0  # records of an older lease generation written after this one sealed are void
+        self.versions: dict[str, str] = {}  # the input files' versions of the run planning (set_versions)
+        self._loaded_errors = False
 
     # ------------------------------------------------ loading
 
@@ -214,6 +254,9 @@ class Ledger:
             index = storage.read_json(index_path)
             led.files = {p: FileInfo(**f) for p, f in index["files"].items()}
             led.records = {r["name"]: Record(**r) for r in index["records"]}
+            led.segments = list(index.get("id_segments", []))
+        if storage.exists(fence_path := storage.join(output, FENCE_FILE)):
+            led.fence = int(storage.read_json(fence_path)["generation"])
         data = {_stem(p) for p in _listing(output)}
         errors = {_stem(p) for p in _listing(storage.join(output, ERRORS_DIR))}
         commit_files = _listing(storage.join(output, COMMITS_DIR), ".json")
@@ -222,13 +265,30 @@ class Ledger:
         for raw in storage.parallel_map(storage.read_json, [f for f in commit_files if f not in folded]):
             rec = Record(**raw)
             last = rec.last_object()
-            if last is None or rec.name in (data if last == "data" else errors):
+            if rec.generation < led.fence:
+                led.void.append(rec)
+            elif last is None or rec.name in (data if last == "data" else errors):
                 led.records[rec.name] = rec
                 led.fresh.add(rec.name)
             else:
                 led.broken.append(rec)
+        known = set(led.records) | {r.name for r in led.broken}
+        id_parts = {_stem(p) for p in _listing(storage.join(output, id_index.IDS_DIR)) if "/part-" in p}
+        led.orphans = ([storage.join(output, f"{n}.parquet") for n in sorted(data - known)]
+                       + [storage.join(output, ERRORS_DIR, f"{n}.parquet") for n in sorted(errors - known)]
+                       + [id_index.commit_file(output, n) for n in sorted(id_parts - known - set(led.records))])
         led._find_superseded()
         return led
+
+    def set_versions(self, versions: dict[str, str]) -> None:
+        """The listed version of each input file: positions of another version no longer count."""
+        self.versions = dict(versions)
+        self._find_superseded()
+
+    def changed(self, path: str, size: int, version: str | None) -> bool:
+        """Whether an input file the index knows has been rewritten since."""
+        info = self.files.get(path)
+        return info is not None and not info.same(size, version)
 
     def _find_superseded(self) -> None:
         """Error entries whose position a newer commit accounts for (for an error about a whole
@@ -237,36 +297,65 @@ class Ledger:
         for name in self.fresh:
             rec = self.records[name]
             for path, group, ranges in rec.positions():
-                self.fresh_by_file[path].append((rec.run_id, name, group, ranges))
+                if rec.indexes(path, self.versions.get(path)):
+                    self.fresh_by_file[path].append((rec.run_id, name, group, ranges))
         self.superseded = {}
         for rec in self.records.values():
             for path, group, row, _kind in rec.errors:
+                if not rec.indexes(path, self.versions.get(path)):
+                    continue
                 if any(run > rec.run_id and other != rec.name
                        and (contains(ranges, row) if group == g else group == FILE_ROW_GROUP != g)
                        for run, other, g, ranges in self.fresh_by_file.get(path, ())):
                     self.superseded.setdefault(rec.name, set()).add((path, group, row))
+
+    def load_error_entries(self, threads: int = 32) -> None:
+        """Read the permanent and duplicate error entries compaction left in the error files (only
+        a run with retry_errors needs them)."""
+        if self._loaded_errors:
+            return
+        todo = [r for r in self.records.values() if r.errors_in_file and r.error_rows]
+        cols = ["source_file", "row_group", "row", "stage", "retryable"]
+
+        def entries(rec: Record) -> list[list[Any]]:
+            path = storage.join(self.output, ERRORS_DIR, f"{rec.name}.parquet")
+            if not storage.exists(path):
+                return []
+            return [[e["source_file"], e["row_group"], e["row"], error_kind(e)]
+                    for e in storage.read_table(path, cols).to_pylist()]
+
+        for rec, found in zip(todo, storage.parallel_map(entries, todo, threads)):
+            rec.errors = found
+            rec.errors_in_file = False
+        self._loaded_errors = True
+        self._find_superseded()
 
     # ------------------------------------------------ planning
 
     def open_positions(self, retry_errors: bool) -> dict[tuple[str, int], set[int]]:
         """Positions accounted for but to be redone: retryable errors (every error but duplicates'
         first-occurrence checks with retry_errors), superseded entries excepted."""
+        if retry_errors:
+            self.load_error_entries()
         out: dict[tuple[str, int], set[int]] = collections.defaultdict(set)
         for rec in self.records.values():
             gone = self.superseded.get(rec.name, set())
             for path, group, row, kind in rec.errors:
-                if (path, group, row) not in gone and (kind == RETRYABLE or retry_errors):
+                if (path, group, row) not in gone and (kind == RETRYABLE or retry_errors) \
+                        and rec.indexes(path, self.versions.get(path)):
                     out[(path, group)].add(row)
         return out
 
     def done_ranges(self, path: str, open_positions: dict[tuple[str, int], set[int]]) -> dict[int, Ranges]:
-        """Row group -> settled row ranges of one input file (open_positions: to be redone)."""
+        """Row group -> settled row ranges of one input file (open_positions: to be redone). A file
+        whose listed version differs from the indexed one starts from nothing."""
         info = self.files.get(path)
+        version = self.versions.get(path)
         done: dict[int, Ranges] = {}
-        if info is not None:
+        if info is not None and (version is None or info.version is None or info.version == version):
             if info.done:
                 done = {g: [[0, n]] for g, n in enumerate(info.row_groups)}
-                if not info.row_groups and FILE_ROW_GROUP not in done:
+                if not info.row_groups and info.failed is not False:
                     done[FILE_ROW_GROUP] = [[0, 1]]
             else:
                 done = {int(g): list(r) for g, r in info.partial.items()}
@@ -278,17 +367,22 @@ class Ledger:
                 done[group] = subtract(done[group], rows)
         return done
 
-    def known_row_groups(self, path: str, size: int) -> list[int] | None:
-        """Rows per row group from the index when the file has not changed size, else None."""
+    def known_row_groups(self, path: str, size: int, version: str | None = None) -> list[int] | None:
+        """Rows per row group from the index when the file is unchanged (an empty file: []), else None."""
         info = self.files.get(path)
-        return list(info.row_groups) if info is not None and info.size == size and info.row_groups else None
+        if info is None or not info.same(size, version):
+            return None
+        if not info.row_groups and (not info.done or info.failed is not False):
+            return None  # a file that failed as a whole (file_failed decides), or not seen whole
+        return list(info.row_groups)
 
-    def file_failed(self, path: str, size: int, open_positions: dict[tuple[str, int], set[int]]) -> bool:
+    def file_failed(self, path: str, size: int, open_positions: dict[tuple[str, int], set[int]],
+                    version: str | None = None) -> bool:
         """The whole file is already an error (unchanged since, not to be retried)."""
         if 0 in open_positions.get((path, FILE_ROW_GROUP), set()):
             return False
         info = self.files.get(path)
-        if info is not None and info.size != size:
+        if info is not None and not info.same(size, version):
             return False  # the file changed: look at it again
         return contains(self.done_ranges(path, open_positions).get(FILE_ROW_GROUP, []), 0)
 
@@ -307,88 +401,159 @@ class Ledger:
                 if r.error_rows]
         return data, errs
 
-    def taken_ids(self, candidates: set[str], count_errors: bool = True, threads: int = 32) -> set[str]:
+    def taken_ids(self, candidates: set[str], count_errors: bool = True, threads: int = 32) -> dict[str, str | None]:
         """The candidate sample ids that committed rows already hold as a real outcome (an output
-        row, or with count_errors an error that is neither a duplicate nor retryable), read one
-        column at a time in parallel; the driver holds only the candidates."""
+        row, or with count_errors an error that is neither a duplicate nor retryable), each with
+        the input file it came from (None where the output does not say). The id index names the
+        few commits that may hold a candidate; only their sample ids are read, to confirm."""
         if not candidates or not self.records:
-            return set()
-        data, errs = self.committed_files()
-        errs = errs if count_errors else []
+            return {}
+        kinds = (id_index.OUTPUT, id_index.ERROR) if count_errors else (id_index.OUTPUT,)
+        wanted = np.unique(id_index.hashes(candidates))
+        fresh = {n: id_index.commit_file(self.output, n) for n in self.fresh if self.records[n].ids > 0}
+        names = id_index.lookup(self.output, self.segments, fresh, wanted, kinds, threads)
+        names |= {n for n, r in self.records.items() if r.ids < 0}  # written before the id index
         lookup = pa.array(sorted(candidates), pa.string())
+        items = [(storage.join(self.output, f"{n}.parquet"), False) for n in sorted(names) if self.records[n].data]
+        if count_errors:
+            items += [(storage.join(self.output, ERRORS_DIR, f"{n}.parquet"), True)
+                      for n in sorted(names) if self.records[n].error_rows]
 
-        def hits(item: tuple[str, bool]) -> set[str]:
+        def hits(item: tuple[str, bool]) -> dict[str, str | None]:
             path, is_error = item
-            cols = ["sample_id", "stage", "retryable"] if is_error else ["sample_id"]
+            names_ = storage.read_schema(path).names
+            cols = ["sample_id"] + [c for c in ("source_file", "stage", "retryable") if c in names_]
             table = storage.read_table(path, columns=cols)
             mask = pc.is_in(table.column("sample_id"), value_set=lookup)
             if is_error:
                 real = pc.and_(pc.not_equal(table.column("stage"), "duplicate"),
                                pc.invert(pc.fill_null(table.column("retryable"), False)))
                 mask = pc.and_(mask, pc.fill_null(real, True))
-            return set(pc.filter(table.column("sample_id"), mask).to_pylist())
+            found = table.filter(mask)
+            src = found.column("source_file").to_pylist() if "source_file" in cols else [None] * found.num_rows
+            return dict(zip(found.column("sample_id").to_pylist(), src))
 
-        found: set[str] = set()
-        for part in storage.parallel_map(hits, [(p, False) for p in data] + [(p, True) for p in errs], threads):
-            found |= part
-        return found
+        taken: dict[str, str | None] = {}
+        for part in storage.parallel_map(hits, items, threads):
+            for sid, src in part.items():
+                taken.setdefault(sid, src)
+        return taken
+
+    def ids_from(self, path: str, threads: int = 32) -> set[str]:
+        """Every sample id committed (output or error row) from input file `path`: read only when
+        that file changed, to report the ids its new version no longer holds."""
+        data, errs = self.committed_files()
+
+        def ids(file: str) -> set[str]:
+            if not storage.exists(file) or "source_file" not in storage.read_schema(file).names:
+                return set()
+            table = storage.read_table(file, columns=["sample_id", "source_file"])
+            return set(table.filter(pc.equal(table.column("source_file"), path)).column("sample_id").to_pylist())
+
+        out: set[str] = set()
+        for part in storage.parallel_map(ids, data + errs, threads):
+            out |= part
+        out.discard(None)
+        return out
 
     # ------------------------------------------------ maintenance
 
     def discard_broken(self) -> int:
         """Delete the objects of commits a crash cut short, so their positions are redone cleanly."""
         for rec in self.broken:
-            storage.remove(storage.join(self.output, ERRORS_DIR, f"{rec.name}.parquet"))
-            storage.remove(storage.join(self.output, COMMITS_DIR, f"{rec.name}.json"))
+            self._remove_commit(rec.name, data=False)
         n, self.broken = len(self.broken), []
         return n
 
-    def compact(self, inspected: dict[str, tuple[int, list[int]]]) -> None:
-        """Fold the fresh records into the index, drop superseded error rows from their files, and
-        delete the folded commit records. `inspected`: file -> (size, rows per row group) seen by
-        this run. Safe to interrupt: the index is written before records are deleted, and loading
-        takes the union of both."""
+    def _remove_commit(self, name: str, data: bool) -> None:
+        if data:
+            storage.remove(storage.join(self.output, f"{name}.parquet"))
+        storage.remove(storage.join(self.output, ERRORS_DIR, f"{name}.parquet"))
+        storage.remove(id_index.commit_file(self.output, name))
+        storage.remove(storage.join(self.output, COMMITS_DIR, f"{name}.json"))
+
+    def seal(self, generation: int) -> None:
+        """Called by a run that just took the lease (generation N): fold what older runs committed
+        into the index, then write the fence, so a commit an older run makes from now on is void."""
+        if any(self.records[n].generation < generation for n in self.fresh):
+            self.compact({})
+        storage.write_json_atomic(storage.join(self.output, FENCE_FILE), {"generation": generation})
+        self.fence = generation
+
+    def compact(self, inspected: dict[str, tuple[int, list[int], str | None]]) -> None:
+        """Fold the fresh records into the index, drop superseded error rows from their files,
+        merge the commits' id files into a segment, remove void commits and orphan files, and
+        delete the folded commit records. `inspected`: file -> (size, rows per row group, version)
+        seen by this run. Safe to interrupt: the index is written before anything is deleted, and
+        loading takes the union of both."""
         self.refresh()  # a commit written after this run planned (a retried task) must count too
-        for path, (size, groups) in inspected.items():
+        for path, (size, groups, version) in inspected.items():
             old = self.files.get(path)
-            if old is None:
-                self.files[path] = FileInfo(size, list(groups))
-            elif old.size != size or old.row_groups != groups:  # changed: committed positions stay committed
-                cover = {str(g): [[0, n]] for g, n in enumerate(old.row_groups)} if old.done else dict(old.partial)
-                self.files[path] = FileInfo(size, list(groups), partial=cover)
+            if old is None or not old.same(size, version):  # new, or rewritten: its old positions are void
+                self.files[path] = FileInfo(size, list(groups), version=version)
+            else:
+                old.size, old.version, old.row_groups = size, version, list(groups)
         self._prune_superseded()
         for name in sorted(self.fresh):
-            for path, group, ranges in self.records[name].positions():
-                info = self.files.setdefault(path, FileInfo(0, []))
-                if not info.done:
+            rec = self.records[name]
+            for path, group, ranges in rec.positions():
+                info = self.files.setdefault(path, FileInfo(-1, [], version=rec.versions.get(path)))
+                if not info.done and rec.indexes(path, info.version):
                     info.partial[str(group)] = union(info.partial.get(str(group), []), ranges)
         for path, info in self.files.items():
+            if info.version is None and path in self.versions:
+                info.version = self.versions[path]
             if not info.done and self._complete(info):
+                info.failed = str(FILE_ROW_GROUP) in info.partial
                 info.done, info.partial = True, {}
-        index = {"version": 1, "files": {p: dataclasses.asdict(f) for p, f in sorted(self.files.items())},
-                 "records": [dict(dataclasses.asdict(r), rows={}) for _, r in sorted(self.records.items())]}
+        merged_segments = self.segments if len(self.segments) >= MAX_SEGMENTS else []
+        parts = {n: id_index.commit_file(self.output, n) for n in self.fresh if self.records[n].ids > 0}
+        if parts or merged_segments:
+            new_segment = id_index.merge(self.output, parts, merged_segments)
+            self.segments = [s for s in self.segments if s not in merged_segments] + [new_segment]
+        else:
+            merged_segments = []
+        for name in self.fresh:  # keep only the entries a run must redo; the rest are in the error files
+            rec = self.records[name]
+            rec.errors = [e for e in rec.errors if e[3] == RETRYABLE] if not self._loaded_errors else rec.errors
+            rec.errors_in_file = not self._loaded_errors and rec.error_rows > len(rec.errors)
+        index = {"version": 2, "files": {p: dataclasses.asdict(f) for p, f in sorted(self.files.items())},
+                 "records": [dict(dataclasses.asdict(r), rows={}) for _, r in sorted(self.records.items())],
+                 "id_segments": self.segments}
         storage.write_json_atomic(storage.join(self.output, INDEX_FILE), index)
+        for seg in merged_segments:
+            storage.remove(id_index.segment_path(self.output, seg))
         for name in self.fresh:
             self.records[name].rows = {}
+            storage.remove(id_index.commit_file(self.output, name))
             storage.remove(storage.join(self.output, COMMITS_DIR, f"{name}.json"))
         for path in self.folded:
             storage.remove(path)
-        self.fresh, self.folded = set(), []
+        for rec in self.void:
+            log.warning("removed commit %s of run %s: written after that run lost the output's lease", rec.name,
+                        rec.run_id)
+            self._remove_commit(rec.name, data=True)
+        for path in self.orphans:
+            log.warning("removed %s: no commit names it (written by a run that lost its lease or crashed)", path)
+            storage.remove(path)
+        self.fresh, self.folded, self.void, self.orphans = set(), [], [], []
 
     def refresh(self) -> None:
         """Re-read the commit records written since load (this run's)."""
         latest = Ledger.load(self.output)
-        self.records.update(latest.records)
+        self.records.update({n: latest.records[n] for n in latest.fresh})  # compacted ones stay as loaded
         self.fresh |= latest.fresh
         self.folded = sorted(set(self.folded) | set(latest.folded))
+        self.void, self.orphans = latest.void, latest.orphans
         self._find_superseded()
 
     @staticmethod
     def _complete(info: FileInfo) -> bool:
         if str(FILE_ROW_GROUP) in info.partial:
             return not info.row_groups
-        return bool(info.row_groups) and all(
-            count(info.partial.get(str(g), [])) >= n for g, n in enumerate(info.row_groups))
+        if not info.row_groups:
+            return info.version is not None  # an empty file, seen: nothing to do
+        return all(count(info.partial.get(str(g), [])) >= n for g, n in enumerate(info.row_groups))
 
     def _prune_superseded(self) -> None:
         for name, gone in self.superseded.items():
@@ -405,7 +570,7 @@ class Ledger:
                 else:
                     storage.remove(path)
             rec.errors = [e for e in rec.errors if (e[0], e[1], e[2]) not in gone]
-            rec.error_rows = len(rec.errors)
+            rec.error_rows -= len(gone)
             for path_, group, row in gone:  # the newer commit holds these positions now
                 ranges = rec.rows.get(path_, {}).get(str(group))
                 if ranges is not None:
@@ -420,7 +585,7 @@ class Ledger:
 
 def _listing(directory: str, suffix: str = ".parquet") -> list[str]:
     try:
-        return storage.list_files(directory, suffix)
+        return storage.list_files(directory, suffix, literal=True)
     except FileNotFoundError:
         return []
 

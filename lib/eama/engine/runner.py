@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from eama.engine import blobs, faults, ledger, schema, storage
-from eama.engine.lease import Lease
+from eama.engine import lease as output_lease
 from eama.engine.trainer import clock
 
 log = logging.getLogger("eama.runner")
@@ -91,6 +91,10 @@ class Attachment:
     emit: Callable[[Row], list[Row]]  # attachment rows of one finished work row
     key: str = "sample_id"
 
+    def __post_init__(self) -> None:
+        if not self.folder.startswith("_"):  # else Parquet readers of OUTPUT take its files for output rows
+            raise ValueError(f"attachment folder {self.folder!r} must start with '_'")
+
 
 @dataclasses.dataclass
 class BatchJob:
@@ -117,7 +121,7 @@ def new_run_id() -> str:
 
 def fail(row: Row, stage: str, reason: str, retryable: bool = False) -> None:
     """Mark a work row as failed in `stage`; later stages pass it through."""
-    row["error_stage"], row["error_reason"], row["error_retryable"] = stage, reason[:2000], retryable
+    row["error_stage"], row["error_reason"], row["error_retryable"] = stage, faults.redact(reason)[:2000], retryable
 
 
 def pending(rows: list[Row]) -> list[Row]:
@@ -191,7 +195,11 @@ def validate(cfg: RunnerConfig) -> None:
 class Plan:
     items: list[Row]  # one per (file, row group) with pending rows
     file_errors: list[Row]  # error rows of unusable input files
-    inspected: dict[str, tuple[int, list[int]]]  # file -> (size, rows per row group) read this run
+    inspected: dict[str, tuple[int, list[int], str]]  # file -> (size, rows per row group, version) read this run
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)  # file -> version listed
+    changed: list[str] = dataclasses.field(default_factory=list)  # committed files rewritten since
+    carried: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # rewritten files' rows already done
+    vanished: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # ids a rewritten file no longer holds
     files: int = 0
     input_rows: int = 0
     pending_rows: int = 0
@@ -209,38 +217,41 @@ def inspect_file(path: str, job: BatchJob) -> list[int]:
 def plan_run(job: BatchJob, cfg: RunnerConfig, led: ledger.Ledger) -> Plan:
     """Which positions of the input still need work (see the module docstring)."""
     started = time.perf_counter()
-    listing = storage.list_files_with_sizes(cfg.input)
+    listing = storage.list_file_versions(cfg.input)
+    plan = Plan([], [], {}, files=len(listing), versions={path: version for path, _, version in listing})
+    led.set_versions(plan.versions)
     opened = led.open_positions(cfg.retry_errors)
-    plan = Plan([], [], {}, files=len(listing))
     groups: dict[str, list[int]] = {}
     to_inspect = []
-    for path, size in listing:
-        known = led.known_row_groups(path, size)
+    for path, size, version in listing:
+        known = led.known_row_groups(path, size, version)
         if known is not None:
             groups[path] = known
-        elif led.file_failed(path, size, opened):
+        elif led.file_failed(path, size, opened, version):
             plan.files_done += 1
         else:
-            to_inspect.append((path, size))
+            to_inspect.append((path, size, version))
+            if led.changed(path, size, version):
+                plan.changed.append(path)
 
-    def look(item: tuple[str, int]) -> tuple[str, int, list[int] | None, BaseException | None]:
+    def look(item: tuple[str, int, str]) -> tuple[str, int, str, list[int] | None, BaseException | None]:
         try:
-            return item[0], item[1], inspect_file(item[0], job), None
+            return *item, inspect_file(item[0], job), None
         except Exception as exc:  # not Parquet, a contract column missing or mistyped, unreachable
-            return item[0], item[1], None, exc
+            return *item, None, exc
 
-    for path, size, sizes, exc in storage.parallel_map(look, to_inspect, cfg.planning_threads):
+    for path, size, version, sizes, exc in storage.parallel_map(look, to_inspect, cfg.planning_threads):
         if exc is None:
             groups[path] = sizes
-            plan.inspected[path] = (size, sizes)
-            if path in led.files and led.files[path].row_groups:
-                log.warning("input %s changed since it was committed (%d -> %d bytes): rows already committed "
-                            "from it are kept, new positions are processed; --overwrite redoes everything",
-                            path, led.files[path].size, size)
+            plan.inspected[path] = (size, sizes, version)
+            if path in plan.changed:
+                log.warning("input %s was rewritten since it was committed (%d -> %d bytes): planned again by "
+                            "sample id (ids already done stay done, new ids are processed, ids it no longer "
+                            "holds are reported)", path, led.files[path].size, size)
             continue
         if cfg.on_bad_shard == "fail" and not faults.is_transient(exc):
             raise SystemExit(f"unusable input shard: {path}: {faults.describe(exc)}")
-        plan.inspected[path] = (size, [])
+        plan.inspected[path] = (size, [], version)
         plan.file_errors.append({"sample_id": None, "source_file": path, "row_group": ledger.FILE_ROW_GROUP,
                                  "row": 0, "stage": "read", "reason": faults.describe(exc),
                                  "retryable": faults.is_transient(exc)})
@@ -256,8 +267,8 @@ def plan_run(job: BatchJob, cfg: RunnerConfig, led: ledger.Ledger) -> Plan:
                 wanted.append((path, g, rows))
                 file_pending += len(rows)
         plan.files_done += file_pending == 0
-    plan.pending_rows = sum(len(rows) for _, _, rows in wanted)
-    plan.items = mark_duplicates(wanted, led, cfg)
+    plan.items = mark_duplicates(wanted, led, cfg, plan)
+    plan.pending_rows = sum(len(i["rows"]) for i in plan.items)
     plan.duplicates = sum(len(i["dup_rows"]) for i in plan.items)
     plan.seconds = time.perf_counter() - started
     return plan
@@ -269,19 +280,34 @@ def read_ids(item: tuple[str, int, list[int]]) -> list[str | None]:
     return [col[r] for r in rows]
 
 
-def mark_duplicates(wanted: list[tuple[str, int, list[int]]], led: ledger.Ledger, cfg: RunnerConfig) -> list[Row]:
+def mark_duplicates(wanted: list[tuple[str, int, list[int]]], led: ledger.Ledger, cfg: RunnerConfig,
+                    plan: Plan) -> list[Row]:
     """Read items for the pending positions. The first pending occurrence of a sample id (in input
     order) is processed unless the id is committed already; every other occurrence is a duplicate.
     Only a real outcome marks an id taken, so a committed duplicate error row never hides the first
-    occurrence."""
+    occurrence. In a rewritten file, an id committed from that same file is done already: its
+    position goes to `plan.carried` (settled, no new row), and the ids the file no longer holds to
+    `plan.vanished`."""
     ids = storage.parallel_map(read_ids, wanted, cfg.planning_threads) if wanted else []
     taken = led.taken_ids({i for chunk in ids for i in chunk if i is not None},
                           count_errors=not cfg.retry_errors, threads=cfg.planning_threads)
+    changed = set(plan.changed)
+    for path in plan.changed:
+        now = {sid for (p, _, _), chunk in zip(wanted, ids) if p == path for sid in chunk}
+        if gone := sorted(led.ids_from(path, cfg.planning_threads) - now):
+            plan.vanished[path] = gone
+            log.warning("input %s no longer holds %d sample ids committed from it earlier (e.g. %s); their rows "
+                        "stay in the output", path, len(gone), ", ".join(map(repr, gone[:3])))
     first: dict[str, str] = {}
     items = []
     for (path, group, rows), chunk in zip(wanted, ids):
-        dup_rows, dup_reasons = [], []
+        dup_rows, dup_reasons, todo = [], [], []
         for row, sid in zip(rows, chunk):
+            if sid and path in changed and sid in taken and taken[sid] in (path, None) and sid not in first:
+                plan.carried.append((path, group, row))
+                first[sid] = path
+                continue
+            todo.append(row)
             if not sid:
                 continue  # the read stage reports it ('empty sample_id')
             if sid in taken:
@@ -292,8 +318,9 @@ def mark_duplicates(wanted: list[tuple[str, int, list[int]]], led: ledger.Ledger
                 dup_reasons.append(f"duplicate sample_id {sid!r}: first seen in {first[sid]}")
             else:
                 first[sid] = path
-        items.append({"path": path, "row_group": group, "rows": rows, "dup_rows": dup_rows,
-                      "dup_reasons": dup_reasons})
+        if todo:
+            items.append({"path": path, "row_group": group, "rows": todo, "dup_rows": dup_rows,
+                          "dup_reasons": dup_reasons})
     return items
 
 
@@ -408,24 +435,53 @@ class ActorStage:
 # ---------------------------------------------------------------- commit
 
 
-def commit_batch(batch: pa.Table, job: BatchJob, output: str, run_id: str) -> pa.Table:
-    """Commit one batch of finished work rows; return one stats row for progress and the manifest."""
-    rows = batch.to_pylist()
-    positions = [(r["source_file"], r["source_row_group"], r["source_row"]) for r in rows]
-    errors, outputs = [], []
+def emit_checked(rows: list[Row], job: BatchJob) -> list[Row]:
+    """Every finished row's output rows, checked against the output schema: a row whose output
+    cannot be written (a null in a non-null column, a wrong type) becomes an error row of stage
+    'commit' instead of failing the whole commit on every run."""
+    emitted: list[list[Row]] = []
     for r in rows:
         if r.get("error_stage"):
-            errors.append({"sample_id": r.get("sample_id"), "source_file": r["source_file"],
-                           "row_group": r["source_row_group"], "row": r["source_row"], "stage": r["error_stage"],
-                           "reason": r["error_reason"] or "", "retryable": bool(r.get("error_retryable"))})
-        else:
-            outputs += job.emit(r)
+            emitted.append([])
+            continue
+        try:
+            emitted.append(job.emit(r))
+        except Exception as exc:
+            fail(r, "commit", f"could not build its output row: {faults.describe(exc)}")
+            emitted.append([])
+    try:
+        pa.Table.from_pylist([o for out in emitted for o in out], schema=job.output_schema)
+        return [o for out in emitted for o in out]
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        pass
+    outputs = []
+    for r, out in zip(rows, emitted):
+        try:
+            pa.Table.from_pylist(out, schema=job.output_schema)
+            outputs += out
+        except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+            fail(r, "commit", f"output row does not fit the output schema: {faults.describe(exc)}")
+    return outputs
+
+
+def commit_batch(batch: pa.Table, job: BatchJob, output: str, run_id: str, generation: int = 0,
+                 versions: dict[str, str] | None = None) -> pa.Table:
+    """Commit one batch of finished work rows (after checking that this run still holds the
+    output's lease); return one stats row for progress and the manifest."""
+    output_lease.check_generation(output, generation)
+    rows = batch.to_pylist()
+    positions = [(r["source_file"], r["source_row_group"], r["source_row"]) for r in rows]
+    outputs = emit_checked(rows, job)
+    errors = [{"sample_id": r.get("sample_id"), "source_file": r["source_file"], "row_group": r["source_row_group"],
+               "row": r["source_row"], "stage": r["error_stage"], "reason": r["error_reason"] or "",
+               "retryable": bool(r.get("error_retryable"))} for r in rows if r.get("error_stage")]
     name = ledger.commit_name(run_id, positions)
     for att in job.attachments:
         extra = [x for r in rows if not r.get("error_stage") for x in att.emit(r)]
         if extra:
             blobs.write_blobs(extra, att.schema, storage.join(output, att.folder, f"{name}.parquet"), att.key)
-    ledger.commit(output, run_id, name, outputs, errors, positions, job.output_schema)
+    ledger.commit(output, run_id, name, outputs, errors, positions, job.output_schema, generation,
+                  {p: v for p, v in (versions or {}).items() if p in {q for q, _, _ in positions}})
     seconds = {c: float(pc.sum(batch.column(c)).as_py() or 0.0) for c in batch.column_names if c.startswith("seconds_")}
     by_stage = collections.Counter(e["stage"] for e in errors)
     return pa.Table.from_pylist([{
@@ -435,10 +491,14 @@ def commit_batch(batch: pa.Table, job: BatchJob, output: str, run_id: str) -> pa
     }])
 
 
-def commit_file_errors(errors: list[Row], output: str, run_id: str) -> None:
-    if errors:
-        positions = [(e["source_file"], e["row_group"], e["row"]) for e in errors]
-        ledger.commit(output, run_id, ledger.commit_name(run_id, positions), [], errors, positions, schema.ERROR)
+def commit_settled(errors: list[Row], settled: list[tuple[str, int, int]], output: str, run_id: str,
+                   generation: int, versions: dict[str, str]) -> None:
+    """Commit what planning settles by itself: error rows of unusable files, and the positions of
+    rewritten files whose sample ids are committed already (no new row)."""
+    positions = [(e["source_file"], e["row_group"], e["row"]) for e in errors] + list(settled)
+    if positions:
+        ledger.commit(output, run_id, ledger.commit_name(run_id, positions), [], errors, positions, schema.ERROR,
+                      generation, {p: versions[p] for p, _, _ in positions if p in versions})
 
 
 # ---------------------------------------------------------------- progress and resources
@@ -498,14 +558,15 @@ def demand(stages: Sequence[Stage]) -> list[dict[str, float]]:
     return out
 
 
-def ensure_resources(stages: Sequence[Stage], timeout: float, poll: float = 5.0) -> None:
+def ensure_resources(stages: Sequence[Stage], timeout: float, poll: float = 5.0) -> bool:
     """Ask the autoscaler for the GPUs the plan's actor pools need and wait until the cluster has
-    them (a GPU worker group that scales from zero starts only when asked)."""
+    them (a GPU worker group that scales from zero starts only when asked). True when it asked:
+    the caller withdraws the request when the job ends (withdraw_resources)."""
     import ray
 
     need = sum(st.actors * st.gpus for st in stages)
     if need <= 0 or ray.cluster_resources().get("GPU", 0) >= need:
-        return
+        return False
     from ray.autoscaler.sdk import request_resources
 
     request_resources(bundles=demand(stages))
@@ -520,12 +581,24 @@ def ensure_resources(stages: Sequence[Stage], timeout: float, poll: float = 5.0)
             last_log = time.time()
         time.sleep(poll)
     log.info("the cluster has the %g GPUs the plan needs", need)
+    return True
+
+
+def withdraw_resources() -> None:
+    """Withdraw this job's standing request to the autoscaler (it would keep GPU nodes up)."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[])
+    except Exception as exc:  # the job's own outcome matters more than this clean-up
+        log.warning("could not withdraw the autoscaler request: %s", exc)
 
 
 # ---------------------------------------------------------------- the run
 
 
-def build_dataset(job: BatchJob, cfg: RunnerConfig, items: list[Row], run_id: str) -> Any:
+def build_dataset(job: BatchJob, cfg: RunnerConfig, items: list[Row], run_id: str, generation: int = 0,
+                  versions: dict[str, str] | None = None) -> Any:
     """read -> the job's stages -> commit, as one streaming Ray Data chain."""
     import ray.data
 
@@ -546,17 +619,49 @@ def build_dataset(job: BatchJob, cfg: RunnerConfig, items: list[Row], run_id: st
             ds = ds.map_batches(task_stage(label), fn_kwargs={"fn": st.fn, "kwargs": st.kwargs, "name": st.name,
                                                               "retries": cfg.transient_retries}, **common)
     return ds.map_batches(commit_batch, batch_size=cfg.commit_rows, batch_format="pyarrow",
-                          fn_kwargs={"job": job, "output": cfg.output, "run_id": run_id}, **io)
+                          fn_kwargs={"job": job, "output": cfg.output, "run_id": run_id, "generation": generation,
+                                     "versions": versions or {}}, **io)
+
+
+OVERWRITE_MARK = "_overwrite.json"  # written before --overwrite deletes anything, removed last
 
 
 def clear_output(output: str) -> None:
-    """Remove everything under `output` but the lease."""
+    """Remove everything under `output` but the lease: first a tombstone, then the data, the
+    ledger last, then the tombstone. A run that finds a tombstone (an --overwrite killed part-way)
+    finishes the clearing before it plans, so no committed position is ever left without its rows."""
     if not storage.exists(output):
         return
+    mark = storage.join(output, OVERWRITE_MARK)
+    storage.write_json_atomic(mark, {"overwrite_started": time.time()})
     fs, raw = storage.filesystem(output), storage.strip(output)
+    keep = {output_lease.LEASE_DIR, OVERWRITE_MARK, ledger.LEDGER_DIR}
     for entry in fs.ls(raw, detail=False):
-        if entry.rstrip("/").rsplit("/", 1)[-1] != "_lease.json":
+        if entry.rstrip("/").rsplit("/", 1)[-1] not in keep:
             fs.rm(entry, recursive=True)
+    storage.remove(storage.join(output, ledger.LEDGER_DIR))
+    storage.remove(mark)
+
+
+def stream(job: BatchJob, cfg: RunnerConfig, plan: Plan, run_id: str, lease: output_lease.Lease,
+           progress: Progress) -> None:
+    """Run the planned items through the stages into commits; the autoscaler request is withdrawn
+    however it ends, and a commit refused for a lost lease ends the run with LeaseLost."""
+    asked = False
+    try:
+        asked = ensure_resources(job.stages, cfg.wait_for_resources_seconds)
+        for stats in build_dataset(job, cfg, plan.items, run_id, lease.generation, plan.versions).iter_rows():
+            progress.add(stats)
+            if lease.lost:
+                lease.check()
+    except Exception as exc:
+        if "Fenced" in f"{type(exc).__name__} {exc}" or "fenced:" in str(exc):
+            lease.lost = lease.lost or "a newer run"
+            raise lease.lost_error() from None
+        raise
+    finally:
+        if asked:
+            withdraw_resources()
 
 
 def run(job: BatchJob, cfg: RunnerConfig, run_id: str | None = None) -> dict[str, Any]:
@@ -569,14 +674,17 @@ def run(job: BatchJob, cfg: RunnerConfig, run_id: str | None = None) -> dict[str
     if not ray.is_initialized():
         ray.init()  # joins the cluster under `ray job submit`, else starts a local one
     run_id, started = run_id or new_run_id(), time.time()
-    with Lease(cfg.output, run_id, cfg.lease_seconds) as lease:
-        if cfg.overwrite:
+    with output_lease.Lease(cfg.output, run_id, cfg.lease_seconds) as lease:
+        if cfg.overwrite or storage.exists(storage.join(cfg.output, OVERWRITE_MARK)):
+            if not cfg.overwrite:
+                log.warning("an --overwrite of %s was cut short: finishing it before this run", cfg.output)
             clear_output(cfg.output)
         led = ledger.Ledger.load(cfg.output)
         if (broken := led.discard_broken()):
             log.info("discarded %d commits a crash cut short; their rows are redone", broken)
+        led.seal(lease.generation)
         plan = plan_run(job, cfg, led)
-        commit_file_errors(plan.file_errors, cfg.output, run_id)
+        commit_settled(plan.file_errors, plan.carried, cfg.output, run_id, lease.generation, plan.versions)
         for e in plan.file_errors:
             log.warning("unusable input %s: %s", e["source_file"], e["reason"])
         log.info("%s: %d input files (%d unusable, %d done); %d of %d rows to process (%d duplicates); planned in %.2f s",
@@ -584,9 +692,7 @@ def run(job: BatchJob, cfg: RunnerConfig, run_id: str | None = None) -> dict[str
                  plan.duplicates, plan.seconds)
         progress = Progress(plan.pending_rows)
         if plan.items:
-            ensure_resources(job.stages, cfg.wait_for_resources_seconds)
-            for stats in build_dataset(job, cfg, plan.items, run_id).iter_rows():
-                progress.add(stats)
+            stream(job, cfg, plan, run_id, lease, progress)
         lease.verify()
         led.compact(plan.inspected)
         if plan.file_errors:
@@ -606,7 +712,9 @@ def run(job: BatchJob, cfg: RunnerConfig, run_id: str | None = None) -> dict[str
                          "retryable_errors": progress.retryable + sum(e["retryable"] for e in plan.file_errors),
                          "errors_by_stage": progress.errors_by_stage,
                          "counts": progress.extra,
-                         "error_reasons": [f"{e['source_file']}: {e['reason']}" for e in plan.file_errors]},
+                         "error_reasons": [f"{e['source_file']}: {e['reason']}" for e in plan.file_errors],
+                         "rewritten_files": plan.changed, "rows_already_done_in_rewritten_files": len(plan.carried),
+                         "vanished_ids": {p: {"count": len(ids), "examples": ids[:20]} for p, ids in plan.vanished.items()}},
             "output_total": {"rows": out_rows, "error_rows": err_rows},
             "throughput_rows_per_s": progress.throughput(wall),
         }

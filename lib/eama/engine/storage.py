@@ -63,10 +63,14 @@ def _filesystem(protocol: str, endpoint: str | None, pid: int) -> fsspec.Abstrac
     if protocol == "s3":
         import s3fs
 
-        return s3fs.S3FileSystem(  # no listing cache: other processes rewrite objects (metrics, leases)
+        # no listing cache: other processes rewrite objects (metrics, leases). No read-ahead cache:
+        # a read fetches the byte range asked for (Parquet readers ask for footers and column
+        # chunks), not a 50 MB block around it.
+        return s3fs.S3FileSystem(
             client_kwargs={"endpoint_url": endpoint} if endpoint else {},
             config_kwargs={"retries": {"max_attempts": 8, "mode": "adaptive"}},
             skip_instance_cache=True, use_listings_cache=False,
+            default_cache_type="none", default_fill_cache=False,
         )
     return fsspec.filesystem(protocol)
 
@@ -99,18 +103,39 @@ def isdir(path: str) -> bool:
     return filesystem(path).isdir(strip(path))
 
 
-def list_files(path: str, suffix: str = ".parquet") -> list[str]:
-    """Files under a directory (recursive), a glob, or a single file; sorted, hidden files skipped."""
-    return [f for f, _ in list_files_with_sizes(path, suffix)]
+GLOB_CHARS = "*?["
 
 
-def list_files_with_sizes(path: str, suffix: str = ".parquet") -> list[tuple[str, int]]:
+def list_files(path: str, suffix: str = ".parquet", literal: bool = False) -> list[str]:
+    """Files under a directory (recursive), a glob, or a single file; sorted, hidden files skipped.
+    literal: `path` is a name, never a glob (an output directory called out[1])."""
+    return [f for f, _, _ in list_file_versions(path, suffix, literal)]
+
+
+def list_files_with_sizes(path: str, suffix: str = ".parquet", literal: bool = False) -> list[tuple[str, int]]:
     """(file, size in bytes) for list_files, from the one listing (no extra request per file)."""
+    return [(f, size) for f, size, _ in list_file_versions(path, suffix, literal)]
+
+
+def version_of(info: dict[str, Any]) -> str:
+    """What the store says identifies one version of a file: size and ETag on S3, size and mtime
+    (nanoseconds) locally. A rewrite changes it, even one of the same size."""
+    size = int(info.get("size") or 0)
+    tag = info.get("ETag") or info.get("etag")
+    if tag:
+        return f"{size}:{str(tag).strip(chr(34))}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
+    mtime = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime)
+    return f"{size}:{int(mtime * 1e9)}"
+
+
+def list_file_versions(path: str, suffix: str = ".parquet", literal: bool = False) -> list[tuple[str, int, str]]:
+    """(file, size, version) for list_files, from the one listing."""
     fs, raw = filesystem(path), strip(path)
     base = raw
-    if any(ch in raw for ch in "*?["):
+    if not literal and any(ch in raw for ch in GLOB_CHARS) and not fs.exists(raw):
         found = fs.glob(raw, detail=True)
-        base = raw[: min(raw.index(ch) for ch in "*?[" if ch in raw)].rsplit("/", 1)[0] or "/"
+        base = raw[: min(raw.index(ch) for ch in GLOB_CHARS if ch in raw)].rsplit("/", 1)[0] or "/"
     elif fs.isfile(raw):
         found = {raw: fs.info(raw)}
     elif fs.exists(raw):
@@ -118,11 +143,11 @@ def list_files_with_sizes(path: str, suffix: str = ".parquet") -> list[tuple[str
     else:
         raise FileNotFoundError(f"input path does not exist: {path}")
     keep = [
-        (f, int(info.get("size") or 0)) for f, info in found.items()
+        (f, int(info.get("size") or 0), version_of(info)) for f, info in found.items()
         if f.endswith(suffix) and info.get("type", "file") != "directory"
         and not any(p.startswith(("_", ".")) for p in posixpath.relpath(f, base).split("/") if p != ".")
     ]
-    return sorted((_with_scheme(f, path), size) for f, size in keep)
+    return sorted((_with_scheme(f, path), size, version) for f, size, version in keep)
 
 
 def parallel_map(fn: Callable[[Any], T], items: Sequence[Any], threads: int = 32) -> list[T]:
@@ -195,15 +220,26 @@ def write_table_atomic(table: pa.Table, path: str, row_group_size: int | None = 
     write_bytes_atomic(path, buf.getvalue())
 
 
+def open_input(path: str) -> Any:
+    """A file object for random access: on S3 every read is one range request of the bytes asked
+    for (a Parquet reader asks for the footer, then the column chunks it needs)."""
+    return filesystem(path).open(strip(path), "rb")
+
+
 def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
+    """A whole Parquet file, or only `columns` (then only their column chunks are fetched)."""
     if columns is None:
         return pq.read_table(io.BytesIO(read_bytes(path)))
-    with filesystem(path).open(strip(path), "rb") as fh:
-        return pq.read_table(fh, columns=columns)
+
+    def read() -> pa.Table:
+        with open_input(path) as fh:
+            return pq.read_table(fh, columns=columns)
+
+    return with_retries(f"read {path}", read) if is_remote(path) else read()
 
 
 def read_schema(path: str) -> pa.Schema:
-    with filesystem(path).open(strip(path), "rb") as fh:
+    with open_input(path) as fh:
         return pq.read_schema(fh)
 
 
@@ -220,14 +256,14 @@ def parquet_num_rows(path: str) -> int:
 
 def row_group_rows(path: str) -> list[int]:
     """Rows in each row group of a Parquet file (footer only)."""
-    with filesystem(path).open(strip(path), "rb") as fh:
+    with open_input(path) as fh:
         meta = pq.ParquetFile(fh).metadata
         return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
 def read_row_group(path: str, index: int, columns: list[str] | None = None) -> pa.Table:
     def read() -> pa.Table:
-        with filesystem(path).open(strip(path), "rb") as fh:
+        with open_input(path) as fh:
             return pq.ParquetFile(fh).read_row_group(index, columns=columns)
 
     return with_retries(f"read {path} row group {index}", read) if is_remote(path) else read()
