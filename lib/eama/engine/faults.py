@@ -65,6 +65,20 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
+_URL_SECRETS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/\s@]+@)?(?P<rest>[^\s?#'\"]*)(?:\?[^\s#'\"]*)?")
+
+
+def redact(text: str) -> str:
+    """`text` with the query string and user info of every URL cut out (signed URLs carry
+    credentials there): 'https://b.s3.amazonaws.com/k.jpg?X-Amz-Signature=..' -> '..k.jpg?<redacted>'."""
+    def clean(m: re.Match) -> str:
+        had_secret = "@" in m.group(0).split("/", 3)[2] if m.group(0).count("/") >= 2 else False
+        had_secret = had_secret or "?" in m.group(0)
+        return m.group("scheme") + m.group("rest") + ("?<redacted>" if had_secret else "")
+
+    return _URL_SECRETS.sub(clean, text)
+
+
 def describe(exc: BaseException, limit: int = 2000) -> str:
-    """'Type: message', bounded, for an error row's reason."""
-    return f"{type(exc).__name__}: {exc}"[:limit]
+    """'Type: message', bounded and with URL secrets redacted, for an error row's reason."""
+    return redact(f"{type(exc).__name__}: {exc}")[:limit]
