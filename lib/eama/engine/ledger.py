@@ -235,7 +235,7 @@ class Ledger:
         self.void: list[Record] = []  # commits of a run that had lost its lease (older than the fence)
         self.orphans: list[str] = []  # data / error files no commit record names
         self.superseded: dict[str, set[tuple[str, int, int]]] = {}  # record -> error positions
-        self.fresh_by_file: dict[str, list[tuple[str, str, int, Ranges]]] = {}
+        self.fresh_by_file: dict[str, list[tuple[tuple[int, str], str, int, Ranges]]] = {}
         self.folded: list[str] = []  # commit records already in the index, left by an interrupted compaction
         self.segments: list[str] = []  # id-index segments (id_index.py)
         self.fence = 0  # records of an older lease generation written after this one sealed are void
@@ -298,13 +298,13 @@ class Ledger:
             rec = self.records[name]
             for path, group, ranges in rec.positions():
                 if rec.indexes(path, self.versions.get(path)):
-                    self.fresh_by_file[path].append((rec.run_id, name, group, ranges))
+                    self.fresh_by_file[path].append(((rec.generation, rec.run_id), name, group, ranges))
         self.superseded = {}
         for rec in self.records.values():
             for path, group, row, _kind in rec.errors:
                 if not rec.indexes(path, self.versions.get(path)):
                     continue
-                if any(run > rec.run_id and other != rec.name
+                if any(run > (rec.generation, rec.run_id) and other != rec.name
                        and (contains(ranges, row) if group == g else group == FILE_ROW_GROUP != g)
                        for run, other, g, ranges in self.fresh_by_file.get(path, ())):
                     self.superseded.setdefault(rec.name, set()).add((path, group, row))

@@ -263,3 +263,12 @@ def check_sample_images(table: pa.Table, source: str) -> None:
     """A sample table must carry at least one of the image columns."""
     if "image" not in table.column_names and "image_uri" not in table.column_names:
         raise SchemaError(f"{source}: needs an 'image' (bytes) or 'image_uri' (path) column, has neither")
+
+
+def check_writable(table: pa.Table) -> pa.Table:
+    """`table`, after checking what Arrow leaves to the Parquet writer: no null in a non-null
+    column (ValueError naming the column)."""
+    for field in table.schema:
+        if not field.nullable and table.column(field.name).null_count:
+            raise ValueError(f"column {field.name!r} is declared non-null but the row has a null")
+    return table
