@@ -7,6 +7,11 @@ object. Everything else (an undecodable image, a missing column, a value out of 
 permanent. Stages isolate permanent failures row by row and let transient ones propagate, so the
 batch runner can retry them and, when they keep failing, commit them as *retryable* error rows
 that the next run redoes.
+
+Two transient kinds get their own treatment (isolation.py): running out of memory
+(is_out_of_memory) is cured by smaller batches, so the rows are halved rather than retried; a
+fault that poisons the process (poisons_process: a CUDA device-side assert or illegal memory
+access leaves the CUDA context unusable) is cured only by a fresh process.
 """
 
 from __future__ import annotations
@@ -52,6 +57,25 @@ def is_transient(exc: BaseException) -> bool:
                                                           or "Connect" in name or "Timeout" in name):
             return True
     return False
+
+
+_OOM_TEXT = re.compile(r"cuda out of memory|out of memory on device|cudnn_status_alloc_failed"
+                       r"|cublas_status_alloc_failed", re.IGNORECASE)
+_POISON_TEXT = re.compile(r"device-side assert|illegal memory access|unspecified launch failure|misaligned address"
+                          r"|illegal instruction|cuda error: an illegal", re.IGNORECASE)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True when the accelerator (torch.OutOfMemoryError, a 'CUDA out of memory' RuntimeError) or
+    the host (MemoryError) ran out of memory: smaller batches may fit."""
+    return any(isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+               or (isinstance(e, RuntimeError) and _OOM_TEXT.search(str(e))) for e in _chain(exc))
+
+
+def poisons_process(exc: BaseException) -> bool:
+    """True for a CUDA fault after which the process's CUDA context is unusable (every later call
+    fails): only a new process recovers."""
+    return any(isinstance(e, RuntimeError) and _POISON_TEXT.search(str(e)) for e in _chain(exc))
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

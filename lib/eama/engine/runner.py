@@ -9,10 +9,17 @@ rows, and its output schema. `run` then does the rest:
    without being read; a changed or new file's footer is read (in parallel); only the pending
    positions of each row group are read; a sample id seen earlier in the input, or already
    committed as a real outcome, becomes a 'duplicate' error row;
-3. streams read -> stages -> commit on Ray Data. Every stage runs behind a guard: a transient
-   fault (faults.is_transient) is retried, and when it outlives `transient_retries` the batch's
-   rows are committed as retryable errors that the next run redoes; any other exception of a
-   whole batch becomes permanent error rows naming the stage. Commits hold `commit_rows` rows;
+3. streams read -> stages -> commit on Ray Data. The read holds at most `read_slice_bytes` of a
+   row group at a time (reading.py). Every stage call runs behind a guard (isolation.py) that
+   keeps a row's fault to that row: out of memory halves the rows down to one (a row that does
+   not fit alone is a permanent error naming its size); a transient fault (faults.is_transient)
+   is retried `transient_retries` times and then searched for by halving, so only a row that
+   fails alone with it is retryable (the next run redoes it), unless the whole batch fails alike;
+   any other exception becomes permanent error rows naming the stage. A row that kills its worker
+   process (a segfault, the OOM killer, a CUDA device-side assert, after which the guard ends the
+   process) is found by in-flight markers and halving over Ray's bounded retries, in the read
+   and in every stage, and becomes an error row of stage 'crash' after `deaths_per_row` deaths:
+   no row makes a run loop forever. Commits hold `commit_rows` rows;
 4. compacts the ledger, writes the run manifest, releases the lease.
 
 Rows in = output rows + error rows, for every run and for the output as a whole.
@@ -23,21 +30,27 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
-import functools
 import json
 import logging
 import time
 import uuid
+import warnings
 from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from eama.engine import blobs, faults, ledger, schema, storage
+from eama.engine import blobs, faults, isolation, ledger, reading, schema, storage
+from eama.engine.isolation import ActorStage, guarded, task_stage  # noqa: F401 - the stage guard
+from eama.engine.isolation import fail, isolate, pending  # noqa: F401 - the stages' API (runner.fail, ...)
+from eama.engine.reading import read_positions
 from eama.engine import lease as output_lease
 from eama.engine.trainer import clock
 
 log = logging.getLogger("eama.runner")
+# retries are bounded through map_batches' ray_remote_args (max_retries, max_restarts, max_task_retries):
+# Ray 2.60 deprecates them but offers no named parameter for these yet
+warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
 
 Row = dict[str, Any]
 
@@ -53,7 +66,11 @@ class RunnerConfig:
     commit_rows: int = 2000  # rows per committed file; a crash loses at most the uncommitted ones
     batch_size: int = 8  # rows per block between stages
     on_bad_shard: str = "continue"  # continue (an error row per unusable file) | fail
-    transient_retries: int = 2  # retries of a batch hit by a transient fault before it is recorded as retryable
+    transient_retries: int = 2  # retries of a batch hit by a transient fault before it is halved to find the row
+    deaths_per_row: int = 2  # a row whose stage worker process died this often is an error row (stage 'crash')
+    worker_retries: int = 0  # Ray's retries of a task whose worker died; 0: enough to isolate 4 crashing rows of a task
+    actor_restarts: int = 100  # restarts of one stage actor over a run, after which the run fails
+    read_slice_bytes: int = 256 << 20  # the most bytes of a row group one read holds (by the file's bytes per row)
     lease_seconds: float = 300.0  # the output lease lapses this long after its holder stops renewing it
     wait_for_resources_seconds: float = 900.0  # how long to wait for the autoscaler to add what the plan needs
     planning_threads: int = 32  # parallel footer / id reads while planning
@@ -119,38 +136,6 @@ def new_run_id() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def fail(row: Row, stage: str, reason: str, retryable: bool = False) -> None:
-    """Mark a work row as failed in `stage`; later stages pass it through."""
-    row["error_stage"], row["error_reason"], row["error_retryable"] = stage, faults.redact(reason)[:2000], retryable
-
-
-def pending(rows: list[Row]) -> list[Row]:
-    return [r for r in rows if not r.get("error_stage")]
-
-
-def isolate(todo: list[Row], size: int, fn: Callable[[list[Row]], None], stage: str) -> None:
-    """Call `fn` on chunks of `size` rows. A chunk that raises a permanent error is redone row by
-    row, so only the rows that break it fail (runner.fail with the exception); transient faults
-    propagate to the stage guard, which retries the whole batch."""
-    for k in range(0, len(todo), size):
-        chunk = todo[k:k + size]
-        try:
-            fn(chunk)
-        except Exception as exc:
-            if faults.is_transient(exc):
-                raise
-            if len(chunk) == 1:
-                fail(chunk[0], stage, f"{type(exc).__name__}: {exc}")
-                continue
-            for r in chunk:
-                try:
-                    fn([r])
-                except Exception as inner:
-                    if faults.is_transient(inner):
-                        raise
-                    fail(r, stage, f"{type(inner).__name__}: {inner}")
-
-
 @dataclasses.dataclass
 class ModelJobConfig(RunnerConfig):
     """A batch job that runs one trained model per actor (tag_entities, extract_keyphrases)."""
@@ -184,6 +169,8 @@ def validate(cfg: RunnerConfig) -> None:
         raise SystemExit(f"on_bad_shard must be continue or fail, got {cfg.on_bad_shard!r}")
     if cfg.commit_rows < 1 or cfg.batch_size < 1:
         raise SystemExit("commit_rows and batch_size must be >= 1")
+    if cfg.deaths_per_row < 1 or cfg.worker_retries < 0 or cfg.actor_restarts < 0 or cfg.read_slice_bytes < 1:
+        raise SystemExit("deaths_per_row and read_slice_bytes must be >= 1, worker_retries and actor_restarts >= 0")
     if not cfg.output:
         raise SystemExit("an output path is needed (--output)")
 
@@ -267,7 +254,9 @@ def plan_run(job: BatchJob, cfg: RunnerConfig, led: ledger.Ledger) -> Plan:
                 wanted.append((path, g, rows))
                 file_pending += len(rows)
         plan.files_done += file_pending == 0
-    plan.items = mark_duplicates(wanted, led, cfg, plan)
+    plan.items = reading.split_items(mark_duplicates(wanted, led, cfg, plan),
+                                    reading.bytes_per_row([(p, size) for p, size, _ in listing], groups),
+                                    cfg.read_slice_bytes)
     plan.pending_rows = sum(len(i["rows"]) for i in plan.items)
     plan.duplicates = sum(len(i["dup_rows"]) for i in plan.items)
     plan.seconds = time.perf_counter() - started
@@ -324,114 +313,6 @@ def mark_duplicates(wanted: list[tuple[str, int, list[int]]], led: ledger.Ledger
     return items
 
 
-# ---------------------------------------------------------------- the read stage
-
-
-def read_positions(batch: pa.Table, job: BatchJob) -> pa.Table:
-    """Read planned (file, row group, rows) items into work rows: contract check, duplicates and the
-    job's per-row check marked. An unreadable row group gives an error row per planned position."""
-    out: list[Row] = []
-    for item in batch.to_pylist():
-        path, group, rows = item["path"], item["row_group"], item["rows"]
-        where = {"source_file": path, "source_row_group": group}
-        try:
-            table = storage.read_row_group(path, group)
-            if job.check_table:
-                job.check_table(table, path)
-            table = schema.conform(table, job.input_schema, path).select(job.input_schema.names)
-        except Exception as exc:
-            for row in rows:
-                r = dict(where, source_row=row)
-                fail(r, "read", f"row group {group}: {faults.describe(exc)}", faults.is_transient(exc))
-                out.append(r)
-            continue
-        dups = dict(zip(item["dup_rows"], item["dup_reasons"]))
-        records = table.to_pylist()
-        for row in rows:
-            r = records[row]
-            r.update(where, source_row=row)
-            if row in dups:
-                fail(r, "duplicate", dups[row])
-            elif not r.get("sample_id"):
-                fail(r, "read", "empty sample_id")
-            elif job.prepare and (why := job.prepare(r)):
-                fail(r, "read", why)
-            out.append(r)
-    return pa.Table.from_pylist(out, schema=job.work_schema)
-
-
-# ---------------------------------------------------------------- stage guard
-
-
-def guarded(call: Callable[[pa.Table], pa.Table], batch: pa.Table, name: str, retries: int) -> pa.Table:
-    """Run one stage on a batch: retry transient faults, turn what is left into error rows, and
-    record the stage's busy seconds on the rows it served."""
-    todo = pc.is_null(batch.column("error_stage"))
-    served = max(1, pc.sum(pc.cast(todo, pa.int64())).as_py() or 0)
-    started = time.perf_counter()
-    out, attempt = None, 0
-    while out is None:
-        try:
-            out = call(batch)
-        except Exception as exc:
-            transient = faults.is_transient(exc)
-            if transient and attempt < retries:
-                attempt += 1
-                log.warning("stage %s: transient fault (%s), retry %d/%d", name, faults.describe(exc, 300),
-                            attempt, retries)
-                _free_accelerator_memory()
-                time.sleep(min(30.0, 2.0 ** attempt))
-                continue
-            out = _fail_batch(batch, name, exc, transient)
-    if out.num_rows != batch.num_rows or out.column("source_row") != batch.column("source_row"):
-        out = _fail_batch(batch, name, RuntimeError(f"stage {name} returned {out.num_rows} rows for "
-                                                     f"{batch.num_rows} (a stage keeps one row per row, in order)"), False)
-    column = f"seconds_{name}"
-    if column in out.column_names and out.num_rows == batch.num_rows:
-        share = (time.perf_counter() - started) / served
-        values = pc.if_else(todo, pa.scalar(share, pa.float64()), out.column(column))
-        out = out.set_column(out.schema.get_field_index(column), column, values)
-    return out
-
-
-def _fail_batch(batch: pa.Table, name: str, exc: BaseException, transient: bool) -> pa.Table:
-    rows = batch.to_pylist()
-    for r in pending(rows):
-        fail(r, name, faults.describe(exc), transient)
-    return pa.Table.from_pylist(rows, schema=batch.schema)
-
-
-def _free_accelerator_memory() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # no torch, or no CUDA: nothing to free
-        pass
-
-
-def task_stage(label: str) -> Callable[..., pa.Table]:
-    """A guarded task-stage function named `label` (the name Ray Data's progress shows)."""
-
-    def run_stage(batch: pa.Table, fn: Callable[..., pa.Table], kwargs: dict[str, Any], name: str,
-                  retries: int) -> pa.Table:
-        return guarded(functools.partial(fn, **kwargs), batch, name, retries)
-
-    run_stage.__name__ = run_stage.__qualname__ = label
-    return run_stage
-
-
-class ActorStage:
-    """An actor-pool member: builds the stage's class once, then guards every call."""
-
-    def __init__(self, cls: type, kwargs: dict[str, Any], name: str, retries: int) -> None:
-        self.impl, self.name, self.retries = cls(**kwargs), name, retries
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return guarded(self.impl, batch, self.name, self.retries)
-
-
 # ---------------------------------------------------------------- commit
 
 
@@ -450,14 +331,14 @@ def emit_checked(rows: list[Row], job: BatchJob) -> list[Row]:
             fail(r, "commit", f"could not build its output row: {faults.describe(exc)}")
             emitted.append([])
     try:
-        pa.Table.from_pylist([o for out in emitted for o in out], schema=job.output_schema)
+        schema.check_writable(pa.Table.from_pylist([o for out in emitted for o in out], schema=job.output_schema))
         return [o for out in emitted for o in out]
     except (pa.ArrowException, TypeError, ValueError, OverflowError):
         pass
     outputs = []
     for r, out in zip(rows, emitted):
         try:
-            pa.Table.from_pylist(out, schema=job.output_schema)
+            schema.check_writable(pa.Table.from_pylist(out, schema=job.output_schema))
             outputs += out
         except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
             fail(r, "commit", f"output row does not fit the output schema: {faults.describe(exc)}")
@@ -570,6 +451,18 @@ def ensure_resources(stages: Sequence[Stage], timeout: float, poll: float = 5.0)
     from ray.autoscaler.sdk import request_resources
 
     request_resources(bundles=demand(stages))
+    try:
+        wait_for_gpus(need, timeout, poll)
+    except BaseException:
+        withdraw_resources()
+        raise
+    return True
+
+
+def wait_for_gpus(need: float, timeout: float, poll: float) -> None:
+    """Block until the cluster has `need` GPUs (SystemExit after `timeout` seconds)."""
+    import ray
+
     deadline, last_log = time.time() + timeout, 0.0
     while (have := ray.cluster_resources().get("GPU", 0)) < need:
         if time.time() > deadline:
@@ -581,7 +474,6 @@ def ensure_resources(stages: Sequence[Stage], timeout: float, poll: float = 5.0)
             last_log = time.time()
         time.sleep(poll)
     log.info("the cluster has the %g GPUs the plan needs", need)
-    return True
 
 
 def withdraw_resources() -> None:
@@ -602,25 +494,35 @@ def build_dataset(job: BatchJob, cfg: RunnerConfig, items: list[Row], run_id: st
     """read -> the job's stages -> commit, as one streaming Ray Data chain."""
     import ray.data
 
+    def markers(stage: str) -> isolation.Markers:
+        return isolation.Markers.for_stage(cfg.output, run_id, stage, cfg.deaths_per_row)
+
+    def retries(rows: int) -> int:  # bounded: Ray Data's default retries a task whose worker died forever
+        return cfg.worker_retries or isolation.worker_retries(rows, cfg.deaths_per_row)
+
     io = {"num_cpus": job.io_cpus}
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 256)))
-    ds = ds.map_batches(read_positions, batch_size=1, batch_format="pyarrow", fn_kwargs={"job": job}, **io)
+    ds = ds.map_batches(read_positions, batch_size=1, batch_format="pyarrow",
+                        fn_kwargs={"job": job, "markers": markers("read")},
+                        max_retries=retries(max(len(i["rows"]) for i in items)), **io)
     for st in job.stages:
-        common = {"batch_size": st.batch_size or cfg.batch_size, "batch_format": "pyarrow", "num_cpus": st.cpus}
+        rows = st.batch_size or cfg.batch_size
+        common = {"batch_size": rows, "batch_format": "pyarrow", "num_cpus": st.cpus}
         if st.gpus:
             common["num_gpus"] = st.gpus
+        guard = {"name": st.name, "retries": cfg.transient_retries, "markers": markers(st.name)}
         label = "".join(part.capitalize() for part in st.name.split("_"))  # Ray's progress bars show it
-        if st.actors:  # Ray Data restarts pool actors and retries their tasks
+        if st.actors:  # a dead actor is restarted and its tasks retried, both bounded
             ds = ds.map_batches(type(label, (ActorStage,), {}),
-                                fn_constructor_kwargs={"cls": st.fn, "kwargs": st.kwargs, "name": st.name,
-                                                       "retries": cfg.transient_retries},
-                                compute=ray.data.ActorPoolStrategy(size=st.actors), **common)
+                                fn_constructor_kwargs={"cls": st.fn, "kwargs": st.kwargs, **guard},
+                                compute=ray.data.ActorPoolStrategy(size=st.actors), max_restarts=cfg.actor_restarts,
+                                max_task_retries=retries(rows), **common)
         else:
-            ds = ds.map_batches(task_stage(label), fn_kwargs={"fn": st.fn, "kwargs": st.kwargs, "name": st.name,
-                                                              "retries": cfg.transient_retries}, **common)
+            ds = ds.map_batches(task_stage(label), fn_kwargs={"fn": st.fn, "kwargs": st.kwargs, **guard},
+                                max_retries=retries(rows), **common)
     return ds.map_batches(commit_batch, batch_size=cfg.commit_rows, batch_format="pyarrow",
                           fn_kwargs={"job": job, "output": cfg.output, "run_id": run_id, "generation": generation,
-                                     "versions": versions or {}}, **io)
+                                     "versions": versions or {}}, max_retries=retries(1), **io)
 
 
 OVERWRITE_MARK = "_overwrite.json"  # written before --overwrite deletes anything, removed last
@@ -656,7 +558,8 @@ def stream(job: BatchJob, cfg: RunnerConfig, plan: Plan, run_id: str, lease: out
                 lease.check()
     except Exception as exc:
         if "Fenced" in f"{type(exc).__name__} {exc}" or "fenced:" in str(exc):
-            lease.lost = lease.lost or "a newer run"
+            lease.check()  # raises LeaseLost naming the run that took over
+            lease.lost = "a newer run"
             raise lease.lost_error() from None
         raise
     finally:
@@ -693,6 +596,7 @@ def run(job: BatchJob, cfg: RunnerConfig, run_id: str | None = None) -> dict[str
         progress = Progress(plan.pending_rows)
         if plan.items:
             stream(job, cfg, plan, run_id, lease, progress)
+            isolation.clear_markers(cfg.output)  # the in-flight markers crashed workers left
         lease.verify()
         led.compact(plan.inspected)
         if plan.file_errors:

@@ -161,11 +161,12 @@ def parallel_map(fn: Callable[[Any], T], items: Sequence[Any], threads: int = 32
 
 
 def read_bytes(path: str) -> bytes:
-    def read() -> bytes:
-        with filesystem(path).open(strip(path), "rb") as fh:
-            return fh.read()
-
-    return with_retries(f"read {path}", read) if is_remote(path) else read()
+    """A whole object: one GET on S3 (no ETag pinning, so an object rewritten between a listing and
+    the read, such as a lease claim being renewed, reads as its newest version)."""
+    if is_remote(path):
+        return with_retries(f"read {path}", lambda: filesystem(path).cat_file(strip(path)))
+    with open(strip(path), "rb") as fh:
+        return fh.read()
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
