@@ -6,9 +6,10 @@
         [--config FILE.yaml] [key=value ...]
 
 TASKS is build_alignment_data output. STORAGE (local or s3://) receives STORAGE/RUN/checkpoint-*
-(the newest keep_checkpoints), metrics.jsonl, loss_curves.png and export/ (a Hugging Face model
-that caption_corpus loads with --model STORAGE/RUN/export). Relaunching with the same run name
-resumes from the last checkpoint. A mistake in the settings or a missing --data ends in one line
+(the newest keep_checkpoints), metrics/ (a file per checkpoint), loss_curves.png and the export (a
+Hugging Face model folder export-<step>-<id>/ named by the pointer export.json, which caption_corpus
+loads with --model STORAGE/RUN/export). Relaunching with the same run name resumes from the last
+checkpoint, if the data and settings are those it was trained with. A mistake in the settings or a missing --data ends in one line
 `error: ...` before Ray starts (exit status 2 for settings, 1 for the rest). See the README's
 Alignment section.
 """

@@ -106,6 +106,24 @@ def test_a_late_commit_of_an_older_generation_is_ignored_and_removed(ray_local, 
     assert sorted((r["sample_id"], r["shout"]) for r in rows) == [("x", "TEXT OF X"), ("y", "TEXT OF Y"), ("z", "TEXT OF Z")]
 
 
+def test_commits_of_a_crashed_run_are_kept_and_the_rest_is_done(ray_local, tmp_path):
+    """A killed run left commits that no compaction folded: the next run seals them into the
+    index (the file is not yet complete) and processes only the remaining rows."""
+    inp, out = tmp_path / "in", str(tmp_path / "out")
+    inp.mkdir()
+    ids = [f"s{i}" for i in range(10)]
+    path = write_input(inp, "a.parquet", ids)  # row groups of 4
+    version = storage.list_file_versions(path)[0][2]
+    killed = leases.Lease(out, "killed", ttl=60).acquire()  # the killed run held generation 1
+    killed.release()
+    done = [{"sample_id": ids[i], "shout": f"TEXT OF {ids[i].upper()}", "source_file": path} for i in range(4)]
+    ledger.commit(out, "20200101T000000Z-killed", "part-killed", done, [], [(path, 0, i) for i in range(4)], OUT,
+                  generation=1, versions={path: version})
+    m = runner.run(toy_job(), cfg_for(str(inp), out))
+    assert m["this_run"]["written"] == 6 and ids_once(out) == sorted(ids)
+    assert runner.run(toy_job(), cfg_for(str(inp), out))["this_run"]["rows"] == 0
+
+
 # ---------------------------------------------------------------- rewritten inputs
 
 

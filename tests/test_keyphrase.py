@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from conftest import kill_when, load_job
-from eama.engine import importing, schema
+from eama.engine import importing, schema, trainer
 from eama.keyphrase import baselines, benchmark, corpus, metric, training
 from eama.keyphrase import model as kp_model
 
@@ -191,7 +191,7 @@ def trained(tmp_path_factory, ray_local) -> dict:
 
 @pytest.mark.slow
 def test_training_learns_to_copy_keyphrases_it_never_saw(trained):
-    history = [json.loads(line) for line in (trained["run"] / "metrics.jsonl").read_text().splitlines()]
+    history = trainer.read_metrics(str(trained["run"]))
     evals = [r for r in history if "eval/dev_score" in r]
     assert len(evals) == 2
     info = json.loads((trained["export"] / "eama_export.json").read_text())

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import kill_when, load_job
-from eama.engine import schema
+from eama.engine import schema, trainer
 from eama.mner import crf as crf_module
 from eama.mner import methods, spans, tagger, training
 
@@ -221,7 +221,7 @@ def trained(small_sets, tmp_path_factory, ray_local) -> Path:
 
 @pytest.mark.slow
 def test_training_learns_and_exports_the_epoch_selected_on_valid(trained, small_sets):
-    history = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    history = trainer.read_metrics(str(trained))
     evals = [r for r in history if "eval/dev_f1" in r]
     assert len(evals) == 2  # once per epoch, in both evaluation views
     assert all({"eval/dev_f1_text", "eval/dev_f1_view"} <= set(r) for r in evals)
@@ -364,7 +364,10 @@ def test_benchmark_without_ray_scores_test_as_tag_entities_does(shared_data, tmp
     assert (result["launcher"], result["device"]) == ("local", f"cpu ({os.cpu_count()} cores)")
     run = tmp_path / "out" / "runs" / result["run"]
     # nothing of Ray Train's in the run folder; one checkpoint kept per epoch (keep_checkpoints=1)
-    assert {p.name for p in run.iterdir()} == {"metrics.jsonl", "loss_curves.png", "export", "local-checkpoints"}
+    names = {p.name for p in run.iterdir()}
+    exported = [n for n in names if n.startswith("export-0")]  # the export behind the pointer and link
+    assert names == {"metrics", "loss_curves.png", "export", "export.json", "local-checkpoints", *exported}
+    assert len(exported) == 1 and (run / "export").resolve() == (run / exported[0]).resolve()
     assert [p.name for p in (run / "local-checkpoints").iterdir()] == ["checkpoint-00000004"]  # 64 posts / 16
 
     export = str(tmp_path / "out" / "runs" / result["run"] / "export")

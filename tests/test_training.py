@@ -622,3 +622,196 @@ def test_launcher_settings_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             launchers.fit(ToyClassifierTask(ToyConfig(launcher="local", use_gpu=True, data="unused")))
+
+
+# ---------------------------------------------------------------- the trainer's storage: export pointer, resume plan, metrics files
+
+
+def s3_or_local(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A run folder on local disk, or (where='s3') on the moto S3 server under a fresh prefix."""
+    if where == "local":
+        return str(tmp_path / "runs" / "r")
+    request.getfixturevalue("s3_server")
+    return f"s3://eama-test/storage-{tmp_path.name}/r"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_crash_mid_export_leaves_readers_a_complete_export(where, tmp_path, request):
+    """Readers (models.load_model of RUN/export) see a legacy plain export folder, then the export the
+    pointer names: a half-written export-<step> folder (a crash before the pointer switch) is never
+    loaded; the switch makes them load the new one, and the older folders go only after it."""
+    from eama.engine import exports
+
+    run = s3_or_local(where, tmp_path, request)
+    lm = models.load_model("tiny-llava")
+    folders = {}
+    for name, shift in (("old", 0.0), ("new", 1.0)):
+        with torch.no_grad():
+            lm.model.lm_head.weight.add_(shift)
+        folders[name] = str(tmp_path / name)
+        lm.model.save_pretrained(folders[name])
+        lm.processor.save_pretrained(folders[name])
+    weights = {k: models.load_model(v).model.lm_head.weight for k, v in folders.items()}
+
+    def loaded(path: str) -> str:
+        w = models.load_model(path).model.lm_head.weight
+        return next(k for k, v in weights.items() if torch.equal(v, w))
+
+    def export_folders() -> list[str]:
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in storage.filesystem(run).ls(storage.strip(run))
+                      if exports.FOLDER.fullmatch(p.rstrip("/").rsplit("/", 1)[-1]))
+
+    exports.upload_dir(folders["old"], storage.join(run, "export"))  # a run written before the pointer
+    assert exports.resolve_export(storage.join(run, "export")) == storage.join(run, "export")
+    assert loaded(storage.join(run, "export")) == "old"
+
+    first = exports.publish_export(folders["old"], run, 4)
+    assert exports.resolve_export(storage.join(run, "export")) == exports.resolve_export(run) == first
+    assert storage.read_json(storage.join(run, "export.json")) == {"export": first.rsplit("/", 1)[-1], "step": 4}
+    if where == "s3":  # the legacy folder went once the pointer was there; locally it became the link
+        assert not storage.exists(storage.join(run, "export", "config.json"))
+    else:
+        assert os.readlink(os.path.join(run, "export")) == os.path.basename(first)
+
+    # a crash halfway through the next export: some files of export-<step> written, the pointer not switched
+    half = storage.join(run, "export-00000008-0badf00d")
+    storage.write_bytes_atomic(storage.join(half, "config.json"), Path(folders["new"], "config.json").read_bytes())
+    assert loaded(storage.join(run, "export")) == "old" and loaded(run) == "old"
+    assert exports.export_exists(storage.join(run, "export"))
+
+    second = exports.publish_export(folders["new"], run, 8)
+    assert loaded(storage.join(run, "export")) == "new"
+    assert export_folders() == [second.rsplit("/", 1)[-1]]  # the old and the half-written one are gone
+    assert json.loads(storage.read_bytes(storage.join(run, "export.json")))["step"] == 8
+    assert exports.resolve_export("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"  # hub ids pass
+    assert not exports.export_exists(storage.join(run + "-none", "export"))
+
+
+def records(first: int, last: int, attempt: int = 1) -> list[dict]:
+    return [{"step": s, "loss": 1.0 / s, "attempt": attempt} for s in range(first, last + 1)]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_metrics_files_hold_each_step_once_across_resumes(where, tmp_path, request):
+    """One small file per checkpoint; an attempt that resumes from a checkpoint rewrites that
+    checkpoint's pending records and drops what a lost attempt wrote past it, so read_metrics gives
+    every step once. A legacy metrics.jsonl and checkpoint (its whole history) carry over."""
+    run = s3_or_local(where, tmp_path, request)
+    assert trainer.read_metrics(run) == []
+    for a, b in ((1, 4), (5, 8), (9, 10)):  # checkpoints at 4 and 8; 9-10 written by an attempt that then died
+        trainer.write_metrics(records(a, b), run)
+    assert [s for s, _ in trainer.metrics_files(run)] == [4, 8, 10]
+    assert trainer.read_metrics(run) == records(1, 10)
+    resumed = trainer.TrainerState.resumed(json.dumps(dataclasses.asdict(
+        trainer.TrainerState(step=8, pending=records(5, 8)))))  # checkpoint 8, saved before its file was written
+    trainer.sync_metrics(run, resumed)
+    assert trainer.read_metrics(run) == records(1, 8)
+    trainer.write_metrics(records(9, 12, attempt=2), run)
+    assert trainer.read_metrics(run) == records(1, 8) + records(9, 12, attempt=2)
+
+    storage.write_bytes_atomic(storage.join(run, "metrics.jsonl"),
+                               "".join(json.dumps(r) + "\n" for r in records(1, 6)).encode())
+    legacy = trainer.TrainerState.resumed(json.dumps({"step": 4, "history": records(1, 4), "world_size": 2,
+                                                      "attempts": 1, "best_value": None, "best_step": 0}))
+    assert (legacy.pending, legacy.attempts, legacy.plan) == (records(1, 4), 2, {})
+    trainer.sync_metrics(run, legacy)
+    assert trainer.read_metrics(run) == records(1, 4)
+    assert not storage.exists(storage.join(run, "metrics.jsonl"))
+    trainer.sync_metrics(run, trainer.TrainerState())  # from scratch: nothing
+    assert trainer.read_metrics(run) == []
+
+
+def test_random_generators_round_trip():
+    """Python's, numpy's and torch's generators go through JSON and continue where they were."""
+    import random
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    saved = json.loads(json.dumps(trainer.rng_state()))
+    want = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    trainer.set_rng_state(saved)
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[:2] == want[:2] and torch.equal(got[2], want[2])
+
+
+def test_a_resume_needs_the_plan_its_checkpoint_was_trained_with(tmp_path):
+    """A relaunch under the same run name with other data, another seed or another batch geometry is
+    refused with one line naming the change (a SystemExit, no traceback); with the same plan (a
+    longer max_steps) it resumes and each step's metrics are there once."""
+    import subprocess
+
+    data = write_toy(tmp_path, n=64)
+    cfg = ToyConfig(data=data, output=str(tmp_path / "runs"), run_name="plan", launcher="local", num_workers=1,
+                    micro_batch_size=8, max_steps=4, checkpoint_every=2, lr=1e-2)
+    assert launchers.fit(ToyClassifierTask(cfg)).error is None
+    saved = json.loads(Path(trainer.run_dir(cfg), "local-checkpoints", "checkpoint-00000004", "trainer_state.json")
+                       .read_text())
+    assert saved["plan"]["data"]["rows"] == 64 and saved["plan"]["total_steps"] == 4
+    assert [r["step"] for r in saved["pending"]] == [3, 4]  # the records since the previous checkpoint only
+
+    for change, message in ((dict(seed=1), "seed 0 -> 1"), (dict(micro_batch_size=4), "micro_batch_size 8 -> 4"),
+                            (dict(num_workers=2), "num_workers 1 -> 2")):
+        with pytest.raises(SystemExit, match="cannot resume") as refused:
+            launchers.fit(ToyClassifierTask(dataclasses.replace(cfg, max_steps=6, **change)))
+        assert message in str(refused.value) and "\n" not in str(refused.value), refused.value
+    x, y = toy_rows(1, seed=5)
+    storage.write_table_atomic(pa.table({"row_id": ["extra"], "x": list(x), "y": y}), f"{data}/part-00001.parquet")
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "from test_training import ToyClassifierTask, ToyConfig\nfrom eama.engine import launchers\n"
+            f"launchers.fit(ToyClassifierTask(ToyConfig(**{dataclasses.asdict(cfg)!r})))\n")
+    refused = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"cannot resume {trainer.run_dir(cfg)} from its checkpoint at step 4: the plan changed "
+                           "since (data 1 files, 64 rows, ") and "-> 2 files, 65 rows" in line, line
+    assert "start fresh under another run_name" in line
+
+    os.remove(f"{data}/part-00001.parquet")
+    longer = dataclasses.replace(cfg, max_steps=6)
+    assert launchers.fit(ToyClassifierTask(longer)).error is None
+    history = trainer.read_metrics(trainer.run_dir(longer))
+    assert [(r["step"], r["attempt"]) for r in history] == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (6, 2)]
+    assert [s for s, _ in trainer.metrics_files(trainer.run_dir(longer))] == [2, 4, 6]
+
+
+class DropoutToyTask(ToyClassifierTask):
+    """The toy classifier with dropout: its steps depend on torch's random generator."""
+
+    def build_model(self, ds_config, device, dtype):
+        torch.manual_seed(self.config.seed)
+        self.device = device
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Dropout(0.5),
+                                    torch.nn.Linear(32, 2))
+        return trainer.ModelParts(model.to(device, dtype))
+
+
+@pytest.mark.slow
+def test_ray_workers_resume_their_random_generators_and_metrics_once(tmp_path, ray_local):
+    """2 Ray Train workers (ZeRO-2) with dropout, one killed after step 6 and restarted from the
+    checkpoint at step 4, take the steps of a run never stopped (each rank's generators come back from
+    the checkpoint); every step's metrics are there once; a relaunch with another seed is refused on
+    the driver; the export is behind its pointer."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this file
+    common = dict(data=write_toy(tmp_path), output=str(tmp_path / "runs"), num_workers=2, zero_stage=2,
+                  micro_batch_size=8, max_steps=8, checkpoint_every=4, lr=1e-2, warmup_ratio=0.1)
+    whole = ToyConfig(run_name="whole", **common)
+    assert launchers.fit(DropoutToyTask(whole)).error is None
+    marker = tmp_path / "killed.txt"
+    killed = ToyConfig(run_name="killed", fail_at_step=6, fail_marker=str(marker), **common)
+    result = launchers.fit(DropoutToyTask(killed))
+    assert result.error is None and marker.exists()
+
+    want, got = trainer.read_metrics(trainer.run_dir(whole)), trainer.read_metrics(trainer.run_dir(killed))
+    assert [(r["step"], r["attempt"]) for r in got] == [(s, 1 if s <= 4 else 2) for s in range(1, 9)]
+    assert [s for s, _ in trainer.metrics_files(trainer.run_dir(killed))] == [4, 8]
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-6)
+    ckpt = Path(result.checkpoint.path)
+    assert {p.name for p in ckpt.glob("rng-*.json")} == {"rng-rank00000.json", "rng-rank00001.json"}
+    assert json.loads((ckpt / "trainer_state.json").read_text())["plan"]["num_workers"] == 2
+    info = json.loads(Path(trainer.run_dir(killed), "export", "eama_export.json").read_text())
+    assert info["step"] == 8 and Path(trainer.run_dir(killed), "export.json").exists()
+
+    with pytest.raises(SystemExit, match="seed 0 -> 1"):
+        launchers.fit(DropoutToyTask(dataclasses.replace(killed, seed=1, fail_at_step=0)))

@@ -12,7 +12,7 @@ import hashlib
 import os
 from typing import TYPE_CHECKING, Any
 
-from eama.engine import storage
+from eama.engine import exports, storage
 
 if TYPE_CHECKING:  # torch is imported where it is used: a config error must not wait for it
     import torch
@@ -63,7 +63,9 @@ def download(uri: str) -> str:
 
 
 def resolve(location: str) -> str:
-    """A loadable location: s3:// URIs are downloaded once; hub ids and local paths pass as they are."""
+    """A loadable location: a run's export through its pointer (exports.resolve_export), s3:// URIs
+    downloaded once; hub ids and local paths pass as they are."""
+    location = exports.resolve_export(location)
     return download(location) if location.startswith("s3://") else location
 
 

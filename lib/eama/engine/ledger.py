@@ -552,7 +552,7 @@ class Ledger:
         if str(FILE_ROW_GROUP) in info.partial:
             return not info.row_groups
         if not info.row_groups:
-            return info.version is not None  # an empty file, seen: nothing to do
+            return info.size >= 0 and info.version is not None  # an empty file, seen whole (-1: known from commits only)
         return all(count(info.partial.get(str(g), [])) >= n for g, n in enumerate(info.row_groups))
 
     def _prune_superseded(self) -> None:

@@ -9,8 +9,10 @@ machines where neither is installed. What stays the same as the Ray launcher (`t
 * the optimizer and schedule: torch's AdamW with the settings `deepspeed_config.build_config` gives
   DeepSpeed (learning rate, betas, eps, weight decay, fused, gradient clipping) and the same
   `lr_schedule`; each parameter group keeps its own learning rate;
-* the step loop (`trainer.run_steps`): metrics.jsonl, the loss PNG, evaluation, model selection,
-  the export and its eama_export.json.
+* the step loop (`trainer.run_steps`): the metrics files, the loss PNG, evaluation, model selection,
+  the export (behind its pointer) and its eama_export.json;
+* resuming: only with the plan the checkpoint records (`trainer.check_resume`), the random
+  generators (Python, numpy, torch) restored.
 
 What differs: training is fp32 on either device (no bf16 mixed precision); checkpoints are one
 torch file per step (`RUN/local-checkpoints/checkpoint-STEP/engine.pt`, read back with
@@ -99,23 +101,17 @@ class LocalEngine:
 
     def state(self) -> dict[str, Any]:
         """Weights, optimizer, schedule and the random generators (dropout continues as it would have)."""
-        import torch
-
         return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps,
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
+                "rng": json.dumps(trainer.rng_state())}
 
     def load(self, state: dict[str, Any]) -> None:
-        import torch
-
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.micro_steps = int(state["micro_steps"])
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if state["rng_cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+        if "rng" in state:  # checkpoints written before it kept torch's alone: those resume without it
+            trainer.set_rng_state(json.loads(state["rng"]))
 
 
 def checkpoints_dir(cfg: trainer.TrainerConfig) -> str:
@@ -153,9 +149,12 @@ def load_checkpoint(engine: LocalEngine, folder: str) -> trainer.TrainerState:
 
     raw = storage.read_bytes(storage.join(folder, ENGINE_FILE))
     engine.load(torch.load(io.BytesIO(raw), map_location=engine.device, weights_only=True))
-    state = trainer.TrainerState(**json.loads(storage.read_bytes(storage.join(folder, trainer.TRAINER_STATE))))
-    state.attempts += 1
-    return state
+    return read_state(folder)
+
+
+def read_state(folder: str) -> trainer.TrainerState:
+    """The trainer state of a checkpoint folder, as the next attempt starts from it."""
+    return trainer.TrainerState.resumed(storage.read_bytes(storage.join(folder, trainer.TRAINER_STATE)))
 
 
 def fit(task: trainer.TrainingTask) -> LocalResult:
@@ -169,6 +168,10 @@ def fit(task: trainer.TrainingTask) -> LocalResult:
     device = "cuda" if cfg.use_gpu else "cpu"
     files, rows = task.data_files()
     plan = trainer.plan_steps(rows, cfg)
+    fingerprint = trainer.plan_fingerprint(files, rows, cfg, plan)
+    found = committed_checkpoints(cfg)
+    if found:
+        trainer.check_resume(read_state(found[-1]), fingerprint, trainer.run_dir(cfg))
     accumulation = cfg.num_workers * cfg.grad_accum  # the rows of one step on num_workers ranks
     order = trainer.task_order(task, rows)
     log.info("%s: %d rows in %d files -> %d steps of %d rows (launcher=local on %s: %d micro-batches of %d "
@@ -184,9 +187,8 @@ def fit(task: trainer.TrainingTask) -> LocalResult:
     engine = LocalEngine(parts.module, params, ds_config,
                          deepspeed_config.lr_schedule(plan.total_steps, plan.warmup_steps, cfg.min_lr_ratio,
                                                       cfg.schedule), device, accumulation)
-    found = committed_checkpoints(cfg)
     state = load_checkpoint(engine, found[-1]) if found else trainer.TrainerState()
-    state.world_size = 1
+    state.world_size, state.plan = 1, fingerprint
     log.info("%s", f"resumed from {found[-1]} after step {state.step}" if found else "starting from scratch")
     batches = trainer.local_micro_batches(files, cfg, order, task.columns, 0, 1,
                                           plan.micro_batches_per_rank * cfg.num_workers,

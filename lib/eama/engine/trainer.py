@@ -10,12 +10,18 @@ the rest, the same way for every task:
   x 1), and resuming means skipping step x grad_accum micro-batches of the shard.
 * the DeepSpeed config from `deepspeed_config.build_config` (the one builder) and its schedule;
 * `StepStats`: the objective, per-group mean row losses and the task's counts, all-reduced per
-  optimizer step into metrics.jsonl (+ MFU on GPU) and a loss PNG;
+  optimizer step into the run's metrics (+ MFU on GPU) and a loss PNG. Metrics are one small file
+  per checkpoint, RUN/metrics/step-<step>.jsonl with the records since the previous one (S3 cannot
+  append); `read_metrics` reads them back in order;
 * `save_checkpoint` / `trainer_state` + `load_engine_state`: DeepSpeed's sharded checkpoint inside
-  a ray.train.Checkpoint (every rank reports its shard; Ray merges them) plus the trainer state
-  (step, history); ray.train.get_checkpoint() finds it after a worker failure (FailureConfig) and
+  a ray.train.Checkpoint (every rank reports its shard and its random generators' state; Ray merges
+  them) plus the trainer state (step, the metrics records not yet in a file, the plan's
+  fingerprint); ray.train.get_checkpoint() finds it after a worker failure (FailureConfig) and
   after a relaunch under the same run name. Shards are unpickled with weights_only=True;
-* `export_model`: the (ZeRO-3: gathered) full state dict handed to the task's `save_export`;
+* `plan_fingerprint` / `check_resume`: a relaunch resumes only with the data, seed and batch
+  geometry its checkpoint was trained with (else one line saying what differs);
+* `export_model`: the (ZeRO-3: gathered) full state dict handed to the task's `save_export`, then
+  published beside the current export and switched to by a pointer (`exports.publish_export`);
 * progress lines (logger 'eama.trainer'): rank 0's are relayed to the driver by a small actor,
   so they show there even when Ray does not forward worker output (log_to_driver=False).
 
@@ -36,7 +42,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import tempfile
 import threading
 import time
@@ -44,7 +49,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from eama.engine import deepspeed_config, storage
+from eama.engine import deepspeed_config, exports, storage
 
 log = logging.getLogger("eama.trainer")
 
@@ -93,7 +98,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept in storage
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     eval_every: int = 0  # optimizer steps between the task's evaluate calls (it also runs at the end); 0 = end only
-    export: bool = True  # write OUTPUT/RUN_NAME/export (a Hugging Face-style model folder)
+    export: bool = True  # write OUTPUT/RUN_NAME/export (a Hugging Face-style model folder, behind the pointer RUN/export.json)
     select_metric: str = ""  # an evaluate() key (higher is better): export the model at the eval where it peaked (model selection on validation data); empty = the last step
     # Test hook: rank `fail_rank` (-1 = last) exits hard after step `fail_at_step`, once: the
     # marker file `fail_marker` records that it happened.
@@ -127,7 +132,8 @@ def run_dir(cfg: TrainerConfig) -> str:
 
 
 def export_dir(cfg: TrainerConfig) -> str:
-    return storage.join(run_dir(cfg), "export")
+    """RUN/export: what loaders take (exports.resolve_export follows the RUN/export.json pointer)."""
+    return storage.join(run_dir(cfg), exports.NAME)
 
 
 # ---------------------------------------------------------------- the task interface
@@ -199,7 +205,7 @@ class TrainingTask(abc.ABC):
     @abc.abstractmethod
     def save_export(self, module: Any, state_dict: dict[str, Any], directory: str) -> None:
         """Rank 0: write the consolidated model (`state_dict` is full, also under ZeRO-3) to the
-        local `directory`, which the engine then copies to OUTPUT/RUN/export."""
+        local `directory`, which the engine then publishes as OUTPUT/RUN/export."""
 
     def export_info(self) -> dict[str, Any]:
         """Extra keys for the export's eama_export.json."""
@@ -208,7 +214,7 @@ class TrainingTask(abc.ABC):
     def evaluate(self, engine: Any, step: int) -> Mapping[str, float] | None:
         """Optional: metrics after step `step` (every eval_every steps and at the end), run under
         torch.no_grad with the engine in eval mode. Called on every rank, because a ZeRO-3 forward
-        needs all of them; the dict rank 0 returns goes into metrics.jsonl as eval/<key>."""
+        needs all of them; the dict rank 0 returns goes into the run's metrics as eval/<key>."""
         return None
 
 
@@ -265,6 +271,70 @@ def steps_per_epoch(rows: int, cfg: TrainerConfig) -> int:
     """Optimizer steps of one epoch as the plan counts them (the run's steps over its epochs, rounded
     up), so per-epoch evaluations and checkpoints fall on the last step, not one short of it."""
     return max(1, math.ceil(plan_steps(rows, cfg).total_steps / cfg.epochs))
+
+
+# ---------------------------------------------------------------- resume: the same plan or none
+
+# what decides the rows of every optimizer step: a resume needs the checkpoint's (epochs and
+# max_steps only lengthen or shorten the same sequence of steps)
+RESUME_KEYS = ("data", "seed", "shuffle", "group_by_length", "num_workers", "micro_batch_size", "grad_accum")
+
+
+def plan_fingerprint(files: Sequence[str], rows: int, cfg: TrainerConfig, plan: StepPlan) -> dict[str, Any]:
+    """What every checkpoint records of the run's plan: the data (file names relative to their
+    common folder and sizes, as a digest; counts), the order settings, the batch geometry, the epochs
+    and the planned steps."""
+    sizes = storage.parallel_map(storage.file_size, list(files))
+    paths = [storage.strip(f) for f in files]
+    base = os.path.dirname(os.path.commonprefix(paths)) if paths else ""
+    named = [[p[len(base):].lstrip("/"), n] for p, n in zip(paths, sizes)]
+    digest = hashlib.sha256(json.dumps(named).encode()).hexdigest()[:16]
+    return {"data": {"files": len(files), "rows": rows, "bytes": sum(sizes), "digest": digest},
+            **{k: getattr(cfg, k) for k in RESUME_KEYS[1:]}, "epochs": cfg.epochs, "total_steps": plan.total_steps}
+
+
+def describe_change(key: str, old: Any, new: Any) -> str:
+    if key != "data":
+        return f"{key} {old} -> {new}"
+    counts = ("files", "rows", "bytes")
+    if old and all(old.get(k) == new[k] for k in counts):
+        return "the data files' names or sizes changed"
+    was = ", ".join(f"{old.get(k)} {k}" for k in counts) if old else "unknown"
+    return f"data {was} -> {', '.join(f'{new[k]} {k}' for k in counts)}"
+
+
+def check_resume(saved: TrainerState, plan: Mapping[str, Any], run: str) -> None:
+    """Refuse (SystemExit, one line) to resume a checkpoint whose plan differs from this launch's
+    in what decides each step's rows, so a resume never trains some rows twice and others never."""
+    if not saved.plan:
+        log.warning("%s: its checkpoint at step %d records no plan (an older eama wrote it); resuming "
+                    "without checking the data and settings", run, saved.step)
+        return
+    changes = [describe_change(k, saved.plan.get(k), plan[k]) for k in RESUME_KEYS if saved.plan.get(k) != plan[k]]
+    if changes:
+        raise SystemExit(
+            f"cannot resume {run} from its checkpoint at step {saved.step}: the plan changed since ({'; '.join(changes)}), "
+            f"so its steps would hold other rows (some trained twice, some never); relaunch with its data and "
+            f"settings, or start fresh under another run_name (or delete {run})")
+    if saved.plan.get("total_steps") != plan["total_steps"]:
+        log.info("%s: the plan now has %s steps (the checkpoint's had %s); the same data order, the learning-rate "
+                 "schedule follows the new length", run, plan["total_steps"], saved.plan.get("total_steps"))
+
+
+def newest_checkpoint_state(root: str) -> TrainerState | None:
+    """The trainer state of the newest checkpoint-<step> folder under `root` that has one (the one a
+    relaunch resumes from); None when there is none."""
+    try:
+        entries = storage.filesystem(root).ls(storage.strip(root), detail=False)
+    except FileNotFoundError:
+        return None
+    names = sorted((e.rstrip("/").rsplit("/", 1)[-1] for e in entries), reverse=True)
+    for name in (n for n in names if re.fullmatch(r"checkpoint-\d{8}", n)):
+        try:
+            return TrainerState.resumed(storage.read_bytes(storage.join(root, name, TRAINER_STATE)))
+        except FileNotFoundError:  # not committed
+            continue
+    return None
 
 
 ORDER_BITS = 40  # sort key: epoch * 2**40 + a 40-bit key of the row (its seeded hash, or bucket | length | hash)
@@ -451,15 +521,58 @@ class StepStats:
         return out
 
 
-def write_metrics(history: list[dict[str, Any]], directory: str) -> None:
-    """metrics.jsonl (one line per optimizer step) under `directory`."""
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
-    storage.write_bytes_atomic(storage.join(directory, "metrics.jsonl"), text.encode())
+METRICS = "metrics"  # RUN/metrics/step-<last step>.jsonl: the records since the previous file
+LEGACY_METRICS = "metrics.jsonl"  # the whole history in one file, as runs wrote it before
+METRICS_FILE = re.compile(r"step-(\d{8})\.jsonl")
+
+
+def metrics_files(directory: str) -> list[tuple[int, str]]:
+    """(last step, path) of the run's metrics files, in step order."""
+    folder = storage.join(directory, METRICS)
+    try:
+        paths = storage.list_files(folder, ".jsonl")
+    except FileNotFoundError:
+        return []
+    found = [(METRICS_FILE.fullmatch(p.rsplit("/", 1)[-1]), p) for p in paths]
+    return sorted((int(m.group(1)), p) for m, p in found if m)
+
+
+def write_metrics(records: Sequence[dict[str, Any]], directory: str) -> None:
+    """`records` (consecutive optimizer steps, one line each) as RUN/metrics/step-<last>.jsonl:
+    a new small file per checkpoint, never a rewrite of the history."""
+    if records:
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+        path = storage.join(directory, METRICS, f"step-{records[-1]['step']:08d}.jsonl")
+        storage.write_bytes_atomic(path, text.encode())
+
+
+def sync_metrics(directory: str, state: TrainerState) -> None:
+    """Rank 0, as an attempt starts from `state`: make the metrics on storage hold exactly steps
+    1..state.step, each once. Files past the checkpoint (an attempt that went on without committing
+    another) and a legacy metrics.jsonl go; the checkpoint's pending records are (re)written."""
+    for last, path in metrics_files(directory):
+        if last > state.step:
+            storage.remove(path)
+    write_metrics(state.pending, directory)
+    storage.remove(storage.join(directory, LEGACY_METRICS))
 
 
 def read_metrics(directory: str) -> list[dict[str, Any]]:
-    raw = storage.read_bytes(storage.join(directory, "metrics.jsonl")).decode()
-    return [json.loads(line) for line in raw.splitlines() if line.strip()]
+    """The run's records, one per optimizer step in order (a legacy metrics.jsonl first); [] when
+    there are none yet."""
+    paths = [storage.join(directory, LEGACY_METRICS)] + [p for _, p in metrics_files(directory)]
+    records: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            raw = storage.read_bytes(path).decode()
+        except FileNotFoundError:
+            continue
+        for line in raw.splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if not records or record["step"] > records[-1]["step"]:  # a step once, even if files overlap
+                    records.append(record)
+    return records
 
 
 def train_job(config_class: type, fit_fn: Any, description: str, flags: Sequence[Any],
@@ -704,22 +817,78 @@ def device_and_dtype(ds_config: dict[str, Any]) -> tuple[str, Any]:
 @dataclasses.dataclass
 class TrainerState:
     step: int = 0  # optimizer steps done
-    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    pending: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # metrics records not yet in a metrics file
     world_size: int = 0
     attempts: int = 1
     best_value: float | None = None  # select_metric's best value so far, and its step
     best_step: int = 0
+    plan: dict[str, Any] = dataclasses.field(default_factory=dict)  # plan_fingerprint of the run (checked on resume)
+
+    @classmethod
+    def resumed(cls, raw: str | bytes) -> "TrainerState":
+        """The state a checkpoint's trainer_state.json holds, as the next attempt starts from it
+        (attempts + 1). A checkpoint written before metrics files held the whole `history`: it
+        becomes the records to write."""
+        obj = json.loads(raw)
+        if "history" in obj:
+            obj["pending"] = obj.pop("history")
+        state = cls(**obj)
+        state.attempts += 1
+        return state
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random generators (Python, numpy, torch CPU and CUDA) as JSON-able data."""
+    import base64
+    import random
+
+    import torch
+
+    def b64(t: Any) -> str:
+        return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+            "torch": b64(torch.get_rng_state()),
+            "cuda": [b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+
+
+def set_rng_state(saved: Mapping[str, Any]) -> None:
+    """Restore what `rng_state` returned, so dropout and sampling continue as they would have."""
+    import base64
+    import random
+
+    import torch
+
+    def tensor(text: str) -> Any:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensor(saved["torch"]))
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensor(s) for s in saved["cuda"]])
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank:05d}.json"
 
 
 def save_checkpoint(engine: Any, state: TrainerState, metrics: dict[str, Any], rank: int) -> None:
-    """Every rank writes its DeepSpeed shard into a temporary folder and reports it; Ray Train
-    merges the folders into one checkpoint in storage and keeps the newest `keep_checkpoints`.
-    Returns once the checkpoint is committed, so a failure after this call resumes from it."""
+    """Every rank writes its DeepSpeed shard and its random generators' state into a temporary
+    folder and reports it; Ray Train merges the folders into one checkpoint in storage and keeps the
+    newest `keep_checkpoints`. Returns once the checkpoint is committed, so a failure after this
+    call resumes from it."""
     import ray.train
     from ray.train import CheckpointConsistencyMode
 
     with tempfile.TemporaryDirectory(prefix="eama-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=DS_TAG)
+        with open(os.path.join(tmp, rng_file(rank)), "w") as fh:
+            json.dump(rng_state(), fh)
         if rank == 0:
             with open(os.path.join(tmp, TRAINER_STATE), "w") as fh:
                 json.dump(dataclasses.asdict(state), fh)
@@ -734,9 +903,7 @@ def trainer_state(ckpt: Any) -> TrainerState:
     if ckpt is None:
         return TrainerState()
     with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{TRAINER_STATE}") as fh:
-        state = TrainerState(**json.loads(fh.read()))
-    state.attempts += 1
-    return state
+        return TrainerState.resumed(fh.read())
 
 
 def safe_checkpoint_engine(engine: Any) -> Any:
@@ -759,12 +926,16 @@ def safe_checkpoint_engine(engine: Any) -> Any:
     return WeightsOnlyCheckpointEngine(engine._config)
 
 
-def load_engine_state(engine: Any, ckpt: Any) -> None:
-    """Weights, optimizer and schedule of every rank's shard from checkpoint `ckpt`, unpickled
-    with weights_only=True."""
+def load_engine_state(engine: Any, ckpt: Any, rank: int) -> None:
+    """Weights, optimizer and schedule of every rank's shard from checkpoint `ckpt` (unpickled
+    with weights_only=True), and this rank's random generators (when the checkpoint has them)."""
     engine.checkpoint_engine = safe_checkpoint_engine(engine)
     with ckpt.as_directory() as path:
         engine.load_checkpoint(path, tag=DS_TAG)
+        rng = os.path.join(path, rng_file(rank))
+        if os.path.exists(rng):
+            with open(rng) as fh:
+                set_rng_state(json.load(fh))
 
 
 def gather_state_dict(engine: Any, rank: int) -> dict[str, Any] | None:
@@ -774,36 +945,24 @@ def gather_state_dict(engine: Any, rank: int) -> dict[str, Any] | None:
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if rank == 0 else None
 
 
-def export_model(engine: Any, task: TrainingTask, dest: str, rank: int,
-                 info: dict[str, Any]) -> None:
-    """The task's consolidated export (+ eama_export.json with `info`) in `dest` (local or s3://).
-    Every rank must call it."""
+def export_model(engine: Any, task: TrainingTask, run: str, rank: int,
+                 info: dict[str, Any]) -> str | None:
+    """The task's consolidated export (+ eama_export.json with `info`) published as the export of
+    the run folder `run` (local or s3://; exports.publish_export: beside the old one, then a pointer
+    switch). Every rank must call it; rank 0 returns the new export folder."""
     import torch.distributed as dist
 
     state_dict = gather_state_dict(engine, rank)
+    dest = None
     if rank == 0:
         with tempfile.TemporaryDirectory(prefix="eama-export-") as tmp:
             task.save_export(engine.module, state_dict, tmp)
             with open(os.path.join(tmp, EXPORT_INFO), "w") as fh:
                 json.dump(info, fh, indent=2, sort_keys=True)
-            upload_dir(tmp, dest)
+            dest = exports.publish_export(tmp, run, info["step"])
     if dist.is_initialized():
         dist.barrier()
-
-
-def upload_dir(local: str, dest: str) -> None:
-    """Copy a local folder's files to `dest` (local path or s3://), replacing what was there."""
-    storage.remove(dest)
-    fs = storage.filesystem(dest)
-    for root, _, files in os.walk(local):
-        for name in files:
-            rel = os.path.relpath(os.path.join(root, name), local)
-            target = storage.join(dest, *rel.split(os.sep))
-            if storage.is_remote(dest):
-                fs.put_file(os.path.join(root, name), storage.strip(target))
-            else:
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                shutil.copyfile(os.path.join(root, name), target)
+    return dest
 
 
 # ---------------------------------------------------------------- the worker loop
@@ -874,10 +1033,10 @@ def select_model(engine: Any, task: TrainingTask, cfg: TrainerConfig, state: Tra
         return
     state.best_value, state.best_step = v, state.step
     t0 = time.time()
-    export_model(engine, task, export_dir(cfg), rank, export_info(task, cfg, state, world))
+    dest = export_model(engine, task, run_dir(cfg), rank, export_info(task, cfg, state, world))
     if rank == 0:
-        log.info("step %d is the best so far (%s %.4g): exported in %.1fs", state.step, cfg.select_metric, v,
-                 time.time() - t0)
+        log.info("step %d is the best so far (%s %.4g): exported to %s in %.1fs", state.step, cfg.select_metric, v,
+                 dest, time.time() - t0)
 
 
 def prepare_torch(cfg: TrainerConfig) -> None:
@@ -927,7 +1086,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # reuses Ray Train's group
     ckpt = ray.train.get_checkpoint()  # the latest reported one: after a failure or a relaunch
     state = trainer_state(ckpt)
-    state.world_size = world
+    state.world_size, state.plan = world, config["fingerprint"]  # the driver checked it (check_resume)
     info("%d workers started (attempt %d, %s)", world, state.attempts,
          f"resuming after step {state.step}" if ckpt is not None else "from scratch")
 
@@ -944,7 +1103,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lr_scheduler=deepspeed_config.lr_schedule(plan.total_steps, plan.warmup_steps, cfg.min_lr_ratio, cfg.schedule),
     )
     if ckpt is not None:
-        load_engine_state(engine, ckpt)
+        load_engine_state(engine, ckpt, rank)
         info("resumed from %s", ckpt.path)
     info("engine ready (ZeRO-%d) at step %d, %.1fs after start", cfg.zero_stage, state.step, time.time() - started)
     peak = peak_flops(torch.cuda.get_device_name()) if cfg.use_gpu else None
@@ -986,6 +1145,14 @@ def run_steps(engine: Any, task: TrainingTask, plan: StepPlan, state: TrainerSta
         if rank == 0:
             log.info(msg, *args)
 
+    def flush_metrics() -> None:  # after a committed checkpoint (which holds them) and at the end
+        if rank == 0:
+            write_metrics(state.pending, run_dir(cfg))
+        state.pending = []
+
+    if rank == 0:
+        sync_metrics(run_dir(cfg), state)
+    state.pending = []
     progress = Progress(plan.total_steps, state.step)
     engine.train()
     while state.step < plan.total_steps:
@@ -1000,7 +1167,7 @@ def run_steps(engine: Any, task: TrainingTask, plan: StepPlan, state: TrainerSta
             record["tokens_per_s"] = record["tokens"] / seconds
             if ctx.peak:
                 record["mfu"] = mfu(record["tokens_per_s"], ctx.trainable, world, ctx.peak)
-        state.history.append(record)
+        state.pending.append(record)
         if progress.due(state.step):
             info("%s", progress.line(state.step, record))
         maybe_fail(cfg, rank, world, state.step)
@@ -1017,16 +1184,16 @@ def run_steps(engine: Any, task: TrainingTask, plan: StepPlan, state: TrainerSta
             t0 = time.time()
             ctx.checkpoint(record)
             info("checkpoint at step %d in %.1fs", state.step, time.time() - t0)
-            if rank == 0:
-                write_metrics(state.history, run_dir(cfg))
+            flush_metrics()
 
-    if rank == 0 and state.history:
-        write_metrics(state.history, run_dir(cfg))
-        plot_losses(state.history, storage.join(run_dir(cfg), "loss_curves.png"), task.group_names, task.title)
+    flush_metrics()
+    history = read_metrics(run_dir(cfg)) if rank == 0 else []
+    if history:
+        plot_losses(history, storage.join(run_dir(cfg), "loss_curves.png"), task.group_names, task.title)
     if cfg.export and not cfg.select_metric:
         t0 = time.time()
-        export_model(engine, task, export_dir(cfg), rank, export_info(task, cfg, state, world))
-        info("exported to %s in %.1fs", export_dir(cfg), time.time() - t0)
+        dest = export_model(engine, task, run_dir(cfg), rank, export_info(task, cfg, state, world))
+        info("exported to %s in %.1fs", dest, time.time() - t0)
     elif cfg.export:
         info("the export holds step %d (%s %.4g, the best of the evaluations)", state.best_step,
              cfg.select_metric, state.best_value if state.best_value is not None else float("nan"))
@@ -1062,6 +1229,10 @@ def fit_on_ray(task: TrainingTask) -> Any:
         ray.init()
     files, rows = task.data_files()
     plan = plan_steps(rows, cfg)
+    fingerprint = plan_fingerprint(files, rows, cfg, plan)
+    saved = newest_checkpoint_state(run_dir(cfg))
+    if saved is not None:
+        check_resume(saved, fingerprint, run_dir(cfg))
     log.info("%s: %d rows in %d files -> %d steps of %d rows (%d workers x %d x %d accumulation, "
              "%d epochs, %d warm-up steps, ZeRO-%d); run %s", task.title, rows, len(files), plan.total_steps,
              plan.rows_per_step, cfg.num_workers, cfg.micro_batch_size, cfg.grad_accum, cfg.epochs,
@@ -1082,7 +1253,7 @@ def fit_on_ray(task: TrainingTask) -> Any:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"task": task, "plan": dataclasses.asdict(plan), "relay": relay,
-                           "files": list(files) if local else None, "order": order},
+                           "files": list(files) if local else None, "order": order, "fingerprint": fingerprint},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         **data,

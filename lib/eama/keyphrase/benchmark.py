@@ -18,7 +18,7 @@ import statistics
 import time
 from typing import Any
 
-from eama.engine import benchmarks, importing, schema, storage, trainer
+from eama.engine import benchmarks, exports, importing, schema, storage, trainer
 from eama.keyphrase import baselines, corpus, extraction, report, training
 
 # (F1@1, F1@3, MAP@5) x100 on the same test set, trained on the 42,959-post train split.
@@ -100,9 +100,8 @@ def train_one(cfg: BenchmarkConfig, data: dict[str, str], config: str, seed: int
     rows = training.keyphrase_files(data["train"])[1]
     tcfg.checkpoint_every = trainer.steps_per_epoch(rows, tcfg)
     tcfg.keep_checkpoints = 1
-    started = storage.exists(storage.join(trainer.run_dir(tcfg), "metrics.jsonl"))
-    trained = trainer.run_summary(tcfg)["steps"] if started else 0
-    if trained >= trainer.plan_steps(rows, tcfg).total_steps and storage.exists(trainer.export_dir(tcfg)):
+    trained = trainer.run_summary(tcfg)["steps"]  # 0 when it has not started
+    if trained >= trainer.plan_steps(rows, tcfg).total_steps and exports.export_exists(trainer.export_dir(tcfg)):
         print(f"benchmark_keyphrase: {tcfg.run_name} is trained ({trained} steps); decoding its export", flush=True)
         return tcfg
     result = training.fit(tcfg)
@@ -206,7 +205,7 @@ def throughput(cfg: BenchmarkConfig, results: list[dict[str, Any]]) -> str | Non
     if not neural:
         return None
     export = storage.join(cfg.output, "runs", neural[0].get("train_run", neural[0]["run"]), "export")
-    if not storage.exists(export):
+    if not exports.export_exists(export):
         return None
     rows = training.read_rows(storage.join(cfg.output, "data", "test"), with_images=False)[:cfg.throughput_rows]
     src = storage.join(cfg.output, "throughput", "input", "part-00000.parquet")

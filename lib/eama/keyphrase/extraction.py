@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from eama.engine import resources, runner, schema
+from eama.engine import exports, resources, runner, schema
 from eama.keyphrase import model as kp_model
 from eama.keyphrase import training
 
@@ -46,6 +46,7 @@ def validate(cfg: ExtractConfig) -> None:
         raise SystemExit(f"joint_rank must be model or one of {', '.join(kp_model.JOINT_RANKS)}, got {cfg.joint_rank!r}")
     if cfg.top_n < 0 or cfg.beam_size < 0 or cfg.extract_batch_size < 1:
         raise SystemExit("top_n and beam_size must be >= 0 (0: the model's), extract_batch_size >= 1")
+    cfg.model = exports.resolve_export(cfg.model)  # RUN/export: the export it points to now, for every actor
     runner.validate_model_job(cfg, "extract_keyphrases", "train_keyphrase")
 
 

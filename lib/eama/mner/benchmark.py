@@ -19,7 +19,7 @@ import statistics
 import time
 from typing import Any
 
-from eama.engine import benchmarks, importing, schema, storage, trainer
+from eama.engine import benchmarks, exports, importing, schema, storage, trainer
 from eama.mner import bga_tagger, conll, methods, report, spans, tagger, tagging, training
 
 # ITA (NAACL 2022), Table 1: test F1, BERT-base-cased CRF rows (text-only eval / text+view eval).
@@ -252,7 +252,7 @@ def throughput(cfg: BenchmarkConfig, results: list[dict[str, Any]]) -> str | Non
     batched forward (tokenise + forward + Viterbi in one process) on the same rows and threads."""
     import pyarrow as pa
 
-    here = [r for r in results if storage.exists(export_of(cfg, r))]  # results may come from another machine
+    here = [r for r in results if exports.export_exists(export_of(cfg, r))]  # results may come from another machine
     if not here:
         return None
     first = sorted(here, key=lambda r: (r["config"].startswith("bga"), r["run"]))[0]
@@ -297,7 +297,7 @@ def bga_cost(cfg: BenchmarkConfig, results: list[dict[str, Any]]) -> str | None:
     the same test posts: rows/s of each and BGA's cost ratio (the goal: at most 1.5x)."""
     pairs = [(b, t) for b in results if b["config"] == "bga" for t in results
              if t["config"] == "text" and (t["encoder"], t["dataset"], t["seed"]) == (b["encoder"], b["dataset"], b["seed"])
-             and storage.exists(export_of(cfg, b)) and storage.exists(export_of(cfg, t))]
+             and exports.export_exists(export_of(cfg, b)) and exports.export_exists(export_of(cfg, t))]
     if not pairs:
         return None
     lines = ["| dataset | rows | text-only CRF rows/s | BGA text-only inference rows/s | BGA cost (x CRF) |",

@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from eama.engine import resources, runner, schema
+from eama.engine import exports, resources, runner, schema
 from eama.mner import methods, spans, tagger
 
 Row = dict[str, Any]
@@ -36,6 +36,7 @@ class TagConfig(runner.ModelJobConfig):
 def validate(cfg: TagConfig) -> None:
     if cfg.view != "model" and cfg.view not in methods.VIEWS:
         raise SystemExit(f"view must be model or one of {', '.join(methods.VIEWS)}, got {cfg.view!r}")
+    cfg.model = exports.resolve_export(cfg.model)  # RUN/export: the export it points to now, for every actor
     runner.validate_model_job(cfg, "tag_entities", "train_mner")
 
 

@@ -7,7 +7,8 @@ Views (`views` key, any of):
   (engine/vision.py). These are whole-image classifier labels, not the VinVL region tags ITA
   was published with.
 - `caption`: a caption from any image-text-to-text model (`model`: hub id, local folder or s3://)
-  loaded by engine/hf.py: safetensors only, trust_remote_code off unless set.
+  loaded by engine/hf.py (safetensors only, trust_remote_code off unless set) and run on vLLM or
+  transformers (`engine`: engine/generation.py decides auto).
 
 Stages: decode (fetch + normalise, tasks) -> ocr -> tags -> caption (actor pools sized by
 resources.plan_views). Exactly once and resumable like every runner job; a row without an image or
@@ -24,7 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from eama.engine import config, faults, hf, images, resources, runner, schema, storage
+from eama.engine import config, exports, faults, generation, hf, images, resources, runner, schema, storage
 
 Row = dict[str, Any]
 
@@ -33,8 +34,9 @@ DEFAULT_MAX_SIDE = 1280  # keep enough pixels for OCR; the tagger and captioner 
 
 
 @dataclasses.dataclass
-class ImageViewsConfig(runner.RunnerConfig):
-    """image_views settings; the runner's keys (input, output, commit_rows, ...) come first."""
+class ImageViewsConfig(generation.EngineConfig, runner.RunnerConfig):
+    """image_views settings; the runner's keys (input, output, commit_rows, ...) come first, then the
+    caption engine's (engine, max_model_len, vllm_kv_cache_gib)."""
 
     commit_rows: int = 500  # rows per committed file (rows carry their image bytes)
     views: str = "caption,ocr,tags"  # comma-separated views to fill: caption, ocr, tags (object_tags)
@@ -71,10 +73,13 @@ def validate(cfg: ImageViewsConfig) -> tuple[str, ...]:
                                  "or s3:// URI), or leave caption out of --views")
     if cfg.device not in ("auto", "cuda", "cpu"):
         raise config.ConfigError(f"device must be auto, cuda or cpu, got {cfg.device!r}")
+    if cfg.engine not in generation.ENGINES:
+        raise config.ConfigError(f"engine must be one of {', '.join(generation.ENGINES)}, got {cfg.engine!r}")
     if cfg.tags_k < 1 or cfg.max_new_tokens < 1 or cfg.generate_batch_size < 1:
         raise config.ConfigError("tags_k, max_new_tokens and generate_batch_size must be >= 1")
     if not cfg.input:
         raise config.ConfigError("an input path is needed (--input)")
+    cfg.model = exports.resolve_export(cfg.model)  # RUN/export: the export it points to now, for every actor
     if cfg.model and os.path.isdir(cfg.model):
         cfg.model = storage.absolute(cfg.model)  # the actors may run in another directory
     runner.validate(cfg)
@@ -210,25 +215,36 @@ class ImageTagger(ViewStage):
 
 
 class Captioner(ViewStage):
-    """One image-text-to-text model replica per actor (engine/hf.py); greedy captions."""
+    """One image-text-to-text model replica per actor, on vLLM (engine/vllm_engine.py) or
+    transformers (engine/hf.py); greedy captions."""
 
     name = "caption"
 
     def __init__(self, work: pa.Schema, model: str, prompt: str, device: str = "cpu", max_new_tokens: int = 40,
                  generate_batch_size: int = 8, trust_remote_code: bool = False, revision: str | None = None,
-                 threads: int = 1) -> None:
+                 threads: int = 1, engine: str = "hf", max_model_len: int = 0, kv_cache_gib: float = 0.0) -> None:
         super().__init__(work)
         if device == "cpu":
             _set_torch_threads(threads)
-        self.lm = hf.load_image_text_model(model, device=device, trust_remote_code=trust_remote_code,
-                                           revision=revision)
+        self.lm = self.vllm = None
+        if engine == "vllm":
+            from eama.engine import vllm_engine
+
+            location = hf.resolve(model)
+            self.vllm = vllm_engine.VllmGenerator(location, generation.model_family(location, trust_remote_code, revision),
+                                                  device, max_model_len, kv_cache_gib, trust_remote_code, revision)
+        else:
+            self.lm = hf.load_image_text_model(model, device=device, trust_remote_code=trust_remote_code,
+                                               revision=revision)
         self.prompt, self.max_new_tokens, self.size = prompt, max_new_tokens, generate_batch_size
 
     def fill(self, todo: list[Row]) -> None:
         for k in range(0, len(todo), self.size):
             chunk = todo[k : k + self.size]
             pictures = [images.load_rgb(r["image_rgb"]) for r in chunk]
-            texts = hf.generate(self.lm, [self.prompt] * len(chunk), pictures, self.max_new_tokens)
+            prompts = [self.prompt] * len(chunk)
+            texts = (self.vllm.generate(prompts, pictures, self.max_new_tokens).texts if self.vllm
+                     else hf.generate(self.lm, prompts, pictures, self.max_new_tokens))
             for r, text in zip(chunk, texts):
                 r["caption"] = text
 
@@ -266,8 +282,8 @@ def count_views(rows: list[Row]) -> dict[str, int]:
 
 
 def views_job(cfg: ImageViewsConfig, views: tuple[str, ...], plan: resources.ViewsPlan, label: str,
-              run_id: str) -> runner.BatchJob:
-    """decode -> ocr -> tags -> caption (the asked-for views), sized by `plan`."""
+              run_id: str, engine: str = "hf") -> runner.BatchJob:
+    """decode -> ocr -> tags -> caption (the asked-for views; captions on `engine`), sized by `plan`."""
     work = work_schema(views)
     stages = [runner.Stage("decode", decode_images, {"max_side": cfg.max_image_side, "max_pixels": cfg.max_image_pixels,
                                                      "work": work}, cpus=plan.io_cpus)]
@@ -284,7 +300,8 @@ def views_job(cfg: ImageViewsConfig, views: tuple[str, ...], plan: resources.Vie
             "work": work, "model": cfg.model, "prompt": cfg.caption_prompt, "device": plan.device,
             "max_new_tokens": cfg.max_new_tokens, "generate_batch_size": cfg.generate_batch_size,
             "trust_remote_code": cfg.trust_remote_code, "revision": cfg.revision,
-            "threads": max(1, int(plan.caption_cpus))}, actors=plan.caption_actors, cpus=plan.caption_cpus,
+            "threads": max(1, int(plan.caption_cpus)), "engine": engine, "max_model_len": cfg.max_model_len,
+            "kv_cache_gib": cfg.vllm_kv_cache_gib}, actors=plan.caption_actors, cpus=plan.caption_cpus,
             gpus=plan.caption_gpus))
     return runner.BatchJob(
         name="image_views", input_schema=schema.MNER_SAMPLE, required=schema.MNER_REQUIRED, work_schema=work,
@@ -309,5 +326,9 @@ def run(cfg: ImageViewsConfig) -> dict[str, Any]:
     plan = resources.plan_views(res.get("CPU", 1), res.get("GPU", 0), views, cfg.device, cfg.caption_actors,
                                 cfg.gpus_per_caption, cfg.ocr_actors)
     run_id = runner.new_run_id()
-    return runner.run(views_job(cfg, views, plan, label, run_id), cfg, run_id=run_id)
+    engine = "hf"
+    if "caption" in views:
+        engine = generation.pick_engine(cfg.engine, lambda: generation.model_family(
+            hf.resolve(cfg.model), cfg.trust_remote_code, cfg.revision), "caption", plan.device)
+    return runner.run(views_job(cfg, views, plan, label, run_id, engine), cfg, run_id=run_id)
 
