@@ -25,6 +25,7 @@ import pytest
 
 from conftest import load_job
 from eama.engine import config, console, ledger, schema, storage
+from eama.engine import lease as leases
 from eama.engine.lease import LeaseHeld
 from eama.news import demo
 
@@ -311,7 +312,7 @@ def test_ray_job_submit_to_a_local_head_and_an_overlapping_run_exits_3(tmp_path)
         submitted = _submit(env, first, corpus, output, False, "device=cuda", "wait_for_resources_seconds=600")
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         deadline = time.time() + 300
-        while not (output / "_lease.json").exists():  # the first run holds the output
+        while leases.holder(str(output)) is None:  # the first run holds the output
             status = _status(env, first)
             assert "RUNNING" in status or "PENDING" in status, status + _ray(env, "job", "logs", first).stdout[-3000:]
             assert time.time() < deadline, "the first run never took the output's lease"
@@ -333,7 +334,7 @@ def test_ray_job_submit_to_a_local_head_and_an_overlapping_run_exits_3(tmp_path)
     assert table.num_rows == 8 and all(table.column("generated_caption").to_pylist())
     assert len(set(table.column("run_id").to_pylist())) == 1
     assert len(list((output / "_manifests").iterdir())) == 1  # only the third run finished
-    assert not (output / "_lease.json").exists()
+    assert leases.holder(str(output)) is None  # released
     print(f"\nray job submit: head start to stop {time.time() - started:.0f} s")
 
 
