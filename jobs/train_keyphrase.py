@@ -19,7 +19,8 @@ from typing import Sequence
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from eama.engine import config, trainer
+from eama.engine import config
+from eama.engine.training.launch import train_job
 from eama.keyphrase import training
 
 FLAGS = [
@@ -36,7 +37,7 @@ FLAGS = [
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    return trainer.train_job(training.KeyphraseTrainConfig, training.fit, __doc__.splitlines()[0], FLAGS, argv)
+    return train_job(training.KeyphraseTrainConfig, training.fit, __doc__.splitlines()[0], FLAGS, argv)
 
 
 if __name__ == "__main__":

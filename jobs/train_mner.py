@@ -23,7 +23,8 @@ from typing import Sequence
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from eama.engine import config, trainer
+from eama.engine import config
+from eama.engine.training.launch import train_job
 from eama.mner import methods, training
 
 FLAGS = [
@@ -41,7 +42,7 @@ FLAGS = [
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    return trainer.train_job(training.MnerTrainConfig, methods.fit, __doc__.splitlines()[0], FLAGS, argv)
+    return train_job(training.MnerTrainConfig, methods.fit, __doc__.splitlines()[0], FLAGS, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import load_job
-from eama.engine import schema, trainer
+from eama.engine import schema
+from eama.engine.training.metrics import read_metrics
 from eama.mner import bga, bga_tagger, methods, spans, training
 
 NAMES = ["jordan", "casey", "morgan", "riley", "taylor", "avery", "quinn", "parker", "reese", "skyler"]
@@ -149,7 +150,7 @@ def test_bga_learns_types_from_real_images_and_tags_without_them(bga_run):
     assert all(len(p) == len(r["tokens"]) for p, r in zip(every, test))
     nothing = [p for p, r in zip(every, test) if not r["image"] and not r["caption"]]
     assert nothing and sum(t != "O" for p in nothing for t in p) <= len(nothing)
-    history = trainer.read_metrics(str(bga_run["run"]))
+    history = read_metrics(str(bga_run["run"]))
     evals = [r for r in history if "eval/dev_f1" in r]
     assert evals and all(r["eval/dev_f1"] == r["eval/dev_f1_view"] for r in evals)  # select_view=visual
     info = json.loads((bga_run["export"] / "eama_export.json").read_text())

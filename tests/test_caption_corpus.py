@@ -141,10 +141,10 @@ def test_eama_selects_over_the_whole_article(groups, sentence_ids, names):
     class FixedAnswers(captioning.Captioner):
         asked: list[str] = []
 
-        def _generate(self, instructions, rows, imgs, prefix, max_new, lists=None):
+        def _generate(self, wave, asked, instructions, max_new, lists=None):
             self.asked += instructions
             if lists is None:
-                return super()._generate(instructions, rows, imgs, prefix, max_new)
+                return super()._generate(wave, asked, instructions, max_new)
             return ["1, 2" if kind == "sentences" else choices[-1] for kind, choices in lists]
 
     row = dict(next(demo.generate_samples(1, seed=3)), source_file="t", article=long_article(), headline=None)
@@ -327,8 +327,9 @@ def test_benchmark_prints_every_stage_and_the_eama_cost(capsys):
     """The benchmark job runs on CPU and reports each MLLM variant's time and LM work side by side."""
     bench = load_job("benchmark_caption")
     bench.main(["samples=8", "batch_size=4", "max_new_tokens=6", "selection_max_new_tokens=4", "repeats=1",
-                "end_to_end=false"])
+                "end_to_end=false", "engine=hf"])
     out = capsys.readouterr().out
+    assert "| hf | plain |" in out and "| hf | eama |" in out  # the engines side by side (vLLM's where installed)
     for stage in ("decode (CPU task)", "spaCy articles (actor)", "MLLM plain", "MLLM eama", "MLLM eama, no prefix reuse",
                   "spaCy captions (actor)"):
         assert f"| {stage} |" in out

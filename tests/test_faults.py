@@ -245,32 +245,32 @@ def test_training_checkpoints_are_unpickled_weights_only(zero_stage, tmp_path, s
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from ray.train import Checkpoint
 
-    from eama.engine import trainer
+    from eama.engine.training.checkpoints import DS_TAG, gather_state_dict, load_engine_state
 
     def weights(engine) -> list:
-        return [t.detach().clone() for t in trainer.gather_state_dict(engine, rank=0).values()]  # ZeRO-3: gathered
+        return [t.detach().clone() for t in gather_state_dict(engine, rank=0).values()]  # ZeRO-3: gathered
 
     trained = _deepspeed_engine(seed=0, zero_stage=zero_stage)
     loss = trained(torch.ones(2, 4)).square().mean()
     trained.backward(loss)
     trained.step()
     ckpt = tmp_path / "ckpt"
-    trained.save_checkpoint(str(ckpt), tag=trainer.DS_TAG)
+    trained.save_checkpoint(str(ckpt), tag=DS_TAG)
 
     fresh = _deepspeed_engine(seed=1, zero_stage=zero_stage)
     before = weights(fresh)
-    trainer.load_engine_state(fresh, Checkpoint.from_directory(str(ckpt)))
+    load_engine_state(fresh, Checkpoint.from_directory(str(ckpt)), rank=0)
     after, want = weights(fresh), weights(trained)
     assert len(after) == 4 and all(torch.equal(a, b) for a, b in zip(after, want))
     assert not any(torch.equal(a, b) for a, b in zip(before, after))  # really replaced
 
-    (states,) = (ckpt / trainer.DS_TAG).glob("*mp_rank_00_model_states.pt")  # ZeRO-3 prefixes zero_pp_rank_0_
+    (states,) = (ckpt / DS_TAG).glob("*mp_rank_00_model_states.pt")  # ZeRO-3 prefixes zero_pp_rank_0_
     marker = tmp_path / "pwned"
     blob = torch.load(states, weights_only=False)  # the file this test just wrote
     blob["client_state"] = _Payload(str(marker))
     torch.save(blob, states)
     with pytest.raises(pickle.UnpicklingError):
-        trainer.load_engine_state(_deepspeed_engine(seed=1, zero_stage=zero_stage), Checkpoint.from_directory(str(ckpt)))
+        load_engine_state(_deepspeed_engine(seed=1, zero_stage=zero_stage), Checkpoint.from_directory(str(ckpt)), rank=0)
     assert not marker.exists()
     TorchCheckpointEngine(fresh._config).load(str(states))  # DeepSpeed's default: weights_only=False
     assert marker.exists()  # so the payload was live, and only the trainer's loader stopped it

@@ -83,7 +83,9 @@ def test_local_launcher_trains_on_the_gpu_as_on_the_cpu(tmp_path):
     """launcher=local use_gpu=true: the toy task's fp32 losses on CUDA (TF32 off) follow the CPU's."""
     from test_training import ToyClassifierTask, ToyConfig, write_toy
 
-    from eama.engine import launchers, trainer
+    from eama.engine.training import launch
+    from eama.engine.training.config import run_dir
+    from eama.engine.training.metrics import read_metrics
 
     common = dict(data=write_toy(tmp_path), output=str(tmp_path / "runs"), launcher="local", num_workers=2,
                   micro_batch_size=8, epochs=2, lr=1e-2, warmup_ratio=0.1, checkpoint_every=16)
@@ -93,8 +95,8 @@ def test_local_launcher_trains_on_the_gpu_as_on_the_cpu(tmp_path):
         losses = {}
         for name, gpu in (("cpu", False), ("gpu", True)):
             cfg = ToyConfig(run_name=name, use_gpu=gpu, **common)
-            assert launchers.fit(ToyClassifierTask(cfg)).error is None
-            losses[name] = [r["loss"] for r in trainer.read_metrics(trainer.run_dir(cfg))]
+            assert launch.fit(ToyClassifierTask(cfg)).error is None
+            losses[name] = [r["loss"] for r in read_metrics(run_dir(cfg))]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     assert len(losses["gpu"]) == 32

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from conftest import kill_when, load_job
-from eama.engine import importing, schema, trainer
+from eama.engine import importing, schema
+from eama.engine.training.metrics import read_metrics
 from eama.keyphrase import baselines, benchmark, corpus, metric, training
 from eama.keyphrase import model as kp_model
 
@@ -191,7 +192,7 @@ def trained(tmp_path_factory, ray_local) -> dict:
 
 @pytest.mark.slow
 def test_training_learns_to_copy_keyphrases_it_never_saw(trained):
-    history = trainer.read_metrics(str(trained["run"]))
+    history = read_metrics(str(trained["run"]))
     evals = [r for r in history if "eval/dev_score" in r]
     assert len(evals) == 2
     info = json.loads((trained["export"] / "eama_export.json").read_text())

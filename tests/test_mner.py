@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from conftest import kill_when, load_job
-from eama.engine import schema, trainer
+from eama.engine import schema
+from eama.engine.training.metrics import read_metrics
 from eama.mner import crf as crf_module
 from eama.mner import methods, spans, tagger, training
 
@@ -221,7 +222,7 @@ def trained(small_sets, tmp_path_factory, ray_local) -> Path:
 
 @pytest.mark.slow
 def test_training_learns_and_exports_the_epoch_selected_on_valid(trained, small_sets):
-    history = trainer.read_metrics(str(trained))
+    history = read_metrics(str(trained))
     evals = [r for r in history if "eval/dev_f1" in r]
     assert len(evals) == 2  # once per epoch, in both evaluation views
     assert all({"eval/dev_f1_text", "eval/dev_f1_view"} <= set(r) for r in evals)

@@ -19,7 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
-from eama.engine import blobs, deepspeed_config, images, launchers, schema, storage, trainer
+from eama.engine import blobs, deepspeed_config, images, schema, storage
+from eama.engine.training import launch
+from eama.engine.training.checkpoints import TrainerState, rng_state, set_rng_state
+from eama.engine.training.config import TrainerConfig, export_dir, run_dir, validate
+from eama.engine.training.metrics import metrics_files, read_metrics, sync_metrics, write_metrics
+from eama.engine.training.order import local_micro_batches, plan_steps, row_order, steps_per_epoch, training_dataset
+from eama.engine.training.task import ModelParts, TrainingTask
 from eama.news import alignment, alignment_training, demo, models
 
 # ---------------------------------------------------------------- data
@@ -91,27 +97,27 @@ def test_workers_reading_the_data_themselves_get_ray_datas_order(shuffle, epochs
         pq.write_table(pa.table({"sample_id": ids[part], "x": list(range(38))[part], "text": words[part]}),
                        tmp_path / f"part-{k}.parquet")
     files = sorted(str(p) for p in tmp_path.glob("part-*.parquet"))
-    cfg = trainer.TrainerConfig(micro_batch_size=4, epochs=epochs, seed=3, shuffle=shuffle, group_by_length=group)
-    order = trainer.row_order(cfg, 38, ["sample_id"], ["text"])
+    cfg = TrainerConfig(micro_batch_size=4, epochs=epochs, seed=3, shuffle=shuffle, group_by_length=group)
+    order = row_order(cfg, 38, ["sample_id"], ["text"])
     import ray.data
 
     context = ray.data.DataContext.get_current()
     kept = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # as the trainer's ingest options set it
     try:
-        streamed = [list(b["sample_id"]) for b in trainer.training_dataset(files, cfg, 38, order).iter_batches(
+        streamed = [list(b["sample_id"]) for b in training_dataset(files, cfg, 38, order).iter_batches(
             batch_size=4, batch_format="numpy", drop_last=True)]
     finally:
         context.execution_options.preserve_order = kept
     assert len(set(sum(streamed[:9], []))) == 36  # the first epoch: 36 distinct rows
     for world in (1, 2):
         cfg.num_workers = world
-        per_rank = trainer.plan_steps(38, cfg).micro_batches_per_rank
-        ranks = [[list(b["sample_id"]) for b in trainer.local_micro_batches(files, cfg, order, None, r, world,
+        per_rank = plan_steps(38, cfg).micro_batches_per_rank
+        ranks = [[list(b["sample_id"]) for b in local_micro_batches(files, cfg, order, None, r, world,
                                                                              per_rank, skip=0)] for r in range(world)]
         assert all(len(r) == per_rank for r in ranks)
         assert [ranks[j % world][j // world] for j in range(world * per_rank)] == streamed[:world * per_rank]
-        resumed = trainer.local_micro_batches(files, cfg, order, None, 0, world, per_rank, skip=2)
+        resumed = local_micro_batches(files, cfg, order, None, 0, world, per_rank, skip=2)
         assert [list(b["sample_id"]) for b in resumed] == ranks[0][2:]
 
 
@@ -130,9 +136,9 @@ def test_group_by_length_cuts_padding_and_keeps_every_row(tmp_path):
     files = [str(tmp_path / "part-0.parquet")]
 
     def batches(group: int, seed: int) -> list[list[str]]:
-        cfg = trainer.TrainerConfig(micro_batch_size=4, epochs=2, seed=seed, group_by_length=group, num_workers=1)
-        order = trainer.row_order(cfg, 400, ["sample_id"], ["tokens"])
-        return [list(b["sample_id"]) for b in trainer.local_micro_batches(files, cfg, order, None, 0, 1, 200, 0)]
+        cfg = TrainerConfig(micro_batch_size=4, epochs=2, seed=seed, group_by_length=group, num_workers=1)
+        order = row_order(cfg, 400, ["sample_id"], ["tokens"])
+        return [list(b["sample_id"]) for b in local_micro_batches(files, cfg, order, None, 0, 1, 200, 0)]
 
     def padding(bs: list[list[str]]) -> float:
         return sum(4 * max(lengths[i] for i in b) for b in bs) / sum(lengths[i] for b in bs for i in b)
@@ -143,9 +149,9 @@ def test_group_by_length_cuts_padding_and_keeps_every_row(tmp_path):
         assert sorted(sum(epoch, [])) == sorted(lengths)
     assert grouped[:100] != grouped[100:] and batches(50, 1)[:100] != grouped[:100]
     with pytest.raises(SystemExit, match="length_columns"):
-        trainer.row_order(trainer.TrainerConfig(group_by_length=50), 400, ["sample_id"], [])
+        row_order(TrainerConfig(group_by_length=50), 400, ["sample_id"], [])
     with pytest.raises(SystemExit, match="shuffle"):
-        trainer.validate(trainer.TrainerConfig(group_by_length=50, shuffle=False))
+        validate(TrainerConfig(group_by_length=50, shuffle=False))
 
 
 def test_task_weights_and_step_plan():
@@ -153,8 +159,8 @@ def test_task_weights_and_step_plan():
         "sentence_selection": 1.0, "entity_selection": 1.0, "captioning": 0.5}
     with pytest.raises(ValueError):
         alignment_training.parse_task_weights("captions=1")
-    one = trainer.plan_steps(101, alignment_training.TrainConfig(num_workers=1, micro_batch_size=2, grad_accum=2))
-    two = trainer.plan_steps(101, alignment_training.TrainConfig(num_workers=2, micro_batch_size=2, grad_accum=1))
+    one = plan_steps(101, alignment_training.TrainConfig(num_workers=1, micro_batch_size=2, grad_accum=2))
+    two = plan_steps(101, alignment_training.TrainConfig(num_workers=2, micro_batch_size=2, grad_accum=1))
     assert one.total_steps == two.total_steps == 25 and one.rows_per_step == two.rows_per_step == 4
 
 
@@ -331,11 +337,11 @@ def test_two_workers_zero3_learn_the_demo_and_export(tmp_path, ray_local):
     rows = task_rows(96, seed=0)
     data = write_tasks(rows, tmp_path / "tasks")
     held_out = [r for r in task_rows(24, seed=99) if r["task"] != "captioning"]
-    cfg, history, result = fit(tmp_path, data=data, run_name="learn", micro_batch_size=4, epochs=5,
-                               max_steps=160, lr=5e-3, warmup_ratio=0.05, checkpoint_every=80,
+    cfg, history, result = fit(tmp_path, data=data, run_name="learn", micro_batch_size=4, epochs=7,
+                               max_steps=240, lr=5e-3, warmup_ratio=0.05, checkpoint_every=120,
                                param_persistence_threshold=-1)
     losses = [r["loss"] for r in history]
-    assert len(losses) == 160 and history[-1]["step"] == 160
+    assert len(losses) == 240 and history[-1]["step"] == 240
     assert np.mean(losses[-10:]) < 0.35 * np.mean(losses[:3])
     for task in schema.TASK_NAMES:
         first = next(r[f"loss/{task}"] for r in history if r[f"loss/{task}"] is not None)
@@ -448,11 +454,11 @@ def toy_rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclasses.dataclass
-class ToyConfig(trainer.TrainerConfig):
+class ToyConfig(TrainerConfig):
     data: str = ""
 
 
-class ToyClassifierTask(trainer.TrainingTask):
+class ToyClassifierTask(TrainingTask):
     """A small encoder-style classifier (plain torch, no Hugging Face): the engine's second task."""
 
     sort_columns = ("row_id",)
@@ -469,7 +475,7 @@ class ToyClassifierTask(trainer.TrainingTask):
         torch.manual_seed(self.config.seed)
         self.device = device
         model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
-        return trainer.ModelParts(model.to(device, dtype))
+        return ModelParts(model.to(device, dtype))
 
     def collate(self, rows):
         x, y = np.stack(rows["x"]).astype(np.float32), rows["y"].astype(np.int64)
@@ -504,7 +510,7 @@ def write_toy(tmp_path: Path, n: int = 256) -> str:
 def toy_export(cfg: ToyConfig) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(trainer.export_dir(cfg), "model.safetensors"))
+    return load_file(os.path.join(export_dir(cfg), "model.safetensors"))
 
 
 @pytest.mark.slow
@@ -519,26 +525,26 @@ def test_engine_trains_a_small_classifier_task(zero_stage, tmp_path, ray_local, 
                     epochs=3, lr=1e-2, warmup_ratio=0.05, checkpoint_every=100, eval_every=16,
                     group_by_length=2 if zero_stage == 2 else 0)
     caplog.set_level(logging.INFO, logger="eama.trainer")
-    result = launchers.fit(ToyClassifierTask(cfg))
+    result = launch.fit(ToyClassifierTask(cfg))
     assert result.error is None, result.error
 
-    history = trainer.read_metrics(trainer.run_dir(cfg))
+    history = read_metrics(run_dir(cfg))
     losses = [r["loss"] for r in history]
     assert [r["step"] for r in history] == list(range(1, 49))  # 256 rows x 3 epochs / (2 x 8)
     assert np.mean(losses[-5:]) < 0.5 * losses[0], (losses[0], losses[-5:])
     assert all(r["examples"] == 16 and r["rows/negative"] + r["rows/positive"] == 16 for r in history)
     assert [r["step"] for r in history if "eval/accuracy" in r] == [16, 32, 48]
     assert history[-1]["eval/accuracy"] > 0.85
-    assert storage.exists(storage.join(trainer.run_dir(cfg), "loss_curves.png"))
+    assert storage.exists(storage.join(run_dir(cfg), "loss_curves.png"))
     assert result.checkpoint.path.endswith("checkpoint-00000048")
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
-    model.load_state_dict(load_file(os.path.join(trainer.export_dir(cfg), "model.safetensors")))  # gathered whole
+    model.load_state_dict(load_file(os.path.join(export_dir(cfg), "model.safetensors")))  # gathered whole
     xt, yt = toy_rows(128, seed=1)
     with torch.no_grad():
         accuracy = (model(torch.from_numpy(xt)).argmax(1).numpy() == yt).mean()
     assert accuracy == pytest.approx(history[-1]["eval/accuracy"], abs=1 / 128)
-    info = json.loads(Path(trainer.export_dir(cfg), "eama_export.json").read_text())
+    info = json.loads(Path(export_dir(cfg), "eama_export.json").read_text())
     assert (info["zero_stage"], info["world_size"], info["step"]) == (zero_stage, 2, 48)
 
     lines = caplog.messages  # rank 0's lines, relayed to the driver
@@ -556,8 +562,8 @@ def same_steps_in_one_process(on_ray: ToyConfig, want: list[dict]) -> None:
     the steps of the 2 Ray Train workers under ZeRO-2: the same rows per step, the same losses,
     learning rates and evaluations, the same exported weights up to float rounding."""
     here = dataclasses.replace(on_ray, run_name="toy-local", launcher="local")
-    assert launchers.fit(ToyClassifierTask(here)).error is None
-    got = trainer.read_metrics(trainer.run_dir(here))
+    assert launch.fit(ToyClassifierTask(here)).error is None
+    got = read_metrics(run_dir(here))
     assert [r["step"] for r in got] == [r["step"] for r in want]
     assert all(r["examples"] == 16 for r in got)
     np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4)
@@ -565,7 +571,7 @@ def same_steps_in_one_process(on_ray: ToyConfig, want: list[dict]) -> None:
     assert [r.get("eval/accuracy") for r in got] == [r.get("eval/accuracy") for r in want]
     for name, tensor in toy_export(on_ray).items():
         torch.testing.assert_close(toy_export(here)[name], tensor, rtol=1e-4, atol=1e-5)
-    info = json.loads(Path(trainer.export_dir(here), "eama_export.json").read_text())
+    info = json.loads(Path(export_dir(here), "eama_export.json").read_text())
     assert (info["launcher"], info["zero_stage"], info["world_size"]) == ("local", None, 1)
 
 
@@ -573,13 +579,11 @@ def test_per_epoch_steps_end_on_the_runs_last_step():
     """4,870 rows x 4 epochs in micro-batches of 16 make 1,217 steps (the epochs' tail rows carry
     over): an epoch is 305 steps, so the fourth per-epoch evaluation is the final step's, not a
     second evaluation one step after the fourth."""
-    from eama.engine import trainer
-
-    cfg = trainer.TrainerConfig(epochs=4, micro_batch_size=16, num_workers=1)
-    assert trainer.plan_steps(4870, cfg).total_steps == 1217
-    assert trainer.steps_per_epoch(4870, cfg) == 305
-    cfg2 = trainer.TrainerConfig(epochs=2, micro_batch_size=16, num_workers=2)
-    assert trainer.steps_per_epoch(640, cfg2) == 20  # 640 x 2 / 2 workers / 16 = 40 steps, 20 an epoch
+    cfg = TrainerConfig(epochs=4, micro_batch_size=16, num_workers=1)
+    assert plan_steps(4870, cfg).total_steps == 1217
+    assert steps_per_epoch(4870, cfg) == 305
+    cfg2 = TrainerConfig(epochs=2, micro_batch_size=16, num_workers=2)
+    assert steps_per_epoch(640, cfg2) == 20  # 640 x 2 / 2 workers / 16 = 40 steps, 20 an epoch
 
 
 # ---------------------------------------------------------------- the local launcher
@@ -593,22 +597,22 @@ def test_local_launcher_resumes_after_a_crash(tmp_path):
     common = dict(data=write_toy(tmp_path), output=str(tmp_path / "runs"), launcher="local", num_workers=1,
                   micro_batch_size=8, epochs=2, lr=1e-2, warmup_ratio=0.1, checkpoint_every=8, keep_checkpoints=2)
     whole = ToyConfig(run_name="whole", **common)
-    assert launchers.fit(ToyClassifierTask(whole)).error is None
+    assert launch.fit(ToyClassifierTask(whole)).error is None
 
     marker = tmp_path / "failed"
     broken = dict(common, run_name="broken", fail_at_step=20, fail_marker=str(marker))
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-            "from test_training import ToyClassifierTask, ToyConfig\nfrom eama.engine import launchers\n"
-            f"launchers.fit(ToyClassifierTask(ToyConfig(**{broken!r})))\n")
+            "from test_training import ToyClassifierTask, ToyConfig\nfrom eama.engine.training import launch\n"
+            f"launch.fit(ToyClassifierTask(ToyConfig(**{broken!r})))\n")
     died = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert died.returncode == 1 and marker.read_text().startswith("rank 0 exited after step 20"), died.stderr[-2000:]
     cfg = ToyConfig(**broken)
-    result = launchers.fit(ToyClassifierTask(cfg))  # the marker exists: no second failure
+    result = launch.fit(ToyClassifierTask(cfg))  # the marker exists: no second failure
     assert result.error is None and result.checkpoint.path.endswith("checkpoint-00000064")
-    kept = sorted(p.name for p in Path(trainer.run_dir(cfg), "local-checkpoints").iterdir())
+    kept = sorted(p.name for p in Path(run_dir(cfg), "local-checkpoints").iterdir())
     assert kept == ["checkpoint-00000056", "checkpoint-00000064"]
 
-    want, got = trainer.read_metrics(trainer.run_dir(whole)), trainer.read_metrics(trainer.run_dir(cfg))
+    want, got = read_metrics(run_dir(whole)), read_metrics(run_dir(cfg))
     assert [r["step"] for r in got] == list(range(1, 65))  # 256 x 2 / 8, each step once
     assert {r["attempt"] for r in got[:16]} == {1} and {r["attempt"] for r in got[16:]} == {2}
     assert [r["loss"] for r in got] == [r["loss"] for r in want]
@@ -618,10 +622,10 @@ def test_local_launcher_resumes_after_a_crash(tmp_path):
 
 def test_launcher_settings_are_checked():
     with pytest.raises(SystemExit, match="launcher must be one of ray, local, got 'slurm'"):
-        trainer.validate(ToyConfig(launcher="slurm"))
+        validate(ToyConfig(launcher="slurm"))
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-            launchers.fit(ToyClassifierTask(ToyConfig(launcher="local", use_gpu=True, data="unused")))
+            launch.fit(ToyClassifierTask(ToyConfig(launcher="local", use_gpu=True, data="unused")))
 
 
 # ---------------------------------------------------------------- the trainer's storage: export pointer, resume plan, metrics files
@@ -697,28 +701,28 @@ def test_metrics_files_hold_each_step_once_across_resumes(where, tmp_path, reque
     checkpoint's pending records and drops what a lost attempt wrote past it, so read_metrics gives
     every step once. A legacy metrics.jsonl and checkpoint (its whole history) carry over."""
     run = s3_or_local(where, tmp_path, request)
-    assert trainer.read_metrics(run) == []
+    assert read_metrics(run) == []
     for a, b in ((1, 4), (5, 8), (9, 10)):  # checkpoints at 4 and 8; 9-10 written by an attempt that then died
-        trainer.write_metrics(records(a, b), run)
-    assert [s for s, _ in trainer.metrics_files(run)] == [4, 8, 10]
-    assert trainer.read_metrics(run) == records(1, 10)
-    resumed = trainer.TrainerState.resumed(json.dumps(dataclasses.asdict(
-        trainer.TrainerState(step=8, pending=records(5, 8)))))  # checkpoint 8, saved before its file was written
-    trainer.sync_metrics(run, resumed)
-    assert trainer.read_metrics(run) == records(1, 8)
-    trainer.write_metrics(records(9, 12, attempt=2), run)
-    assert trainer.read_metrics(run) == records(1, 8) + records(9, 12, attempt=2)
+        write_metrics(records(a, b), run)
+    assert [s for s, _ in metrics_files(run)] == [4, 8, 10]
+    assert read_metrics(run) == records(1, 10)
+    resumed = TrainerState.resumed(json.dumps(dataclasses.asdict(
+        TrainerState(step=8, pending=records(5, 8)))))  # checkpoint 8, saved before its file was written
+    sync_metrics(run, resumed)
+    assert read_metrics(run) == records(1, 8)
+    write_metrics(records(9, 12, attempt=2), run)
+    assert read_metrics(run) == records(1, 8) + records(9, 12, attempt=2)
 
     storage.write_bytes_atomic(storage.join(run, "metrics.jsonl"),
                                "".join(json.dumps(r) + "\n" for r in records(1, 6)).encode())
-    legacy = trainer.TrainerState.resumed(json.dumps({"step": 4, "history": records(1, 4), "world_size": 2,
+    legacy = TrainerState.resumed(json.dumps({"step": 4, "history": records(1, 4), "world_size": 2,
                                                       "attempts": 1, "best_value": None, "best_step": 0}))
     assert (legacy.pending, legacy.attempts, legacy.plan) == (records(1, 4), 2, {})
-    trainer.sync_metrics(run, legacy)
-    assert trainer.read_metrics(run) == records(1, 4)
+    sync_metrics(run, legacy)
+    assert read_metrics(run) == records(1, 4)
     assert not storage.exists(storage.join(run, "metrics.jsonl"))
-    trainer.sync_metrics(run, trainer.TrainerState())  # from scratch: nothing
-    assert trainer.read_metrics(run) == []
+    sync_metrics(run, TrainerState())  # from scratch: nothing
+    assert read_metrics(run) == []
 
 
 def test_random_generators_round_trip():
@@ -726,10 +730,10 @@ def test_random_generators_round_trip():
     import random
 
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    saved = json.loads(json.dumps(trainer.rng_state()))
+    saved = json.loads(json.dumps(rng_state()))
     want = (random.random(), np.random.rand(), torch.rand(3))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    trainer.set_rng_state(saved)
+    set_rng_state(saved)
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[:2] == want[:2] and torch.equal(got[2], want[2])
 
@@ -743,8 +747,8 @@ def test_a_resume_needs_the_plan_its_checkpoint_was_trained_with(tmp_path):
     data = write_toy(tmp_path, n=64)
     cfg = ToyConfig(data=data, output=str(tmp_path / "runs"), run_name="plan", launcher="local", num_workers=1,
                     micro_batch_size=8, max_steps=4, checkpoint_every=2, lr=1e-2)
-    assert launchers.fit(ToyClassifierTask(cfg)).error is None
-    saved = json.loads(Path(trainer.run_dir(cfg), "local-checkpoints", "checkpoint-00000004", "trainer_state.json")
+    assert launch.fit(ToyClassifierTask(cfg)).error is None
+    saved = json.loads(Path(run_dir(cfg), "local-checkpoints", "checkpoint-00000004", "trainer_state.json")
                        .read_text())
     assert saved["plan"]["data"]["rows"] == 64 and saved["plan"]["total_steps"] == 4
     assert [r["step"] for r in saved["pending"]] == [3, 4]  # the records since the previous checkpoint only
@@ -752,26 +756,26 @@ def test_a_resume_needs_the_plan_its_checkpoint_was_trained_with(tmp_path):
     for change, message in ((dict(seed=1), "seed 0 -> 1"), (dict(micro_batch_size=4), "micro_batch_size 8 -> 4"),
                             (dict(num_workers=2), "num_workers 1 -> 2")):
         with pytest.raises(SystemExit, match="cannot resume") as refused:
-            launchers.fit(ToyClassifierTask(dataclasses.replace(cfg, max_steps=6, **change)))
+            launch.fit(ToyClassifierTask(dataclasses.replace(cfg, max_steps=6, **change)))
         assert message in str(refused.value) and "\n" not in str(refused.value), refused.value
     x, y = toy_rows(1, seed=5)
     storage.write_table_atomic(pa.table({"row_id": ["extra"], "x": list(x), "y": y}), f"{data}/part-00001.parquet")
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-            "from test_training import ToyClassifierTask, ToyConfig\nfrom eama.engine import launchers\n"
-            f"launchers.fit(ToyClassifierTask(ToyConfig(**{dataclasses.asdict(cfg)!r})))\n")
+            "from test_training import ToyClassifierTask, ToyConfig\nfrom eama.engine.training import launch\n"
+            f"launch.fit(ToyClassifierTask(ToyConfig(**{dataclasses.asdict(cfg)!r})))\n")
     refused = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     line = refused.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"cannot resume {trainer.run_dir(cfg)} from its checkpoint at step 4: the plan changed "
+    assert line.startswith(f"cannot resume {run_dir(cfg)} from its checkpoint at step 4: the plan changed "
                            "since (data 1 files, 64 rows, ") and "-> 2 files, 65 rows" in line, line
     assert "start fresh under another run_name" in line
 
     os.remove(f"{data}/part-00001.parquet")
     longer = dataclasses.replace(cfg, max_steps=6)
-    assert launchers.fit(ToyClassifierTask(longer)).error is None
-    history = trainer.read_metrics(trainer.run_dir(longer))
+    assert launch.fit(ToyClassifierTask(longer)).error is None
+    history = read_metrics(run_dir(longer))
     assert [(r["step"], r["attempt"]) for r in history] == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (6, 2)]
-    assert [s for s, _ in trainer.metrics_files(trainer.run_dir(longer))] == [2, 4, 6]
+    assert [s for s, _ in metrics_files(run_dir(longer))] == [2, 4, 6]
 
 
 class DropoutToyTask(ToyClassifierTask):
@@ -782,7 +786,7 @@ class DropoutToyTask(ToyClassifierTask):
         self.device = device
         model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Dropout(0.5),
                                     torch.nn.Linear(32, 2))
-        return trainer.ModelParts(model.to(device, dtype))
+        return ModelParts(model.to(device, dtype))
 
 
 @pytest.mark.slow
@@ -797,21 +801,21 @@ def test_ray_workers_resume_their_random_generators_and_metrics_once(tmp_path, r
     common = dict(data=write_toy(tmp_path), output=str(tmp_path / "runs"), num_workers=2, zero_stage=2,
                   micro_batch_size=8, max_steps=8, checkpoint_every=4, lr=1e-2, warmup_ratio=0.1)
     whole = ToyConfig(run_name="whole", **common)
-    assert launchers.fit(DropoutToyTask(whole)).error is None
+    assert launch.fit(DropoutToyTask(whole)).error is None
     marker = tmp_path / "killed.txt"
     killed = ToyConfig(run_name="killed", fail_at_step=6, fail_marker=str(marker), **common)
-    result = launchers.fit(DropoutToyTask(killed))
+    result = launch.fit(DropoutToyTask(killed))
     assert result.error is None and marker.exists()
 
-    want, got = trainer.read_metrics(trainer.run_dir(whole)), trainer.read_metrics(trainer.run_dir(killed))
+    want, got = read_metrics(run_dir(whole)), read_metrics(run_dir(killed))
     assert [(r["step"], r["attempt"]) for r in got] == [(s, 1 if s <= 4 else 2) for s in range(1, 9)]
-    assert [s for s, _ in trainer.metrics_files(trainer.run_dir(killed))] == [4, 8]
+    assert [s for s, _ in metrics_files(run_dir(killed))] == [4, 8]
     np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-6)
     ckpt = Path(result.checkpoint.path)
     assert {p.name for p in ckpt.glob("rng-*.json")} == {"rng-rank00000.json", "rng-rank00001.json"}
     assert json.loads((ckpt / "trainer_state.json").read_text())["plan"]["num_workers"] == 2
-    info = json.loads(Path(trainer.run_dir(killed), "export", "eama_export.json").read_text())
-    assert info["step"] == 8 and Path(trainer.run_dir(killed), "export.json").exists()
+    info = json.loads(Path(run_dir(killed), "export", "eama_export.json").read_text())
+    assert info["step"] == 8 and Path(run_dir(killed), "export.json").exists()
 
     with pytest.raises(SystemExit, match="seed 0 -> 1"):
-        launchers.fit(DropoutToyTask(dataclasses.replace(killed, seed=1, fail_at_step=0)))
+        launch.fit(DropoutToyTask(dataclasses.replace(killed, seed=1, fail_at_step=0)))

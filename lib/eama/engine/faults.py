@@ -35,6 +35,9 @@ _NETWORK_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests",
 _RAY_TRANSIENT = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ObjectLostError",
                   "NodeDiedError", "OwnerDiedError", "WorkerCrashedError", "RaySystemError",
                   "ObjectFetchTimedOutError", "GetTimeoutError")
+# vLLM's engine core process died (killed, crashed): that engine never answers again, a fresh
+# process with a fresh engine does
+_ENGINE_DEAD = ("EngineDeadError",)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -45,7 +48,7 @@ def is_transient(exc: BaseException) -> bool:
         if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
             return True
         name, module = type(e).__name__, type(e).__module__ or ""
-        if name == "OutOfMemoryError" or name in _RAY_TRANSIENT:
+        if name == "OutOfMemoryError" or name in _RAY_TRANSIENT or name in _ENGINE_DEAD:
             return True
         if module.split(".")[0] in ("torch", "builtins") and isinstance(e, RuntimeError) and _CUDA_TEXT.search(str(e)):
             return True
@@ -74,8 +77,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def poisons_process(exc: BaseException) -> bool:
     """True for a CUDA fault after which the process's CUDA context is unusable (every later call
-    fails): only a new process recovers."""
-    return any(isinstance(e, RuntimeError) and _POISON_TEXT.search(str(e)) for e in _chain(exc))
+    fails), or a vLLM engine whose core process died: only a new process recovers."""
+    return any((isinstance(e, RuntimeError) and _POISON_TEXT.search(str(e))) or type(e).__name__ in _ENGINE_DEAD
+               for e in _chain(exc))
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

@@ -36,8 +36,8 @@ VLLM_FAMILIES = {"llava": "LLaVA-1.5"}
 class EngineConfig:
     """The generation-engine settings of a job config (mixed into caption_corpus' and image_views')."""
 
-    engine: str = "auto"  # auto | vllm | hf: auto = vllm on GPUs for the families it serves (LLaVA) when installed, else hf
-    max_model_len: int = 0  # prompt + answer tokens an engine allows; 0 = the model's own limit (contexts are cut to fit)
+    engine: str = "auto"  # auto | vllm | hf: auto = vllm on GPUs for the families it serves (LLaVA), else hf
+    max_model_len: int = 0  # prompt + answer tokens allowed; 0 = the model's own limit (contexts are cut to fit)
     vllm_kv_cache_gib: float = 0.0  # vLLM's KV cache; 0 = vLLM's default on GPU (90% of its memory), 1 GiB on CPU
 
 

@@ -132,6 +132,7 @@ def load_image_text_model(
     refuse_pickle_only(local)
     dtype = dtype or default_dtype(device)
     processor = AutoProcessor.from_pretrained(local, trust_remote_code=trust_remote_code, revision=revision)
+    processor.tokenizer.padding_side = "left"  # the one place: batched generate (and training's batches) pad left
     model = AutoModelForImageTextToText.from_pretrained(
         local, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, revision=revision,
     )

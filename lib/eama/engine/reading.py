@@ -13,7 +13,7 @@ reads a page whole). The price: each slice of a row group decodes the rows befor
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,10 +21,17 @@ import pyarrow.parquet as pq
 from eama.engine import faults, isolation, schema, storage
 from eama.engine.isolation import fail
 
-if TYPE_CHECKING:
-    from eama.engine.runner import BatchJob
-
 Row = dict[str, Any]
+
+
+class BatchJob(Protocol):
+    """What the read stage needs of a job (runner.BatchJob has it)."""
+
+    input_schema: pa.Schema
+    work_schema: pa.Schema
+    check_table: Callable[[pa.Table, str], None] | None
+    prepare: Callable[[Row], str | None] | None
+
 READ_BATCH_BYTES = 16 << 20
 READ_BUFFER_BYTES = 1 << 20
 

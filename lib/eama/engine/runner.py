@@ -45,7 +45,7 @@ from eama.engine.isolation import ActorStage, guarded, task_stage  # noqa: F401 
 from eama.engine.isolation import fail, isolate, pending  # noqa: F401 - the stages' API (runner.fail, ...)
 from eama.engine.reading import read_positions
 from eama.engine import lease as output_lease
-from eama.engine.trainer import clock
+from eama.engine.training.progress import clock
 
 log = logging.getLogger("eama.runner")
 # retries are bounded through map_batches' ray_remote_args (max_retries, max_restarts, max_task_retries):
@@ -127,6 +127,7 @@ class BatchJob:
     prepare: Callable[[Row], str | None] | None = None  # per-row check after read: a reason = error row
     check_table: Callable[[pa.Table, str], None] | None = None  # extra per-row-group contract check
     stats: Callable[[list[Row]], dict[str, Any]] | None = None  # job counters summed into the manifest
+    rates: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # counts derived from the summed ones (a hit rate)
     io_cpus: float = 0.25  # per read and commit task
     describe: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra manifest fields
     attachments: Sequence[Attachment] = ()
@@ -615,7 +616,7 @@ def run(job: BatchJob, cfg: RunnerConfig, run_id: str | None = None) -> dict[str
                          "errors": progress.errors + len(plan.file_errors),
                          "retryable_errors": progress.retryable + sum(e["retryable"] for e in plan.file_errors),
                          "errors_by_stage": progress.errors_by_stage,
-                         "counts": progress.extra,
+                         "counts": {**progress.extra, **(job.rates(progress.extra) if job.rates else {})},
                          "error_reasons": [f"{e['source_file']}: {e['reason']}" for e in plan.file_errors],
                          "rewritten_files": plan.changed, "rows_already_done_in_rewritten_files": len(plan.carried),
                          "vanished_ids": {p: {"count": len(ids), "examples": ids[:20]} for p, ids in plan.vanished.items()}},

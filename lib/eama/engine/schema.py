@@ -113,7 +113,9 @@ TASK_IMAGE = pa.schema([pa.field("sample_id", pa.string(), nullable=False), pa.f
 # What flows between caption_corpus stages: the sample plus every column a stage adds. A row whose
 # error_stage is set is carried through untouched and written to the error output.
 CAPTION_STAGES = ("decode", "ner", "mllm", "caption_ner")
-WORK = work_schema(list(SAMPLE) + [pa.field("image_rgb", pa.binary())] + ANNOTATIONS, CAPTION_STAGES)
+# The MLLM engine's token counts of a sample's prompts (summed into the manifest, not written out).
+ENGINE_COUNTS = [pa.field("mllm_prompt_tokens", pa.int64()), pa.field("mllm_cached_tokens", pa.int64())]
+WORK = work_schema(list(SAMPLE) + [pa.field("image_rgb", pa.binary())] + ANNOTATIONS + ENGINE_COUNTS, CAPTION_STAGES)
 
 
 # Multimodal NER: one post (tweet) per row, its tokens and BIO tags, its image, and the

@@ -18,7 +18,10 @@ import statistics
 import time
 from typing import Any
 
-from eama.engine import benchmarks, exports, importing, schema, storage, trainer
+from eama.engine import benchmarks, exports, importing, schema, storage
+from eama.engine.training import config as trainer_config
+from eama.engine.training.metrics import run_summary
+from eama.engine.training.order import plan_steps, steps_per_epoch
 from eama.keyphrase import baselines, corpus, extraction, report, training
 
 # (F1@1, F1@3, MAP@5) x100 on the same test set, trained on the 42,959-post train split.
@@ -98,10 +101,10 @@ def train_one(cfg: BenchmarkConfig, data: dict[str, str], config: str, seed: int
         group_by_length=cfg.group_by_length, num_workers=cfg.num_workers,
         cpus_per_worker=cfg.cpus_per_worker, torch_threads=cfg.torch_threads, joint_rank=cfg.joint_rank)
     rows = training.keyphrase_files(data["train"])[1]
-    tcfg.checkpoint_every = trainer.steps_per_epoch(rows, tcfg)
+    tcfg.checkpoint_every = steps_per_epoch(rows, tcfg)
     tcfg.keep_checkpoints = 1
-    trained = trainer.run_summary(tcfg)["steps"]  # 0 when it has not started
-    if trained >= trainer.plan_steps(rows, tcfg).total_steps and exports.export_exists(trainer.export_dir(tcfg)):
+    trained = run_summary(tcfg)["steps"]  # 0 when it has not started
+    if trained >= plan_steps(rows, tcfg).total_steps and exports.export_exists(trainer_config.export_dir(tcfg)):
         print(f"benchmark_keyphrase: {tcfg.run_name} is trained ({trained} steps); decoding its export", flush=True)
         return tcfg
     result = training.fit(tcfg)
@@ -118,9 +121,9 @@ def scores_of(full: dict[str, Any]) -> dict[str, Any]:
 def neural_run(cfg: BenchmarkConfig, data: dict[str, str], config: str, seed: int) -> dict[str, Any]:
     started = time.time()
     tcfg = train_one(cfg, data, config, seed)
-    summary = trainer.run_summary(tcfg)
+    summary = run_summary(tcfg)
     out = storage.join(cfg.output, "extracted", run_name(cfg, config, seed))
-    manifest = extraction.run(extraction.ExtractConfig(input=data["test"], output=out, model=trainer.export_dir(tcfg),
+    manifest = extraction.run(extraction.ExtractConfig(input=data["test"], output=out, model=trainer_config.export_dir(tcfg),
                                                        threads=cfg.extract_threads, joint_rank=cfg.joint_rank))
     full = report.score_output(report.ScoreConfig(input=out))
     best = next((d for d in summary["dev"] if d["step"] == summary["selected_step"]), {})

@@ -1,4 +1,4 @@
-"""MM-MKP training as a task on the engine's trainer (eama.engine.trainer).
+"""MM-MKP training as a task on the engine's trainer (eama.engine.training).
 
 The engine runs Ray Train + DeepSpeed, the order, checkpoints, resume, metrics, model selection and
 the export; this module supplies the keyphrase parts:
@@ -21,7 +21,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from eama.engine import images as image_io
-from eama.engine import feature_cache, launchers, schema, storage, trainer
+from eama.engine import feature_cache, schema, storage
+from eama.engine.training import config as trainer_config
+from eama.engine.training import launch
+from eama.engine.training.order import steps_per_epoch
+from eama.engine.training.task import ModelParts, TrainingTask, rank_share, sum_over_ranks
 from eama.keyphrase import metric
 from eama.keyphrase import model as kp_model
 
@@ -29,7 +33,7 @@ COLUMNS = ("sample_id", "post", "keyphrases", "ocr", "visual_entities", "image_t
 
 
 @dataclasses.dataclass
-class KeyphraseTrainConfig(trainer.TrainerConfig):
+class KeyphraseTrainConfig(trainer_config.TrainerConfig):
     """train_keyphrase settings; the engine's keys (epochs, micro_batch_size, zero_stage, ...) included."""
 
     train: str = ""  # keyphrase Parquet rows to train on (import_corpus --format twitter-keyphrase), local or s3://
@@ -90,7 +94,7 @@ def validate(cfg: KeyphraseTrainConfig) -> None:
             raise SystemExit(f"not found: {path}")
     cfg.train, cfg.valid = storage.absolute(cfg.train), storage.absolute(cfg.valid) if cfg.valid else ""
     cfg.output = storage.absolute(cfg.output)
-    trainer.validate(cfg)
+    trainer_config.validate(cfg)
 
 
 def keyphrase_files(path: str) -> tuple[list[str], int]:
@@ -139,7 +143,7 @@ def write_split(source: str, base: str, share: float, seed: int) -> tuple[str, s
 
 def split_holdout(cfg: KeyphraseTrainConfig) -> None:
     """Without --valid: hold out cfg.holdout of --train under RUN/data and train on the rest."""
-    cfg.train, cfg.valid = write_split(cfg.train, storage.join(trainer.run_dir(cfg), "data"), cfg.holdout,
+    cfg.train, cfg.valid = write_split(cfg.train, storage.join(trainer_config.run_dir(cfg), "data"), cfg.holdout,
                                        cfg.holdout_seed)
 
 
@@ -184,7 +188,7 @@ class Batch:
     pairs: int
 
 
-class KeyphraseTask(trainer.TrainingTask):
+class KeyphraseTask(TrainingTask):
     """MM-MKP: encoder + noise filtering + classifier + copy decoder, one loss per post."""
 
     sort_columns = ("sample_id",)
@@ -209,7 +213,7 @@ class KeyphraseTask(trainer.TrainingTask):
         self.columns = tuple(c for c in COLUMNS if c in present and (self.config.images or c != "image"))
         return files, rows
 
-    def build_model(self, ds_config: dict[str, Any], device: str, dtype: Any) -> trainer.ModelParts:
+    def build_model(self, ds_config: dict[str, Any], device: str, dtype: Any) -> ModelParts:
         import torch
 
         cfg: KeyphraseTrainConfig = self.config  # type: ignore[assignment]
@@ -226,7 +230,7 @@ class KeyphraseTask(trainer.TrainingTask):
         heads = [p for p in self.model.parameters() if id(p) not in encoder_ids]
         groups = [{"params": list(self.model.encoder.parameters()), "lr": cfg.lr},
                   {"params": heads, "lr": cfg.head_lr or cfg.lr}]
-        return trainer.ModelParts(self.model, parameters=groups)
+        return ModelParts(self.model, parameters=groups)
 
     def collate(self, rows: dict[str, np.ndarray]) -> Batch:
         n = len(rows["sample_id"])
@@ -263,7 +267,7 @@ class KeyphraseTask(trainer.TrainingTask):
         if not self.valid_rows:
             return None
         cfg: KeyphraseTrainConfig = self.config  # type: ignore[assignment]
-        mine, _, _ = trainer.rank_share(self.valid_rows)
+        mine, _, _ = rank_share(self.valid_rows)
         sums = metric.accumulate([], [], [])
         for k in range(0, len(mine), cfg.eval_batch_size):
             chunk = mine[k:k + cfg.eval_batch_size]
@@ -276,7 +280,7 @@ class KeyphraseTask(trainer.TrainingTask):
                     sums[scope][key] = sums[scope].get(key, 0.0) + v
         keys = ["posts"] + list(metric.SUM_KEYS)
         flat = torch.tensor([sums["all"].get(k, 0.0) for k in keys], dtype=torch.float64)
-        flat = trainer.sum_over_ranks(flat, self.device)
+        flat = sum_over_ranks(flat, self.device)
         merged = {"all": dict(zip(keys, flat.tolist())), "present": {"posts": 0.0}, "absent": {"posts": 0.0}}
         report = metric.finish(merged)
         a = report["all"]
@@ -308,5 +312,5 @@ def fit(cfg: KeyphraseTrainConfig) -> Any:
         raise SystemExit(f"{cfg.train}: no training post has keyphrases")
     task = KeyphraseTask(cfg, classes)
     if cfg.valid and cfg.eval_per_epoch:
-        cfg.eval_every = trainer.steps_per_epoch(keyphrase_files(cfg.train)[1], cfg)
-    return launchers.fit(task)
+        cfg.eval_every = steps_per_epoch(keyphrase_files(cfg.train)[1], cfg)
+    return launch.fit(task)

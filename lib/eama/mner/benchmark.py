@@ -19,7 +19,10 @@ import statistics
 import time
 from typing import Any
 
-from eama.engine import benchmarks, exports, importing, schema, storage, trainer
+from eama.engine import benchmarks, exports, importing, schema, storage
+from eama.engine.training import config as trainer_config
+from eama.engine.training.metrics import read_metrics
+from eama.engine.training.order import steps_per_epoch
 from eama.mner import bga_tagger, conll, methods, report, spans, tagger, tagging, training
 
 # ITA (NAACL 2022), Table 1: test F1, BERT-base-cased CRF rows (text-only eval / text+view eval).
@@ -97,7 +100,7 @@ def train_one(cfg: BenchmarkConfig, data: dict[str, str], dataset: str, config: 
         num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
         torch_threads=cfg.torch_threads, launcher=cfg.launcher, use_gpu=cfg.use_gpu)
     # a checkpoint per epoch: an interrupted run resumes from its last epoch at the next invocation
-    tcfg.checkpoint_every = trainer.steps_per_epoch(training.mner_files(data["train"])[1], tcfg)
+    tcfg.checkpoint_every = steps_per_epoch(training.mner_files(data["train"])[1], tcfg)
     tcfg.keep_checkpoints = 1
     result = methods.fit(tcfg)
     if result.error:
@@ -187,10 +190,10 @@ def run_matrix(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
                 started = time.time()
                 tcfg = train_one(cfg, data, dataset, config, seed)
                 train_wall = time.time() - started
-                history = trainer.read_metrics(trainer.run_dir(tcfg))
+                history = read_metrics(trainer_config.run_dir(tcfg))
                 evals = [r for r in history if "eval/dev_f1" in r]
                 best = max(evals, key=lambda r: r["eval/dev_f1"])
-                model = trainer.export_dir(tcfg)
+                model = trainer_config.export_dir(tcfg)
                 views = eval_views(config)
                 test = {v: tag_and_score(cfg, model, data["test"], storage.join(cfg.output, "tagged", name), v)
                         for v in views}

@@ -20,7 +20,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from eama.engine import feature_cache, trainer
+from eama.engine import feature_cache
+from eama.engine.training.task import ModelParts
 from eama.mner import bga_tagger, tagger, training
 
 log = logging.getLogger("eama.trainer")
@@ -40,7 +41,7 @@ class BgaTask(training.MnerTask):
         self.spec.view, self.spec.cva = "text", False
         self.length_columns = ("tokens", "caption")  # the caption is the proxy's image side
 
-    def build_model(self, ds_config: dict[str, Any], device: str, dtype: Any) -> trainer.ModelParts:
+    def build_model(self, ds_config: dict[str, Any], device: str, dtype: Any) -> ModelParts:
         import torch
 
         cfg: training.MnerTrainConfig = self.config  # type: ignore[assignment]
@@ -61,7 +62,7 @@ class BgaTask(training.MnerTask):
             {"params": [p for p in trainable if id(p) in crf_ids], "lr": cfg.crf_lr, "weight_decay": 0.0},
             {"params": [p for p in trainable if id(p) not in encoder_ids | crf_ids], "lr": cfg.bga_lr},
         ]
-        return trainer.ModelParts(self.model, parameters=groups)
+        return ModelParts(self.model, parameters=groups)
 
     def collate(self, rows: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch

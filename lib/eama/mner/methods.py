@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from eama.engine import launchers, trainer
+from eama.engine.training import launch
+from eama.engine.training.order import steps_per_epoch
 from eama.mner import bga_tagger, bga_training, tagger, training
 
 VIEWS = tuple(dict.fromkeys(tagger.VIEWS + bga_tagger.VIEWS))  # every inference view of either method
@@ -21,8 +22,8 @@ def fit(cfg: training.MnerTrainConfig) -> Any:
         raise SystemExit(f"{cfg.train}: the training rows tag no entities")
     task = (bga_training.BgaTask if cfg.method == "bga" else training.MnerTask)(cfg, types)
     if cfg.valid and cfg.eval_per_epoch:
-        cfg.eval_every = trainer.steps_per_epoch(training.mner_files(cfg.train)[1], cfg)
-    return launchers.fit(task)
+        cfg.eval_every = steps_per_epoch(training.mner_files(cfg.train)[1], cfg)
+    return launch.fit(task)
 
 
 def load(location: str, device: str = "cpu") -> tuple[Any, Any, tagger.TaggerSpec]:

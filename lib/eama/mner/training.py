@@ -1,4 +1,4 @@
-"""ITA's tagger training as a task on the engine's trainer (eama.engine.trainer).
+"""ITA's tagger training as a task on the engine's trainer (eama.engine.training).
 
 The engine runs Ray Train + DeepSpeed, the deterministic order, checkpoints, resume, metrics and
 the export; this module supplies the MNER parts:
@@ -22,13 +22,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from eama.engine import schema, storage, trainer
+from eama.engine import schema, storage
+from eama.engine.training import config as trainer_config
+from eama.engine.training.task import ModelParts, TrainingTask, rank_share, sum_over_ranks
 from eama.mner import crf as crf_module
 from eama.mner import spans, tagger
 
 
 @dataclasses.dataclass
-class MnerTrainConfig(trainer.TrainerConfig):
+class MnerTrainConfig(trainer_config.TrainerConfig):
     """train_mner settings; the engine's keys (epochs, micro_batch_size, zero_stage, ...) included."""
 
     train: str = ""  # MNER Parquet rows to train on (import_corpus --format twitter-mner), local or s3://
@@ -97,7 +99,7 @@ def validate(cfg: MnerTrainConfig) -> None:
     cfg.train, cfg.valid = storage.absolute(cfg.train), storage.absolute(cfg.valid) if cfg.valid else ""
     if not cfg.valid:
         cfg.select_metric = ""
-    trainer.validate(cfg)
+    trainer_config.validate(cfg)
 
 
 def mner_files(path: str) -> tuple[list[str], int]:
@@ -162,7 +164,7 @@ def ita_loss(forward: Any, crf: Any, batch: Batch, temperature: float | None) ->
     return torch.where(batch.has_view, 0.5 * row_loss + 0.5 * t * t * kl, nll_t)
 
 
-class MnerTask(trainer.TrainingTask):
+class MnerTask(TrainingTask):
     """ITA: encoder + CRF over the post's tokens, an image-text view, optional CVA."""
 
     sort_columns = ("sample_id",)
@@ -186,7 +188,7 @@ class MnerTask(trainer.TrainingTask):
         self.columns = tuple(c for c in type(self).columns if c in present)
         return files, rows
 
-    def build_model(self, ds_config: dict[str, Any], device: str, dtype: Any) -> trainer.ModelParts:
+    def build_model(self, ds_config: dict[str, Any], device: str, dtype: Any) -> ModelParts:
         import torch
 
         cfg: MnerTrainConfig = self.config  # type: ignore[assignment]
@@ -200,7 +202,7 @@ class MnerTask(trainer.TrainingTask):
         rest = [p for p in self.model.parameters() if id(p) not in crf_ids]
         groups = [{"params": rest, "lr": cfg.lr}, {"params": crf_params, "lr": cfg.crf_lr, "weight_decay": 0.0}]
         torch.manual_seed(cfg.seed)
-        return trainer.ModelParts(self.model, parameters=groups)
+        return ModelParts(self.model, parameters=groups)
 
     def _view(self, row: Mapping[str, Any]) -> str:
         return tagger.view_text(row, self.config.view, self.tokenizer.sep_token or "|")
@@ -242,7 +244,7 @@ class MnerTask(trainer.TrainingTask):
         if not self.valid_rows:
             return None
         cfg: MnerTrainConfig = self.config  # type: ignore[assignment]
-        mine, _, world = trainer.rank_share(self.valid_rows)
+        mine, _, world = rank_share(self.valid_rows)
         views = self.eval_views()
         counts = torch.zeros(len(views), 3, dtype=torch.float64)
         # every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively)
@@ -254,7 +256,7 @@ class MnerTask(trainer.TrainingTask):
                 pred = self.predict(engine, chunk, view)
                 if real:
                     counts[j] += torch.tensor(spans.span_counts([r["tags"] for r in chunk], pred), dtype=torch.float64)
-        counts = trainer.sum_over_ranks(counts, self.device)
+        counts = sum_over_ranks(counts, self.device)
         scores = {f"dev_f1_{v if v == 'text' else 'view'}": spans.f1(*map(int, counts[j].tolist()))
                   for j, v in enumerate(views)}
         return self.with_selection(scores)

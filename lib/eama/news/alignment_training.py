@@ -1,4 +1,4 @@
-"""EAMA's multitask alignment training, as a task on the engine's trainer (eama.engine.trainer).
+"""EAMA's multitask alignment training, as a task on the engine's trainer (eama.engine.training).
 
 The engine runs the Ray Train workers, DeepSpeed (ZeRO-3 by default), the deterministic data
 order, checkpoints, resume, metrics and the export; this module supplies what is EAMA's:
@@ -26,8 +26,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from eama.engine import blobs, images, launchers, schema, storage, trainer
-from eama.engine.trainer import export_dir, read_metrics, run_dir  # noqa: F401 - this job's API
+from eama.engine import blobs, images, published_layout, schema, storage
+from eama.engine.training import config as trainer_config
+from eama.engine.training import launch
+from eama.engine.training.config import export_dir, run_dir  # noqa: F401 - this job's API
+from eama.engine.training.metrics import read_metrics  # noqa: F401 - this job's API
+from eama.engine.training.task import ModelParts, TrainingTask, device_and_dtype, enable_gradient_checkpointing
 from eama.news import prompts
 
 VISION_MODULES = ("vision_tower", "vision_model")
@@ -35,7 +39,7 @@ IGNORE = -100
 
 
 @dataclasses.dataclass
-class TrainConfig(trainer.TrainerConfig):
+class TrainConfig(trainer_config.TrainerConfig):
     """train_alignment settings. Learning-rate defaults follow LLaVA-1.5's recipe for a 7B model."""
 
     data: str = ""  # task rows from build_alignment_data: directory, file or glob, local or s3://
@@ -61,7 +65,7 @@ def parse_task_weights(spec: str) -> dict[str, float]:
 def validate(cfg: TrainConfig) -> None:
     if not cfg.data:
         raise SystemExit("train_alignment needs --data (task rows from build_alignment_data)")
-    trainer.validate(cfg)
+    trainer_config.validate(cfg)
     parse_task_weights(cfg.task_weights)
 
 
@@ -100,13 +104,13 @@ def load_for_training(cfg: TrainConfig, ds_config: dict[str, Any], device: str |
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)
-    default_device, default_dtype = trainer.device_and_dtype(ds_config)
+    default_device, default_dtype = device_and_dtype(ds_config)
     lm = models.load_model(cfg.model, device=device or default_device, dtype=dtype or default_dtype,
                            trust_remote_code=cfg.trust_remote_code, for_training=True)
     if cfg.freeze_vision:
         freeze(lm.model, VISION_MODULES)
     if cfg.gradient_checkpointing:
-        trainer.enable_gradient_checkpointing(lm.model)
+        enable_gradient_checkpointing(lm.model)
     return lm, keep_alive
 
 
@@ -173,9 +177,7 @@ class Collator:
         self.lm = lm
         self.task_weights = task_weights
         self.images = images
-        tok = lm.tokenizer
-        tok.padding_side = "left"
-        self.eos = tok.eos_token or ""
+        self.eos = lm.tokenizer.eos_token or ""  # left-padded, as hf.load_image_text_model sets it
         self.positions = generation_uses_position_ids(lm)
 
     def texts(self, prompt: str, target: str) -> tuple[str, str]:
@@ -251,7 +253,7 @@ def accepts_logits_to_keep(model: Any) -> bool:
 # ---------------------------------------------------------------- the task
 
 
-class AlignmentTask(trainer.TrainingTask):
+class AlignmentTask(TrainingTask):
     """EAMA's three alignment tasks (sentence selection, entity selection, captioning) on an MLLM."""
 
     sort_columns = ("task", "sample_id", "prompt")
@@ -269,12 +271,12 @@ class AlignmentTask(trainer.TrainingTask):
     def data_files(self) -> tuple[list[str], int]:
         return task_files(self.config.data)
 
-    def build_model(self, ds_config: dict[str, Any], device: str, dtype: Any) -> trainer.ModelParts:
+    def build_model(self, ds_config: dict[str, Any], device: str, dtype: Any) -> ModelParts:
         self.lm, keep_alive = load_for_training(self.config, ds_config, device, dtype)
         folder = images_folder(self.config)
         self.collator = Collator(self.lm, parse_task_weights(self.config.task_weights),
                                  blobs.BlobTable(folder) if storage.exists(folder) else None)
-        return trainer.ModelParts(self.lm.model, keep_alive=keep_alive)
+        return ModelParts(self.lm.model, keep_alive=keep_alive)
 
     def collate(self, rows: dict[str, np.ndarray]) -> Batch:
         return self.collator(rows)
@@ -287,9 +289,9 @@ class AlignmentTask(trainer.TrainingTask):
         return {"tokens": batch.tokens, "target_tokens": batch.target_tokens}
 
     def save_export(self, module: Any, state_dict: dict[str, Any], directory: str) -> None:
-        """A Hugging Face model (safetensors) + processor that models.load_model reads."""
-        module.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
-        self.lm.processor.save_pretrained(directory)
+        """A Hugging Face model (safetensors) + processor that models.load_model and vLLM read
+        (published_layout.save_image_text_model: the published key layout)."""
+        published_layout.save_image_text_model(module, self.lm.processor, directory, state_dict=state_dict)
 
     def export_info(self) -> dict[str, Any]:
         return {"base_model": self.config.model, "task_weights": self.config.task_weights}
@@ -297,7 +299,7 @@ class AlignmentTask(trainer.TrainingTask):
 
 def fit(cfg: TrainConfig) -> Any:
     """Run (or resume, when OUTPUT/RUN_NAME holds checkpoints) the training; returns Ray's Result."""
-    return launchers.fit(AlignmentTask(cfg))
+    return launch.fit(AlignmentTask(cfg))
 
 
 # ---------------------------------------------------------------- selection accuracy

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from eama.engine import config, images, resources, schema, storage
-from eama.news import caption_job, candidates, captioning, demo, models
+from eama.news import caption_job, candidates, captioning, demo, engines, models
 
 
 @dataclasses.dataclass
@@ -33,6 +33,8 @@ class BenchConfig:
     mllm_threads: int = 0  # the pipeline's MLLM actor threads (caption_corpus's key; 0 = from the plan)
     steady_rows: int = 0  # > 0: also run the eama pipeline on this many rows (the samples repeated) for its
     #                       steady-state rate and start-up (two sizes, a straight line through both)
+    engine: str = ""  # e.g. hf,vllm: also time the MLLM stage on each engine side by side (plain and eama)
+    max_model_len: int = 0  # for engine: the engines' token limit (0: the model's own)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -171,6 +173,43 @@ def steady_state(cfg: BenchConfig, rows: list[dict], slowest_rate: float, mllm: 
           f"{threads} thread(s) ({min(actor_rate, slowest_rate):.2f} rows/s)")
 
 
+def compare_engines(cfg: BenchConfig, annotated: pa.Table, names: list[str]) -> None:
+    """The MLLM stage (plain and eama) on each engine over the same rows: median seconds of
+    `repeats` runs, each starting with an empty prefix cache, and the prompt tokens the engine
+    computed or found in its prefix cache (vLLM reports those; transformers shares each sample's
+    head explicitly, counted in the LM token positions above)."""
+    if not names or set(names) - {"hf", "vllm"}:
+        raise config.ConfigError(f"engine takes a comma-separated list of hf, vllm; got {cfg.engine!r}")
+    n = annotated.num_rows
+    results: dict[tuple[str, str], tuple[float, int, int]] = {}
+    for name in names:
+        engine = engines.load_engine(name, cfg.model, cfg.device, max_model_len=cfg.max_model_len)
+        for mode in ("plain", "eama"):
+            cap = captioning.Captioner(captioning.CaptionerConfig(
+                model=cfg.model, mode=mode, device=cfg.device, engine=name, max_new_tokens=cfg.max_new_tokens,
+                selection_max_new_tokens=cfg.selection_max_new_tokens, generate_batch_size=cfg.batch_size,
+                threads=os.cpu_count() or 1), engine=engine)
+            in_batches(cap, annotated.slice(0, cfg.batch_size), cfg.batch_size)  # warm-up
+            times, out = [], None
+            for _ in range(max(1, cfg.repeats)):
+                if hasattr(engine, "generator"):
+                    engine.generator.reset_cache()
+                out, seconds = timed(lambda: in_batches(cap, annotated, cfg.batch_size))
+                times.append(seconds)
+            prompt = sum(out.column("mllm_prompt_tokens").to_pylist())
+            results[name, mode] = (statistics.median(times), prompt, sum(out.column("mllm_cached_tokens").to_pylist()))
+        if hasattr(engine, "generator"):
+            engine.generator.close()  # the next engine gets the memory
+    print("\n| engine | mode | seconds | samples/s | prompt tokens | from the prefix cache | hit rate |\n"
+          "|---|---|---:|---:|---:|---:|---:|")
+    for (name, mode), (seconds, prompt, cached) in results.items():
+        rate = f"{cached / prompt:.0%}" if name == "vllm" else "n/a (explicit head sharing)"
+        print(f"| {name} | {mode} | {seconds:.2f} | {n / seconds:.2f} | {prompt} | {cached} | {rate} |")
+    print("\n| engine | eama / plain time |\n|---|---:|")
+    for name in names:
+        print(f"| {name} | {results[name, 'eama'][0] / results[name, 'plain'][0]:.2f}x |")
+
+
 def run(cfg: BenchConfig) -> None:
     """Measure and print every table for `cfg`."""
     if cfg.device == "cuda":
@@ -237,6 +276,8 @@ def run(cfg: BenchConfig) -> None:
         print(f"| {label} | {results[label] / results['plain']:.2f}x | {work[label][0] / work['plain'][0]:.2f}x "
               f"| {work[label][1] / work['plain'][1]:.2f}x |")
     print("\n(goal: eama <= 1.5x the time of plain; the paper's whole-article alternative costs about 2x)")
+    if cfg.engine and not cfg.shape:
+        compare_engines(cfg, annotated, [e.strip() for e in cfg.engine.split(",") if e.strip()])
     if cfg.steady_rows and not cfg.shape:
         slowest_eama = max(t for name, t in stages if name.startswith(("decode", "spaCy", "MLLM eama"))
                            and "no prefix" not in name)

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
-from eama.engine import config, console, images, resources, runner, schema, storage
+from eama.engine import config, console, generation, images, resources, runner, schema, storage
 from eama.news import captioning, demo
+
+log = logging.getLogger(__name__)
 
 DEMO_INPUT = os.path.join("demo_out", "corpus")
 
 
 @dataclasses.dataclass
-class CaptionCorpusConfig(runner.RunnerConfig):
-    """caption_corpus settings; the runner's keys (input, output, commit_rows, ...) come first."""
+class CaptionCorpusConfig(generation.EngineConfig, runner.RunnerConfig):
+    """caption_corpus settings; the runner's keys (input, output, commit_rows, ...) come first, then
+    the generation engine's (engine, max_model_len, vllm_kv_cache_gib)."""
 
     output: str = os.path.join("demo_out", "captions")
     model: str = "tiny-llava"  # preset, hub id, local path or s3:// URI
@@ -31,7 +35,7 @@ class CaptionCorpusConfig(runner.RunnerConfig):
     generate_batch_size: int = 8  # samples per generate call inside an MLLM actor
     max_new_tokens: int = 48  # caption length limit in tokens
     selection_max_new_tokens: int = 32  # limit for each selection answer (eama mode)
-    share_image_prefix: bool = True  # eama: one KV cache of image + news context for a sample's three prompts
+    share_image_prefix: bool = True  # eama on engine=hf: one KV cache of image + news context for a sample's three prompts
     selection_groups: int = 0  # eama: groups of 10 sentences / 30 entities selected over per sample (0: the whole article)
     max_image_side: int = images.DEFAULT_MAX_SIDE  # longer image side after normalising, pixels
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS  # larger images are refused before decoding
@@ -49,6 +53,10 @@ def validate(cfg: CaptionCorpusConfig) -> None:
     for key in ("generate_batch_size", "max_new_tokens", "selection_max_new_tokens", "max_article_words"):
         if getattr(cfg, key) < 1:
             raise config.ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.engine not in generation.ENGINES:
+        raise config.ConfigError(f"engine must be one of {', '.join(generation.ENGINES)}, got {cfg.engine!r}")
+    if cfg.max_model_len < 0 or cfg.vllm_kv_cache_gib < 0:
+        raise config.ConfigError("max_model_len and vllm_kv_cache_gib must be >= 0")
     if cfg.gpus_per_mllm <= 0 or min(cfg.mllm_actors, cfg.ner_actors, cfg.mllm_threads, cfg.selection_groups) < 0:
         raise config.ConfigError("gpus_per_mllm must be > 0 and mllm_actors, ner_actors, mllm_threads, "
                                  "selection_groups >= 0")
@@ -77,6 +85,40 @@ def model_label(cfg: CaptionCorpusConfig) -> str:
     return cfg.model
 
 
+PRESET_FAMILIES = {"instructblip-vicuna-7b": "instructblip", "llava-1.5-7b": "llava"}
+
+
+def family_of(model: str, trust_remote_code: bool = False, revision: str | None = None) -> str:
+    """The model_type of `model` (a preset, tiny model, folder or hub id), read on the driver."""
+    from eama.news import models
+
+    if model in PRESET_FAMILIES or model in models.TINY:
+        return PRESET_FAMILIES.get(model) or model.removeprefix("tiny-")
+    try:
+        return generation.model_family(models.resolve(model), trust_remote_code, revision)
+    except OSError as exc:  # a hub id out of reach from the driver
+        log.warning("could not read %s's config on the driver (%s)", model, exc)
+        return "unknown"
+
+
+def choose_engine(cfg: CaptionCorpusConfig, device: str) -> str:
+    """The MLLM engine this run uses on `device` (engine=auto resolved), logged once with the reason."""
+    return generation.pick_engine(cfg.engine, lambda: family_of(cfg.model, cfg.trust_remote_code, cfg.revision),
+                                  "MLLM", device)
+
+
+def count_tokens(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Manifest counters: the MLLM's prompt tokens and those its prefix cache served."""
+    return {"mllm_prompt_tokens": sum(r.get("mllm_prompt_tokens") or 0 for r in rows),
+            "mllm_cached_tokens": sum(r.get("mllm_cached_tokens") or 0 for r in rows)}
+
+
+def hit_rate(counts: dict[str, Any]) -> dict[str, float]:
+    """The prefix cache's hit rate over the run: cached / prompt tokens (vLLM reports the cached ones)."""
+    prompt = counts.get("mllm_prompt_tokens") or 0
+    return {"prefix_cache_hit_rate": round((counts.get("mllm_cached_tokens") or 0) / prompt, 4)} if prompt else {}
+
+
 def emit_caption(row: dict[str, Any], model: str, mode: str, run_id: str) -> list[dict[str, Any]]:
     """The output row of one captioned sample."""
     out = {k: row.get(k) for k in schema.CAPTION_OUTPUT.names}
@@ -84,12 +126,14 @@ def emit_caption(row: dict[str, Any], model: str, mode: str, run_id: str) -> lis
     return [out]
 
 
-def caption_job(cfg: CaptionCorpusConfig, plan: resources.StagePlan, label: str, run_id: str) -> runner.BatchJob:
-    """decode -> spaCy (articles) -> MLLM -> spaCy (captions), sized by `plan`."""
+def caption_job(cfg: CaptionCorpusConfig, plan: resources.StagePlan, label: str, run_id: str,
+                engine: str = "hf") -> runner.BatchJob:
+    """decode -> spaCy (articles) -> MLLM (`engine`) -> spaCy (captions), sized by `plan`."""
     import functools
 
     captioner = captioning.CaptionerConfig(
-        model=cfg.model, mode=cfg.mode, device=plan.device, max_new_tokens=cfg.max_new_tokens,
+        model=cfg.model, mode=cfg.mode, device=plan.device, engine=engine, max_new_tokens=cfg.max_new_tokens,
+        max_model_len=cfg.max_model_len, vllm_kv_cache_gib=cfg.vllm_kv_cache_gib,
         selection_max_new_tokens=cfg.selection_max_new_tokens, generate_batch_size=cfg.generate_batch_size,
         share_image_prefix=cfg.share_image_prefix, selection_groups=cfg.selection_groups, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
         threads=cfg.mllm_threads or max(1, int(plan.mllm_cpus)),
@@ -111,8 +155,8 @@ def caption_job(cfg: CaptionCorpusConfig, plan: resources.StagePlan, label: str,
         work_schema=schema.WORK, output_schema=schema.CAPTION_OUTPUT, stages=stages,
         emit=functools.partial(emit_caption, model=label, mode=cfg.mode, run_id=run_id),
         prepare=functools.partial(captioning.prepare_sample, max_article_words=cfg.max_article_words),
-        check_table=schema.check_sample_images, io_cpus=plan.io_cpus,
-        describe={"model": label, "mode": cfg.mode},
+        check_table=schema.check_sample_images, io_cpus=plan.io_cpus, stats=count_tokens, rates=hit_rate,
+        describe={"model": label, "mode": cfg.mode, "engine": engine},
     )
 
 
@@ -121,6 +165,9 @@ def run(cfg: CaptionCorpusConfig) -> dict[str, Any]:
     import ray
 
     validate(cfg)
+    if cfg.engine == "vllm":  # what makes engine=vllm impossible is told before Ray starts
+        generation.choose_engine("vllm", family_of(cfg.model, cfg.trust_remote_code, cfg.revision),
+                                 generation.vllm_version())
     if not cfg.input:  # the embedded default: a generated demo corpus
         cfg.input = DEMO_INPUT
         if not storage.exists(cfg.input):
@@ -131,9 +178,13 @@ def run(cfg: CaptionCorpusConfig) -> dict[str, Any]:
     plan = resources.plan_stages(res.get("CPU", 1), res.get("GPU", 0), cfg.device, cfg.mllm_actors,
                                  cfg.gpus_per_mllm, cfg.ner_actors, cfg.ner_on_gpu)
     run_id = runner.new_run_id()
-    return runner.run(caption_job(cfg, plan, model_label(cfg), run_id), cfg, run_id=run_id)
+    engine = choose_engine(cfg, plan.device)
+    return runner.run(caption_job(cfg, plan, model_label(cfg), run_id, engine), cfg, run_id=run_id)
 
 
 def summary(m: dict[str, Any]) -> str:
     """The end-of-run lines a caption_corpus run prints."""
-    return "\n".join(console.summary_lines(m, f"model {m['model']}  mode {m['mode']}", "captioned"))
+    counts = m["this_run"]["counts"]
+    cache = f"  prefix cache {counts['prefix_cache_hit_rate']:.0%} of prompt tokens" if counts.get("mllm_cached_tokens") else ""
+    return "\n".join(console.summary_lines(m, f"model {m['model']}  mode {m['mode']}  engine {m.get('engine', 'hf')}{cache}",
+                                            "captioned"))

@@ -8,7 +8,8 @@ Bad data fails only its row; transient faults propagate to the runner's guard, w
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import pyarrow as pa
 
@@ -97,38 +98,57 @@ class CaptionerConfig:
     model: str
     mode: str = "eama"
     device: str = "cpu"
+    engine: str = "hf"  # hf | vllm (caption_job resolves engine=auto with generation.choose_engine)
     max_new_tokens: int = 48
     selection_max_new_tokens: int = 32
     generate_batch_size: int = 8
-    share_image_prefix: bool = True  # eama: run each image + news context once for its three prompts
+    share_image_prefix: bool = True  # eama on hf: run each image + news context once for its three prompts
     selection_groups: int = 0  # eama: candidate groups selected over per sample (0: the whole article)
+    max_model_len: int = 0  # prompt + answer tokens allowed; 0 = the model's own limit
+    vllm_kv_cache_gib: float = 0.0
     trust_remote_code: bool = False
     revision: str | None = None
     threads: int = 1
 
 
+@dataclasses.dataclass
+class Wave:
+    """Rows asked about together, their images, and the cached heads of their contexts (hf) that
+    their prompts continue."""
+
+    rows: list[Row]
+    imgs: list[Any]
+    prefix: Any = None
+
+
 class Captioner:
-    """EAMA self-supplemented captioning with one model replica per actor.
+    """EAMA self-supplemented captioning with one engine per actor (news/engines.py: vLLM or
+    transformers), which serves every round of a batch.
 
     Mode 'eama': (a) entity-aware sentence selection and (b) entity selection, asked together in
-    one batched generate call per group of candidates (the whole article in prompt-sized groups,
+    one batched call per group of candidates (the whole article in prompt-sized groups,
     candidates.selection_groups), then (c) the caption prompted with every group's selections; all
     start with the sample's news context (prompts.news_context: the article within the word
-    budget, the group's sentences numbered, its entities listed). Where the model allows
-    (models.shares_image_prefix), image and context run once per group and its prompts continue
-    that KV cache with their own lines; the caption continues group 0's.
-    Mode 'plain': image + truncated article -> caption ('Base')."""
+    budget, the group's sentences numbered, its entities listed), so their image + context head is
+    computed once: continued explicitly on transformers (models.image_prefix), found in vLLM's
+    prefix cache. The caption continues group 0's.
+    Mode 'plain': image + truncated article -> caption ('Base').
+    A context longer than the model allows is cut (prompts.fit_words, the same rule on both
+    engines); a row that does not fit even then is an error naming its tokens."""
 
-    def __init__(self, cfg: CaptionerConfig, lm: Any = None):
+    def __init__(self, cfg: CaptionerConfig, lm: Any = None, engine: Any = None):
         import torch
 
-        from eama.news import models
+        from eama.news import engines
 
         if cfg.device == "cpu":
             torch.set_num_threads(max(1, cfg.threads))
         self.cfg = cfg
-        self.lm = lm or models.load_model(cfg.model, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
-                                          revision=cfg.revision)
+        if engine is None and lm is not None:
+            engine = engines.HfEngine(lm, cfg.share_image_prefix, cfg.max_model_len)
+        self.engine = engine or engines.load_engine(
+            cfg.engine, cfg.model, cfg.device, cfg.share_image_prefix, cfg.max_model_len, cfg.vllm_kv_cache_gib,
+            cfg.trust_remote_code, cfg.revision)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -138,76 +158,125 @@ class Captioner:
     def _run_isolated(self, todo: list[Row]) -> None:
         isolate(todo, self.cfg.generate_batch_size, self.caption, "mllm")
 
-    def _generate(self, instructions: list[str], rows: list[int], imgs: list[Any], prefix: Any, max_new: int,
+    def _generate(self, wave: Wave, asked: list[int], instructions: list[str], max_new: int,
                   lists: list[tuple[str, list[str]]] | None = None) -> list[str]:
-        """Answers to `instructions`, the i-th about image `rows[i]` of the chunk."""
-        from eama.news import models
-
-        return models.generate_text(self.lm, instructions, [imgs[i] for i in rows], max_new, lists,
-                                    prefix=(prefix, rows) if prefix is not None else None)
+        """Answers to `instructions`, the i-th about row `asked[i]` of the wave; each row's prompt
+        and cached tokens are added to its counts."""
+        prefix = (wave.prefix, asked) if wave.prefix is not None else None
+        out = self.engine.generate(instructions, [wave.imgs[i] for i in asked], max_new, lists, prefix=prefix)
+        for i, tokens, cached in zip(asked, out.prompt_tokens, out.cached_tokens):
+            wave.rows[i]["mllm_prompt_tokens"] += tokens
+            wave.rows[i]["mllm_cached_tokens"] += cached
+        return out.texts
 
     def caption(self, chunk: list[Row]) -> None:
-        from eama.news import models
-
-        imgs = [images.load_rgb(r["image_rgb"]) for r in chunk]
         for r in chunk:
             r["selected_sentence_ids"], r["selected_sentences"], r["selected_entities"] = [], [], []
-            r["dropped_answers"] = 0
-        prefix = None
+            r["dropped_answers"] = r["mllm_prompt_tokens"] = r["mllm_cached_tokens"] = 0
         if self.cfg.mode == "eama":
-            groups = [candidates.selection_groups(r["sentences"] or [], r["article_entities"] or [],
-                                                  self.cfg.selection_groups) for r in chunk]
-            share = self.cfg.share_image_prefix and models.shares_image_prefix(self.lm)
-            # one wave per group index, group 0 last: every row has one, and its context heads the
-            # caption prompt, so that wave's cached heads serve the captions too
-            for wave in reversed(range(max(len(g) for g in groups))):
-                rows = [k for k, g in enumerate(groups) if wave < len(g)]
-                contexts = [self._context(chunk[k], groups[k][wave]) for k in rows]
-                prefix = models.image_prefix(self.lm, [imgs[k] for k in rows], contexts) if share else None
-                self._select([chunk[k] for k in rows], [imgs[k] for k in rows], contexts,
-                             [groups[k][wave] for k in rows], prefix)
-            for r in chunk:
-                in_order(r)
-            caption_prompts = [prompts.caption_prompt(c, r["selected_sentences"], [e["text"] for e in r["selected_entities"]])
-                               for r, c in zip(chunk, contexts)]
-        else:
-            caption_prompts = [prompts.caption_prompt(prompts.plain_context(r["article"], r["headline"])) for r in chunk]
-        captions = self._generate(caption_prompts, list(range(len(chunk))), imgs, prefix, self.cfg.max_new_tokens)
-        for r, text in zip(chunk, captions):
+            self._caption_eama(chunk)
+            return
+        def plain(r: Row, budget: int) -> str:
+            return prompts.caption_prompt(prompts.plain_context(r["article"], r["headline"], budget))
+
+        fitted = [(r, self._fit(functools.partial(plain, r), prompts.WORD_BUDGET,
+                                lambda p: [(p, self.cfg.max_new_tokens)], r)) for r in chunk]
+        fitted = [(r, p) for r, p in fitted if p is not None]
+        wave = Wave([r for r, _ in fitted], [images.load_rgb(r["image_rgb"]) for r, _ in fitted])
+        self._write_captions(wave, [p for _, p in fitted])
+
+    def _caption_eama(self, chunk: list[Row]) -> None:
+        groups = {id(r): candidates.selection_groups(r["sentences"] or [], r["article_entities"] or [],
+                                                     self.cfg.selection_groups) for r in chunk}
+        contexts = {id(r): [self._context(r, g, caption=k == 0) for k, g in enumerate(groups[id(r)])] for r in chunk}
+        chunk = [r for r in chunk if all(c is not None for c in contexts[id(r)])]
+        imgs = {id(r): images.load_rgb(r["image_rgb"]) for r in chunk}
+        wave = Wave([], [])
+        # one wave per group index, group 0 last: every row has one, and its context heads the
+        # caption prompt, so that wave's cached heads serve the captions too
+        for index in reversed(range(max((len(groups[id(r)]) for r in chunk), default=0))):
+            rows = [r for r in chunk if index < len(groups[id(r)])]
+            wave = Wave(rows, [imgs[id(r)] for r in rows])
+            wave.prefix = self.engine.heads(wave.imgs, [contexts[id(r)][index] for r in rows])
+            self._select(wave, [contexts[id(r)][index] for r in rows], [groups[id(r)][index] for r in rows])
+        for r in chunk:
+            in_order(r)
+        self._write_captions(wave, [self._caption_prompt(r, contexts[id(r)][0]) for r in wave.rows])
+
+    def _write_captions(self, wave: Wave, caption_prompts: list[str]) -> None:
+        if not wave.rows:
+            return
+        texts = self._generate(wave, list(range(len(wave.rows))), caption_prompts, self.cfg.max_new_tokens)
+        for r, text in zip(wave.rows, texts):
             r["generated_caption"] = text
 
-    @staticmethod
-    def _context(r: Row, group: candidates.Group) -> str:
-        return prompts.news_context(r["article"], r["headline"], r["sentences"] or [], group.sentence_ids,
-                                    group.entities)
+    # ------------------------------------------------------------ fitting prompts to the model
+
+    def _over(self, asks: list[tuple[str, int]]) -> int:
+        """Tokens by which the longest of these (prompt, new tokens) asks overruns the model's limit."""
+        tokens = self.engine.prompt_tokens([p for p, _ in asks])
+        return max(t + n for t, (_, n) in zip(tokens, asks)) - self.engine.token_limit
+
+    def _fit(self, build: Callable[[int], str], budget: int, asks: Callable[[str], list[tuple[str, int]]],
+             row: Row) -> str | None:
+        """build(b) cut to fit the model (prompts.fit_words); None, with the row failed naming its
+        tokens, when nothing fits."""
+        fitted = prompts.fit_words(build, budget, lambda text: self._over(asks(text)))
+        if fitted is None:
+            need = self._over(asks(build(0))) + self.engine.token_limit
+            fail(row, "mllm", f"prompt too long: {need} tokens (prompt and answer, with no article text) "
+                              f"exceed the model's limit of {self.engine.token_limit} (max_model_len)")
+        return fitted
+
+    def _context(self, r: Row, group: candidates.Group, caption: bool) -> str | None:
+        """The news context of a row's prompts about `group` (and of its caption prompt, for group 0),
+        its article cut so that each of them fits."""
+        sel, cap = self.cfg.selection_max_new_tokens, self.cfg.max_new_tokens
+
+        def asks(context: str) -> list[tuple[str, int]]:
+            out = [(prompts.sentence_selection_prompt(context), sel)] if group.sentence_ids else []
+            out += [(prompts.entity_selection_prompt(context), sel)] if group.entities else []
+            return out + ([(prompts.caption_prompt(context), cap)] if caption or not out else [])
+
+        return self._fit(lambda budget: prompts.news_context(r["article"], r["headline"], r["sentences"] or [],
+                                                             group.sentence_ids, group.entities, budget),
+                         prompts.WORD_BUDGET - prompts.SELECTION_WORDS, asks, r)
+
+    def _caption_prompt(self, r: Row, context: str) -> str:
+        """The caption prompt with the row's selections, as many of their words as fit."""
+        ents = [e["text"] for e in r["selected_entities"]]
+        fitted = prompts.fit_words(lambda b: prompts.caption_prompt(context, r["selected_sentences"], ents, b),
+                                   prompts.SELECTION_WORDS, lambda p: self._over([(p, self.cfg.max_new_tokens)]))
+        return fitted or prompts.caption_prompt(context)
+
+    # ------------------------------------------------------------ selection
 
     def _answer_bound(self, asks: list[tuple[Row, str, list[Any]]]) -> int:
         """Decode no longer than the longest possible valid answer (every candidate listed), capped
         by selection_max_new_tokens: anything longer is necessarily garbage."""
         full = [prompts.format_sentence_target(range(len(cands))) if kind == "sentences"
                 else prompts.format_entity_target(cands) for _, kind, cands in asks]
-        longest = max(len(ids) for ids in self.lm.tokenizer(full, add_special_tokens=False)["input_ids"]) + 1
+        longest = max(len(ids) for ids in self.engine.tokenizer(full, add_special_tokens=False)["input_ids"]) + 1
         return max(1, min(self.cfg.selection_max_new_tokens, longest))
 
-    def _select(self, chunk: list[Row], imgs: list[Any], contexts: list[str], groups: list[candidates.Group],
-                prefix: Any) -> None:
-        """(a) sentence and (b) entity selection over one group of each row, in one batched
-        generate call; what a row picks is added to what its other groups picked."""
+    def _select(self, wave: Wave, contexts: list[str], groups: list[candidates.Group]) -> None:
+        """(a) sentence and (b) entity selection over one group of each row of the wave, in one
+        batched call; what a row picks is added to what its other groups picked."""
         asks: list[tuple[Row, str, list[Any]]] = []  # (row, kind, candidates)
-        instructions, ask_rows = [], []
-        for k, (r, context, group) in enumerate(zip(chunk, contexts, groups)):
+        instructions, asked = [], []
+        for k, (r, context, group) in enumerate(zip(wave.rows, contexts, groups)):
             if group.sentence_ids:
                 asks.append((r, "sentences", group.sentence_ids))
                 instructions.append(prompts.sentence_selection_prompt(context))
-                ask_rows.append(k)
+                asked.append(k)
             if group.entities:
                 asks.append((r, "entities", group.entities))
                 instructions.append(prompts.entity_selection_prompt(context))
-                ask_rows.append(k)
+                asked.append(k)
         if not asks:
             return
         lists = [(kind, prompts.answer_choices(kind, cands)) for _, kind, cands in asks]
-        answers = self._generate(instructions, ask_rows, imgs, prefix, self._answer_bound(asks), lists)
+        answers = self._generate(wave, asked, instructions, self._answer_bound(asks), lists)
         for (r, kind, cands), answer in zip(asks, answers):
             if kind == "sentences":
                 picked, dropped = prompts.parse_sentence_ids(answer, len(cands))

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from eama.engine import hf
+from eama.engine import hf, published_layout
 from eama.engine.hf import (IMAGE_TOKEN, LoadedModel, cache_dir, default_dtype, fingerprint,  # noqa: F401 (re-exported)
                             format_prompt, refuse_pickle_only)
 
@@ -37,7 +37,7 @@ def resolve(name: str) -> str:
     if name in PRESETS:
         return PRESETS[name]
     if name in TINY:
-        path = os.path.join(cache_dir(), "models", name)
+        path = os.path.join(cache_dir(), "models", f"{name}-{TINY_VERSION}")
         if not os.path.exists(os.path.join(path, "config.json")):
             build_tiny_model(name.removeprefix("tiny-"), path)
         return path
@@ -135,14 +135,16 @@ def train_tokenizer(vocab_size: int = 2048, padding_side: str = "left", image_to
     )
 
 
+# Head size 32 in the language model: the smallest vLLM's CPU attention runs (16 is refused).
 TINY_DIMS = {
-    "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, max_position_embeddings=4096),
+    "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, max_position_embeddings=4096),
     "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                    image_size=32, patch_size=8),
     "qformer": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
     "num_query_tokens": 4,
 }
+TINY_VERSION = "v2"  # part of the cached tiny models' folder name: a change of dims or layout rebuilds them
 
 
 def build_model(family: str, dims: dict, tokenizer: Any, qformer_tokenizer: Any | None = None,
@@ -250,8 +252,7 @@ def build_tiny_model(family: str, path: str, seed: int = 0) -> str:
     tokenizer, qformer_tokenizer = tokenizers_for(family)
     model, processor = build_model(family, TINY_DIMS, tokenizer, qformer_tokenizer)
     tmp = f"{path}.tmp-{os.getpid()}"
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
+    published_layout.save_image_text_model(model, processor, tmp)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
         os.replace(tmp, path)

@@ -7,7 +7,9 @@ model is asked at inference exactly what it was trained on.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
 
 WORD_BUDGET = 600  # EAMA: article context plus self-selected material stays within 600 words
 SELECTION_WORDS = 100  # of the budget, what eama's caption prompt keeps for the selected material
@@ -217,6 +219,46 @@ class ListAnswerGuard:
             return False
         head = re.sub(r"\s+", " ", partial).strip().lstrip(_ITEM_EDGES).casefold()
         return len(head) <= self.longest or any(s.startswith(head) for s in self.starts)
+
+
+_REGEX_SPECIAL = set("\\.^$*+?{}[]|()")
+LIST_SEPARATOR = {"sentences": ", ", "entities": "; "}  # how the training targets join items (format_*_target)
+
+
+def _literal(text: str) -> str:
+    return "".join("\\" + c if c in _REGEX_SPECIAL else c for c in text)
+
+
+def answer_regex(kind: str, choices: Sequence[str]) -> str:
+    """The answers a list question of `kind` may get, as a regex for structured output: 'none', or
+    one to len(choices) of the choices joined as the training targets join them ('2, 5' or
+    'A; B'). Guided decoding keeps the answer in this language; the parsers still judge it."""
+    if not choices:
+        return NONE_ANSWER
+    item = "(" + "|".join(sorted({_literal(one_line(c)) for c in choices}, key=lambda x: (-len(x), x))) + ")"
+    more = f"({_literal(LIST_SEPARATOR[kind])}{item}){{0,{len(choices) - 1}}}"
+    return f"({NONE_ANSWER}|{item}{more})"
+
+
+def fit_words(build: Callable[[int], T], budget: int, over: Callable[[T], int]) -> T | None:
+    """The one rule for prompts longer than a model allows: build(b) for the largest word budget
+    b <= `budget` whose `over(...)` (tokens past the model's limit) is <= 0, found by bisection;
+    None when even b = 0 does not fit (the row is an error naming its tokens)."""
+    best = build(budget)
+    if over(best) <= 0:
+        return best
+    lo, hi = 0, budget  # invariant: build(hi) does not fit; build(lo) is checked first
+    best = build(0)
+    if over(best) > 0:
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        candidate = build(mid)
+        if over(candidate) <= 0:
+            lo, best = mid, candidate
+        else:
+            hi = mid
+    return best
 
 
 def parse_entities(answer: str, candidates: Sequence[str]) -> tuple[list[int], int]:

@@ -2,16 +2,16 @@
 model selection and export as the Ray launcher, in this one process with a plain torch optimizer.
 
 No Ray and no DeepSpeed: for one GPU (`use_gpu=true`) or a CPU, for debugging a task, and for
-machines where neither is installed. What stays the same as the Ray launcher (`trainer.fit_on_ray`):
+machines where neither is installed. What stays the same as the Ray launcher (`ray_launcher.fit_on_ray`):
 
 * the rows of every optimizer step: `num_workers x grad_accum` micro-batches are accumulated in
   one process, in the order the Ray launcher hands them to its ranks, so a step holds the same rows;
 * the optimizer and schedule: torch's AdamW with the settings `deepspeed_config.build_config` gives
   DeepSpeed (learning rate, betas, eps, weight decay, fused, gradient clipping) and the same
   `lr_schedule`; each parameter group keeps its own learning rate;
-* the step loop (`trainer.run_steps`): the metrics files, the loss PNG, evaluation, model selection,
+* the step loop (`loop.run_steps`): the metrics files, the loss PNG, evaluation, model selection,
   the export (behind its pointer) and its eama_export.json;
-* resuming: only with the plan the checkpoint records (`trainer.check_resume`), the random
+* resuming: only with the plan the checkpoint records (`checkpoints.check_resume`), the random
   generators (Python, numpy, torch) restored.
 
 What differs: training is fp32 on either device (no bf16 mixed precision); checkpoints are one
@@ -29,7 +29,14 @@ import logging
 import time
 from typing import Any
 
-from eama.engine import deepspeed_config, storage, trainer
+from eama.engine import deepspeed_config, storage
+from eama.engine.training.checkpoints import (TRAINER_STATE, TrainerState, check_resume, plan_fingerprint,
+                                              rng_state, set_rng_state)
+from eama.engine.training.config import TrainerConfig, run_dir
+from eama.engine.training.loop import StepContext, build_parts, prepare_torch, run_steps
+from eama.engine.training.metrics import peak_flops
+from eama.engine.training.order import local_micro_batches, plan_steps, task_order
+from eama.engine.training.task import TrainingTask
 
 log = logging.getLogger("eama.trainer")
 
@@ -103,7 +110,7 @@ class LocalEngine:
         """Weights, optimizer, schedule and the random generators (dropout continues as it would have)."""
         return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps,
-                "rng": json.dumps(trainer.rng_state())}
+                "rng": json.dumps(rng_state())}
 
     def load(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
@@ -111,22 +118,22 @@ class LocalEngine:
         self.scheduler.load_state_dict(state["scheduler"])
         self.micro_steps = int(state["micro_steps"])
         if "rng" in state:  # checkpoints written before it kept torch's alone: those resume without it
-            trainer.set_rng_state(json.loads(state["rng"]))
+            set_rng_state(json.loads(state["rng"]))
 
 
-def checkpoints_dir(cfg: trainer.TrainerConfig) -> str:
-    return storage.join(trainer.run_dir(cfg), CHECKPOINTS)
+def checkpoints_dir(cfg: TrainerConfig) -> str:
+    return storage.join(run_dir(cfg), CHECKPOINTS)
 
 
-def committed_checkpoints(cfg: trainer.TrainerConfig) -> list[str]:
+def committed_checkpoints(cfg: TrainerConfig) -> list[str]:
     """Checkpoint folders whose trainer state was written (the last file of a checkpoint), oldest first."""
     root = checkpoints_dir(cfg)
     if not storage.exists(root):
         return []
-    return [f.rsplit("/", 1)[0] for f in storage.list_files(root, "/" + trainer.TRAINER_STATE)]
+    return [f.rsplit("/", 1)[0] for f in storage.list_files(root, "/" + TRAINER_STATE)]
 
 
-def save_checkpoint(engine: LocalEngine, state: trainer.TrainerState, cfg: trainer.TrainerConfig) -> str:
+def save_checkpoint(engine: LocalEngine, state: TrainerState, cfg: TrainerConfig) -> str:
     """The engine (weights, optimizer, schedule) and the trainer state at this step; older ones
     beyond `keep_checkpoints` are removed once this one is committed."""
     import torch
@@ -135,14 +142,14 @@ def save_checkpoint(engine: LocalEngine, state: trainer.TrainerState, cfg: train
     buffer = io.BytesIO()
     torch.save(engine.state(), buffer)
     storage.write_bytes_atomic(storage.join(folder, ENGINE_FILE), buffer.getvalue())
-    storage.write_bytes_atomic(storage.join(folder, trainer.TRAINER_STATE),
+    storage.write_bytes_atomic(storage.join(folder, TRAINER_STATE),
                                json.dumps(dataclasses.asdict(state)).encode())
     for old in committed_checkpoints(cfg)[:-max(1, cfg.keep_checkpoints)]:
         storage.remove(old)
     return folder
 
 
-def load_checkpoint(engine: LocalEngine, folder: str) -> trainer.TrainerState:
+def load_checkpoint(engine: LocalEngine, folder: str) -> TrainerState:
     """Restore the engine from a checkpoint folder (unpickled with weights_only=True) and return
     its trainer state."""
     import torch
@@ -152,13 +159,13 @@ def load_checkpoint(engine: LocalEngine, folder: str) -> trainer.TrainerState:
     return read_state(folder)
 
 
-def read_state(folder: str) -> trainer.TrainerState:
+def read_state(folder: str) -> TrainerState:
     """The trainer state of a checkpoint folder, as the next attempt starts from it."""
-    return trainer.TrainerState.resumed(storage.read_bytes(storage.join(folder, trainer.TRAINER_STATE)))
+    return TrainerState.resumed(storage.read_bytes(storage.join(folder, TRAINER_STATE)))
 
 
-def fit(task: trainer.TrainingTask) -> LocalResult:
-    """Train (or resume) `task` in this process (`launchers.fit` has checked its settings)."""
+def fit(task: TrainingTask) -> LocalResult:
+    """Train (or resume) `task` in this process (`launch.fit` has checked its settings)."""
     import torch
 
     started = time.time()
@@ -167,30 +174,30 @@ def fit(task: trainer.TrainingTask) -> LocalResult:
         raise SystemExit("launcher=local with use_gpu=true needs a CUDA GPU in this process; none is visible")
     device = "cuda" if cfg.use_gpu else "cpu"
     files, rows = task.data_files()
-    plan = trainer.plan_steps(rows, cfg)
-    fingerprint = trainer.plan_fingerprint(files, rows, cfg, plan)
+    plan = plan_steps(rows, cfg)
+    fingerprint = plan_fingerprint(files, rows, cfg, plan)
     found = committed_checkpoints(cfg)
     if found:
-        trainer.check_resume(read_state(found[-1]), fingerprint, trainer.run_dir(cfg))
+        check_resume(read_state(found[-1]), fingerprint, run_dir(cfg))
     accumulation = cfg.num_workers * cfg.grad_accum  # the rows of one step on num_workers ranks
-    order = trainer.task_order(task, rows)
+    order = task_order(task, rows)
     log.info("%s: %d rows in %d files -> %d steps of %d rows (launcher=local on %s: %d micro-batches of %d "
              "per step, %d epochs, %d warm-up steps); run %s", task.title, rows, len(files), plan.total_steps,
              plan.rows_per_step, device, accumulation, cfg.micro_batch_size, cfg.epochs, plan.warmup_steps,
-             trainer.run_dir(cfg))
+             run_dir(cfg))
 
-    trainer.prepare_torch(cfg)
+    prepare_torch(cfg)
     ds_config = deepspeed_config.build_config(
         zero_stage=0, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum, world_size=cfg.num_workers,
         lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, bf16=False)
-    parts, params, trainable = trainer.build_parts(task, ds_config, device, torch.float32, rank=0)
+    parts, params, trainable = build_parts(task, ds_config, device, torch.float32, rank=0)
     engine = LocalEngine(parts.module, params, ds_config,
                          deepspeed_config.lr_schedule(plan.total_steps, plan.warmup_steps, cfg.min_lr_ratio,
                                                       cfg.schedule), device, accumulation)
-    state = load_checkpoint(engine, found[-1]) if found else trainer.TrainerState()
+    state = load_checkpoint(engine, found[-1]) if found else TrainerState()
     state.world_size, state.plan = 1, fingerprint
     log.info("%s", f"resumed from {found[-1]} after step {state.step}" if found else "starting from scratch")
-    batches = trainer.local_micro_batches(files, cfg, order, task.columns, 0, 1,
+    batches = local_micro_batches(files, cfg, order, task.columns, 0, 1,
                                           plan.micro_batches_per_rank * cfg.num_workers,
                                           skip=state.step * accumulation)
     last: list[str] = found[-1:]
@@ -198,7 +205,7 @@ def fit(task: trainer.TrainingTask) -> LocalResult:
     def checkpoint(record: dict[str, Any]) -> None:
         last[:] = [save_checkpoint(engine, state, cfg)]
 
-    peak = trainer.peak_flops(torch.cuda.get_device_name()) if cfg.use_gpu else None
-    trainer.run_steps(engine, task, plan, state, batches,
-                      trainer.StepContext(0, 1, trainable, peak, started, checkpoint, accumulation))
-    return LocalResult(path=trainer.run_dir(cfg), checkpoint=CheckpointRef(last[0]) if last else None)
+    peak = peak_flops(torch.cuda.get_device_name()) if cfg.use_gpu else None
+    run_steps(engine, task, plan, state, batches,
+                      StepContext(0, 1, trainable, peak, started, checkpoint, accumulation))
+    return LocalResult(path=run_dir(cfg), checkpoint=CheckpointRef(last[0]) if last else None)
