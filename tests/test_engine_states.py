@@ -164,13 +164,13 @@ def test_an_overwrite_cut_short_is_finished_by_the_next_run(ray_local, tmp_path)
     inp.mkdir()
     write_input(inp, "a.parquet", ["a", "b", "c"])
     runner.run(toy_job(), cfg_for(str(inp), out))
-    storage.write_json_atomic(os.path.join(out, runner.OVERWRITE_MARK), {"overwrite_started": 0})
+    storage.write_json_atomic(os.path.join(out, ledger.OVERWRITE_MARK), {"overwrite_started": 0})
     for f in storage.list_files(out):  # the data went first; the kill came before the ledger
         os.remove(f)
     assert os.path.exists(os.path.join(out, ledger.INDEX_FILE))
     m = runner.run(toy_job(), cfg_for(str(inp), out))
     assert m["this_run"]["written"] == 3 and ids_once(out) == ["a", "b", "c"]
-    assert not os.path.exists(os.path.join(out, runner.OVERWRITE_MARK))
+    assert not os.path.exists(os.path.join(out, ledger.OVERWRITE_MARK))
 
 
 def test_an_output_path_with_glob_characters_is_taken_literally(ray_local, tmp_path):

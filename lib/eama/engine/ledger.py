@@ -41,6 +41,7 @@ import collections
 import dataclasses
 import hashlib
 import logging
+import time
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -330,6 +331,30 @@ class Ledger:
         self._loaded_errors = True
         self._find_superseded()
 
+    @classmethod
+    def open_for_run(cls, output: str, generation: int, overwrite: bool = False) -> "Ledger":
+        """The ledger a run that just took the lease (`generation`) plans against: an overwrite
+        asked for, or one a kill cut short, finished first; commits a crash cut short discarded;
+        the output sealed at this generation."""
+        if overwrite or storage.exists(storage.join(output, OVERWRITE_MARK)):
+            if not overwrite:
+                log.warning("an --overwrite of %s was cut short: finishing it before this run", output)
+            clear_output(output)
+        led = cls.load(output)
+        if (broken := led.discard_broken()):
+            log.info("discarded %d commits a crash cut short; their rows are redone", broken)
+        led.seal(generation)
+        return led
+
+    def commit_settled(self, run_id: str, generation: int, errors: list[dict], settled: list[tuple[str, int, int]],
+                       versions: dict[str, str]) -> None:
+        """Commit what planning settles by itself: error rows of unusable files, and the positions
+        of rewritten files whose sample ids are committed already (no new row)."""
+        positions = [(e["source_file"], e["row_group"], e["row"]) for e in errors] + list(settled)
+        if positions:
+            commit(self.output, run_id, commit_name(run_id, positions), [], errors, positions, schema.ERROR,
+                   generation, {p: versions[p] for p, _, _ in positions if p in versions})
+
     # ------------------------------------------------ planning
 
     def open_positions(self, retry_errors: bool) -> dict[tuple[str, int], set[int]]:
@@ -581,6 +606,27 @@ class Ledger:
                     if not info.partial[str(group)]:
                         del info.partial[str(group)]
         self.superseded = {}
+
+
+OVERWRITE_MARK = "_overwrite.json"  # written before an overwrite deletes anything, removed last
+LEASE_DIR = "_lease"  # lease.py's claims, which an overwrite keeps
+
+
+def clear_output(output: str) -> None:
+    """Remove everything under `output` but the lease: first a tombstone, then the data, the
+    ledger last, then the tombstone. A run that finds a tombstone (an overwrite killed part-way)
+    finishes the clearing before it plans, so no committed position is ever left without its rows."""
+    if not storage.exists(output):
+        return
+    mark = storage.join(output, OVERWRITE_MARK)
+    storage.write_json_atomic(mark, {"overwrite_started": time.time()})
+    fs, raw = storage.filesystem(output), storage.strip(output)
+    keep = {LEASE_DIR, OVERWRITE_MARK, LEDGER_DIR}
+    for entry in fs.ls(raw, detail=False):
+        if entry.rstrip("/").rsplit("/", 1)[-1] not in keep:
+            fs.rm(entry, recursive=True)
+    storage.remove(storage.join(output, LEDGER_DIR))
+    storage.remove(mark)
 
 
 def _listing(directory: str, suffix: str = ".parquet") -> list[str]:

@@ -373,15 +373,6 @@ def commit_batch(batch: pa.Table, job: BatchJob, output: str, run_id: str, gener
     }])
 
 
-def commit_settled(errors: list[Row], settled: list[tuple[str, int, int]], output: str, run_id: str,
-                   generation: int, versions: dict[str, str]) -> None:
-    """Commit what planning settles by itself: error rows of unusable files, and the positions of
-    rewritten files whose sample ids are committed already (no new row)."""
-    positions = [(e["source_file"], e["row_group"], e["row"]) for e in errors] + list(settled)
-    if positions:
-        ledger.commit(output, run_id, ledger.commit_name(run_id, positions), [], errors, positions, schema.ERROR,
-                      generation, {p: versions[p] for p, _, _ in positions if p in versions})
-
 
 # ---------------------------------------------------------------- progress and resources
 
@@ -526,26 +517,6 @@ def build_dataset(job: BatchJob, cfg: RunnerConfig, items: list[Row], run_id: st
                                      "versions": versions or {}}, max_retries=retries(1), **io)
 
 
-OVERWRITE_MARK = "_overwrite.json"  # written before --overwrite deletes anything, removed last
-
-
-def clear_output(output: str) -> None:
-    """Remove everything under `output` but the lease: first a tombstone, then the data, the
-    ledger last, then the tombstone. A run that finds a tombstone (an --overwrite killed part-way)
-    finishes the clearing before it plans, so no committed position is ever left without its rows."""
-    if not storage.exists(output):
-        return
-    mark = storage.join(output, OVERWRITE_MARK)
-    storage.write_json_atomic(mark, {"overwrite_started": time.time()})
-    fs, raw = storage.filesystem(output), storage.strip(output)
-    keep = {output_lease.LEASE_DIR, OVERWRITE_MARK, ledger.LEDGER_DIR}
-    for entry in fs.ls(raw, detail=False):
-        if entry.rstrip("/").rsplit("/", 1)[-1] not in keep:
-            fs.rm(entry, recursive=True)
-    storage.remove(storage.join(output, ledger.LEDGER_DIR))
-    storage.remove(mark)
-
-
 def stream(job: BatchJob, cfg: RunnerConfig, plan: Plan, run_id: str, lease: output_lease.Lease,
            progress: Progress) -> None:
     """Run the planned items through the stages into commits; the autoscaler request is withdrawn
@@ -579,49 +550,52 @@ def run(job: BatchJob, cfg: RunnerConfig, run_id: str | None = None) -> dict[str
         ray.init()  # joins the cluster under `ray job submit`, else starts a local one
     run_id, started = run_id or new_run_id(), time.time()
     with output_lease.Lease(cfg.output, run_id, cfg.lease_seconds) as lease:
-        if cfg.overwrite or storage.exists(storage.join(cfg.output, OVERWRITE_MARK)):
-            if not cfg.overwrite:
-                log.warning("an --overwrite of %s was cut short: finishing it before this run", cfg.output)
-            clear_output(cfg.output)
-        led = ledger.Ledger.load(cfg.output)
-        if (broken := led.discard_broken()):
-            log.info("discarded %d commits a crash cut short; their rows are redone", broken)
-        led.seal(lease.generation)
+        led = ledger.Ledger.open_for_run(cfg.output, lease.generation, cfg.overwrite)
         plan = plan_run(job, cfg, led)
-        commit_settled(plan.file_errors, plan.carried, cfg.output, run_id, lease.generation, plan.versions)
-        for e in plan.file_errors:
-            log.warning("unusable input %s: %s", e["source_file"], e["reason"])
-        log.info("%s: %d input files (%d unusable, %d done); %d of %d rows to process (%d duplicates); planned in %.2f s",
-                 job.name, plan.files, len(plan.file_errors), plan.files_done, plan.pending_rows, plan.input_rows,
-                 plan.duplicates, plan.seconds)
+        led.commit_settled(run_id, lease.generation, plan.file_errors, plan.carried, plan.versions)
+        log_plan(job, plan)
         progress = Progress(plan.pending_rows)
         if plan.items:
             stream(job, cfg, plan, run_id, lease, progress)
             isolation.clear_markers(cfg.output)  # the in-flight markers crashed workers left
         lease.verify()
         led.compact(plan.inspected)
-        if plan.file_errors:
-            add_counts(progress.errors_by_stage, {"read": len(plan.file_errors)})
-        out_rows, err_rows = led.totals()
-        wall = time.time() - started
-        manifest = {
-            "run_id": run_id, "job": job.name, **job.describe,
-            "config": {k: v for k, v in dataclasses.asdict(cfg).items()},
-            "plan": {st.name: st.describe() for st in job.stages}, "wall_seconds": round(wall, 2),
-            "planning_seconds": round(plan.seconds, 3),
-            "first_commit_seconds": round(progress.first_commit - started, 2) if progress.first_commit else None,
-            "input": {"files": plan.files, "rows": plan.input_rows, "unusable_files": len(plan.file_errors),
-                      "files_done_before": plan.files_done, "rows_pending": plan.pending_rows},
-            "this_run": {"rows": progress.rows + len(plan.file_errors), "written": progress.written,
-                         "errors": progress.errors + len(plan.file_errors),
-                         "retryable_errors": progress.retryable + sum(e["retryable"] for e in plan.file_errors),
-                         "errors_by_stage": progress.errors_by_stage,
-                         "counts": {**progress.extra, **(job.rates(progress.extra) if job.rates else {})},
-                         "error_reasons": [f"{e['source_file']}: {e['reason']}" for e in plan.file_errors],
-                         "rewritten_files": plan.changed, "rows_already_done_in_rewritten_files": len(plan.carried),
-                         "vanished_ids": {p: {"count": len(ids), "examples": ids[:20]} for p, ids in plan.vanished.items()}},
-            "output_total": {"rows": out_rows, "error_rows": err_rows},
-            "throughput_rows_per_s": progress.throughput(wall),
-        }
+        manifest = run_manifest(job, cfg, plan, progress, led, run_id, started)
         ledger.write_manifest(cfg.output, manifest)
     return manifest
+
+
+def log_plan(job: BatchJob, plan: Plan) -> None:
+    for e in plan.file_errors:
+        log.warning("unusable input %s: %s", e["source_file"], e["reason"])
+    log.info("%s: %d input files (%d unusable, %d done); %d of %d rows to process (%d duplicates); planned in %.2f s",
+             job.name, plan.files, len(plan.file_errors), plan.files_done, plan.pending_rows, plan.input_rows,
+             plan.duplicates, plan.seconds)
+
+
+def run_manifest(job: BatchJob, cfg: RunnerConfig, plan: Plan, progress: Progress, led: ledger.Ledger,
+                 run_id: str, started: float) -> dict[str, Any]:
+    """What a run did and what the output holds (OUTPUT/_manifests/<run_id>.json)."""
+    if plan.file_errors:
+        add_counts(progress.errors_by_stage, {"read": len(plan.file_errors)})
+    out_rows, err_rows = led.totals()
+    wall = time.time() - started
+    return {
+        "run_id": run_id, "job": job.name, **job.describe,
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items()},
+        "plan": {st.name: st.describe() for st in job.stages}, "wall_seconds": round(wall, 2),
+        "planning_seconds": round(plan.seconds, 3),
+        "first_commit_seconds": round(progress.first_commit - started, 2) if progress.first_commit else None,
+        "input": {"files": plan.files, "rows": plan.input_rows, "unusable_files": len(plan.file_errors),
+                  "files_done_before": plan.files_done, "rows_pending": plan.pending_rows},
+        "this_run": {"rows": progress.rows + len(plan.file_errors), "written": progress.written,
+                     "errors": progress.errors + len(plan.file_errors),
+                     "retryable_errors": progress.retryable + sum(e["retryable"] for e in plan.file_errors),
+                     "errors_by_stage": progress.errors_by_stage,
+                     "counts": {**progress.extra, **(job.rates(progress.extra) if job.rates else {})},
+                     "error_reasons": [f"{e['source_file']}: {e['reason']}" for e in plan.file_errors],
+                     "rewritten_files": plan.changed, "rows_already_done_in_rewritten_files": len(plan.carried),
+                     "vanished_ids": {p: {"count": len(ids), "examples": ids[:20]} for p, ids in plan.vanished.items()}},
+        "output_total": {"rows": out_rows, "error_rows": err_rows},
+        "throughput_rows_per_s": progress.throughput(wall),
+    }
