@@ -39,6 +39,7 @@ def engine_args(location: str, device: str, max_model_len: int = 0, kv_cache_gib
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     args: dict[str, Any] = dict(model=location, tokenizer=location, dtype=dtype,
                                 enable_prefix_caching=True, limit_mm_per_prompt={"image": 1}, seed=0,
+                                load_format="safetensors",  # never unpickle a .bin checkpoint
                                 trust_remote_code=trust_remote_code, revision=revision)
     if max_model_len:
         args["max_model_len"] = max_model_len
