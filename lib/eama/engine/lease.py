@@ -123,10 +123,8 @@ def read_claim(output: str, generation: int) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except ValueError:  # unreadable (cut short, or another tool's): held until ttl after it was written
-        info = storage.filesystem(path).info(storage.strip(path))
-        modified = info.get("mtime") or info.get("LastModified") or 0
-        modified = modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
-        return {"run_id": "unknown (unreadable lease)", "generation": generation, "expires": modified + 300.0}
+        written = storage.modified(storage.filesystem(path).info(storage.strip(path)))
+        return {"run_id": "unknown (unreadable lease)", "generation": generation, "expires": written + 300.0}
 
 
 def holder(output: str) -> dict[str, Any] | None:

@@ -353,7 +353,7 @@ class Ledger:
         positions = [(e["source_file"], e["row_group"], e["row"]) for e in errors] + list(settled)
         if positions:
             commit(self.output, run_id, commit_name(run_id, positions), [], errors, positions, schema.ERROR,
-                   generation, {p: versions[p] for p, _, _ in positions if p in versions})
+                   generation, versions)
 
     # ------------------------------------------------ planning
 
@@ -536,12 +536,10 @@ class Ledger:
         if parts or merged_segments:
             new_segment = id_index.merge(self.output, parts, merged_segments)
             self.segments = [s for s in self.segments if s not in merged_segments] + [new_segment]
-        else:
-            merged_segments = []
-        for name in self.fresh:  # keep only the entries a run must redo; the rest are in the error files
+        for name in self.fresh if not self._loaded_errors else ():  # keep only what a run must redo
             rec = self.records[name]
-            rec.errors = [e for e in rec.errors if e[3] == RETRYABLE] if not self._loaded_errors else rec.errors
-            rec.errors_in_file = not self._loaded_errors and rec.error_rows > len(rec.errors)
+            rec.errors = [e for e in rec.errors if e[3] == RETRYABLE]
+            rec.errors_in_file = rec.error_rows > len(rec.errors)
         index = {"version": 2, "files": {p: dataclasses.asdict(f) for p, f in sorted(self.files.items())},
                  "records": [dict(dataclasses.asdict(r), rows={}) for _, r in sorted(self.records.items())],
                  "id_segments": self.segments}

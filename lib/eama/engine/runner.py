@@ -362,8 +362,7 @@ def commit_batch(batch: pa.Table, job: BatchJob, output: str, run_id: str, gener
         extra = [x for r in rows if not r.get("error_stage") for x in att.emit(r)]
         if extra:
             blobs.write_blobs(extra, att.schema, storage.join(output, att.folder, f"{name}.parquet"), att.key)
-    ledger.commit(output, run_id, name, outputs, errors, positions, job.output_schema, generation,
-                  {p: v for p, v in (versions or {}).items() if p in {q for q, _, _ in positions}})
+    ledger.commit(output, run_id, name, outputs, errors, positions, job.output_schema, generation, versions)
     seconds = {c: float(pc.sum(batch.column(c)).as_py() or 0.0) for c in batch.column_names if c.startswith("seconds_")}
     by_stage = collections.Counter(e["stage"] for e in errors)
     return pa.Table.from_pylist([{

@@ -124,9 +124,13 @@ def version_of(info: dict[str, Any]) -> str:
     tag = info.get("ETag") or info.get("etag")
     if tag:
         return f"{size}:{str(tag).strip(chr(34))}"
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
-    mtime = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime)
-    return f"{size}:{int(mtime * 1e9)}"
+    return f"{size}:{int(modified(info) * 1e9)}"
+
+
+def modified(info: dict[str, Any]) -> float:
+    """Last-modified time (seconds since the epoch) from a filesystem listing entry, local or S3."""
+    value = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
 def list_file_versions(path: str, suffix: str = ".parquet", literal: bool = False) -> list[tuple[str, int, str]]:
