@@ -1,6 +1,7 @@
 """benchmark_mner: ITA's text / caption / caption+CVA and BGA-MNER's rows on Twitter-2015 and -2017, test F1 mean ± std over seeds, resumable.
 
     python jobs/benchmark_mner.py [--encoder minilm|mpnet] [--output bench_out/mner] [seeds=0,1] [max_runs=N] [key=value ...]
+    python jobs/benchmark_mner.py report=true [results=FOLDER] [mix_versions=true]
 
 Each finished run leaves RESULTS/<run>.json (jobs/results/benchmark_mner, kept in git) and is skipped
 next time, so the matrix (hours with MPNet on 2 cores) can be spread over several invocations; a run
@@ -8,6 +9,10 @@ cut short resumes from its last epoch's checkpoint when OUTPUT is still there. P
 run beside the papers' numbers, then tag_entities throughput against the tagger's raw batched forward,
 and (once a bga and a text run of one dataset are done) BGA's text-only inference cost against the CRF's.
 BGA rows: configs=bga,bga_no_scs,bga_no_cycle (the captions stand in for the images: a caption proxy).
+Controls: caption_shuffled, bga_no_gen, text_emission_bgalr, caption_cva_emission_bgalr,
+bga_keep_budget, text_ita_schedule, caption_cva_ita_schedule. Every result records its provenance; the
+table refuses to average runs of different versions unless mix_versions=true. report=true trains
+nothing: it writes the table of RESULTS into report_file's marked block (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -34,11 +39,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("eama").setLevel(logging.INFO)
     cfg = config.parse_args(benchmark.BenchmarkConfig, __doc__.splitlines()[0], FLAGS, argv)
+    if cfg.report:
+        cfg.results = storage.absolute(cfg.results)
+        print(benchmark.report(cfg))
+        return
     if not os.path.isdir(cfg.data):
         raise config.ConfigError(f"data folder not found: {cfg.data}")
     cfg.data, cfg.output, cfg.results = os.path.abspath(cfg.data), storage.absolute(cfg.output), storage.absolute(cfg.results)
     results = benchmark.run_matrix(cfg)
-    print("\n" + benchmark.table(results))
+    print("\n" + benchmark.table(results, cfg.mix_versions))
     if cfg.throughput and results:
         if cfg.launcher == "ray":
             print("\n" + (benchmark.throughput(cfg, results) or ""))

@@ -1,7 +1,7 @@
 """train_keyphrase: train an MM-MKP keyphrase model (classifier + copy generator, image noise filtering) on Ray Train + DeepSpeed.
 
     python jobs/train_keyphrase.py --train TRAIN [--valid VALID] --output RUNS --run-name NAME
-        [--encoder minilm|mpnet|ID_OR_PATH] [--mode joint|classify|generate] [--inputs text|all]
+        [--encoder minilm|mpnet|ID_OR_PATH] [--mode joint|classify|generate] [--inputs text|all|ocr|entities]
         [--config FILE.yaml] [key=value ...]
 
 TRAIN (and VALID) are keyphrase Parquet rows (import_corpus --format twitter-keyphrase). Without
@@ -30,7 +30,7 @@ FLAGS = [
     config.Flag("--run-name", "run_name", "run folder under --output; the same name resumes"),
     config.Flag("--encoder", "encoder", "minilm | mpnet | a Hugging Face id | a local or s3:// folder"),
     config.Flag("--mode", "mode", "joint | classify | generate"),
-    config.Flag("--inputs", "inputs", "text (post alone) | all (post + OCR + visual entities)"),
+    config.Flag("--inputs", "inputs", "text (post alone) | all (post + OCR + visual entities) | ocr (post + OCR) | entities (post + visual entities)"),
     config.Flag("--num-workers", "num_workers", "training workers (one per GPU)"),
     config.Flag("--use-gpu", "use_gpu", "one GPU per worker, bf16", switch=True),
 ]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -18,7 +19,7 @@ from PIL import Image
 
 from conftest import kill_when, load_job
 from eama.engine import importing, schema
-from eama.engine.training.metrics import read_metrics
+from eama.engine.training.metrics import StepStats, read_metrics
 from eama.keyphrase import baselines, benchmark, corpus, metric, training
 from eama.keyphrase import model as kp_model
 
@@ -133,6 +134,82 @@ def test_inputs_keep_segments_and_cut_ocr_before_the_post():
     assert enc.match.tolist() == [0.25]
     text_only = kp_model.encode_inputs(tok, [row], kp_model.KeyphraseSpec(classes=["x"], inputs="text"))
     assert set(text_only.segments[0].tolist()) == {kp_model.POST} and torch.isnan(text_only.match).all()
+    # one image-derived input at a time: the other segment holds its [SEP] alone; the gate's probability stays
+    for inputs, kept, dropped in (("ocr", kp_model.OCR, kp_model.ENTITIES), ("entities", kp_model.ENTITIES, kp_model.OCR)):
+        one = kp_model.encode_inputs(tok, [row], kp_model.KeyphraseSpec(classes=["x"], max_length=64, inputs=inputs))
+        ids, seg = one.input_ids[0].tolist(), one.segments[0].tolist()
+        assert tok.decode([i for i, s in zip(ids, seg) if s == dropped]) == "[SEP]"
+        assert len([s for s in seg if s == kept]) > 1 and one.match.tolist() == [0.25]
+
+
+def object_columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Rows as the trainer's numpy columns (one object per row, lists kept whole)."""
+    out = {}
+    for key in dict.fromkeys(k for r in rows for k in r):
+        column = np.empty(len(rows), dtype=object)
+        for i, r in enumerate(rows):
+            column[i] = r.get(key)
+        out[key] = column
+    return out
+
+
+class Engine:
+    """The model called as the trainer's engine is."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args):
+        return self.module(*args)
+
+
+def test_fine_filter_target_does_not_follow_the_students_query_and_its_loss_is_logged():
+    """The keyphrase -> region target has its own query: zeroing the student's query makes the student
+    uniform, not the target, so the loss cannot collapse to zero; the step logs the loss's mean.
+    gate=fixed turns the coarse gate off (g = 1)."""
+    rng = np.random.default_rng(0)
+    rows = [dict(r, image_text_match=0.25) for r in synthetic_rows(4, TOPICS[:4], 0, True)]  # images on posts 0, 2
+    for r in rows[::2]:  # noise, not one colour: regions that differ from each other
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+        r["image"] = buf.getvalue()
+    task = training.KeyphraseTask(training.KeyphraseTrainConfig(train="unused", micro_batch_size=4),
+                                  [r["keyphrases"][0] for r in rows])
+    task.build_model({}, "cpu", torch.float32)
+    task.model.eval()
+    batch = task.collate(object_columns(rows))
+    t = batch.targets
+    with torch.no_grad():
+        memory = task.model.encode(batch.inputs)
+        want = task.model.region_target(memory, t.decoder_out, t.decoder_mask.bool(), t.pair_post)
+        task.model.region_query.weight.zero_()
+        uniform = task.model.encode(batch.inputs)
+        assert torch.allclose(uniform.region_attention, torch.full_like(want, 1 / want.shape[1]))
+        assert torch.equal(task.model.region_target(uniform, t.decoder_out, t.decoder_mask.bool(), t.pair_post), want)
+        spread = (want - 1 / want.shape[1]).abs().max(-1).values[batch.has_image.bool()]
+        assert bool((spread > 2e-3).all()), spread  # the target is not uniform with it
+        _, row_loss, groups = task.loss(Engine(task.model), batch)
+    stats = StepStats(len(task.group_names))
+    stats.add(row_loss.sum(), row_loss, groups, task.counts(batch))
+    record = stats.reduce("cpu", 1, 1, task.group_names)
+    assert record["loss_part/region_attention"] > 0 and record["loss_part/classification"] > 0
+    assert record["loss_part/generation"] > 0 and record["keyphrases"] == 4
+    # the coarse gate: the given probability by default, 1 with gate=fixed
+    derived = (batch.inputs.segments != kp_model.POST) & batch.inputs.attention_mask.bool()
+    with torch.no_grad():
+        assert torch.allclose(memory.bias[:, :derived.shape[1]][derived], torch.log(torch.tensor(0.25)))
+        task.model.gate_mode = "fixed"
+        assert float(task.model.encode(batch.inputs).bias[:, :derived.shape[1]][derived].abs().max()) == 0.0
+    with pytest.raises(SystemExit, match="gate must be one of match, fixed"):
+        training.validate(training.KeyphraseTrainConfig(train=str(ROOT), gate="off"))
+
+
+def test_benchmark_ablation_rows_set_one_thing_each():
+    assert benchmark.settings("joint") == {"inputs": "all", "mode": "joint", "gate": "match"}
+    assert benchmark.settings("joint_gate_fixed") == {"inputs": "all", "mode": "joint", "gate": "fixed"}
+    assert benchmark.settings("ocr")["inputs"] == "ocr" and benchmark.settings("entities")["inputs"] == "entities"
+    cfg = benchmark.BenchmarkConfig()
+    assert {"joint_gate_fixed", "ocr", "entities"} <= set(cfg.configs.split(",")) and cfg.seeds == "0,1"
 
 
 # ---------------------------------------------------------------- a short real training run
@@ -287,7 +364,7 @@ def test_benchmark_skips_finished_runs_and_reports_mean_and_std(tmp_path):
          "train_seconds": 3.0}))
     results = benchmark.run_matrix(cfg)  # everything is done: no data is read, nothing is trained
     assert len(results) == 3
-    lines = benchmark.table(results).splitlines()
+    lines = benchmark.table(results, mix_versions=True).splitlines()  # no provenance: unknown versions
     joint = next(line for line in lines if line.startswith("| joint |"))
     assert "32.00 ± 2.83 (n=2)" in joint  # mean and sample std of 30 and 34
     assert lines.index(next(line for line in lines if line.startswith("| tfidf |"))) < lines.index(joint)

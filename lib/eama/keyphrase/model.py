@@ -6,11 +6,14 @@ classifier and a GRU decoder with an extended copy mechanism; beam search; expor
   tokens, OCR and visual entities, weighted by the coarse gate below).
 * Coarse filtering: a gate g in [0, 1], the given image-text matching probability where the row has
   one, else a matching head on (pooled text, mean region). It scales the image's region context and,
-  in the decoder's attention, adds log g to the image-derived tokens' scores.
+  in the decoder's attention, adds log g to the image-derived tokens' scores. `gate=fixed` sets
+  g = 1 (the ablation without the coarse filter).
 * Fine filtering (rows with an image, `regions`): a text -> region attention over the projected
-  7x7 grid; in training it is pulled toward the attention the gold keyphrases' embeddings give
-  (summed squared error, as MM-MKP's released code). The gated region context is one more memory
-  slot and is added to the pooled state.
+  7x7 grid; in training it is pulled toward the keyphrase -> region attention (summed squared
+  error, as MM-MKP's released code), whose query is the gold keyphrases' mean word embedding through
+  its own fixed projection, not the student's: a target that shared the student's query could
+  collapse to uniform with it and take the loss to zero. The gated region context is one more
+  memory slot and is added to the pooled state.
 * Classifier over the training keyphrase vocabulary (soft-target cross-entropy over a post's gold
   keyphrases that are in it).
 * Decoder: one keyphrase per sequence ([CLS] as start, [SEP] as end), a GRU fed the encoder's word
@@ -34,7 +37,9 @@ from eama.engine import encoders
 SPEC_FILE = "eama_keyphrase.json"
 MODES = ("joint", "classify", "generate")
 JOINT_RANKS = ("sum", "beams_first")
-INPUTS = ("text", "all")
+INPUTS = ("text", "all", "ocr", "entities")  # the post alone | + OCR + visual entities | + OCR only | + visual entities only
+GATES = ("match", "fixed")  # the coarse gate: the matching probability (given, else the matching head) | g = 1
+TARGET_SEED = 2309_04734  # seeds the keyphrase -> region attention's fixed query projection (the same in every run)
 POST, OCR, ENTITIES = 0, 1, 2
 NEG = -1e9
 
@@ -45,7 +50,7 @@ class KeyphraseSpec:
 
     classes: list[str]  # the keyphrase vocabulary of the classifier (training keyphrases, most frequent first)
     mode: str = "joint"  # joint | classify | generate
-    inputs: str = "all"  # text (the post alone) | all (post + OCR + visual entities)
+    inputs: str = "all"  # text (the post alone) | all (post + OCR + visual entities) | ocr (post + OCR) | entities (post + visual entities)
     images: bool = True  # use region features where a row has an image
     max_length: int = 128  # subtokens of the whole input
     max_phrase_tokens: int = 8  # subtokens of one keyphrase (generation stops there)
@@ -55,6 +60,11 @@ class KeyphraseSpec:
     encoder: str = ""  # what the encoder was loaded from
     region_dim: int = 1280  # width of a region feature (EfficientNet-Lite0's grid)
     joint_rank: str = "sum"  # mode=joint: sum (generation + classifier probability per phrase) | beams_first
+    gate: str = "match"  # coarse filter: match (the matching probability) | fixed (g = 1)
+
+    def uses(self, part: str) -> bool:
+        """Whether the input holds `part` ("ocr" or "entities") besides the post."""
+        return self.inputs == "all" or self.inputs == part
 
 
 @dataclasses.dataclass
@@ -106,11 +116,12 @@ class LossWeights:
 
 class KeyphraseModel(nn.Module):
     def __init__(self, encoder: nn.Module, class_ids: torch.Tensor, class_mask: torch.Tensor, mode: str = "joint",
-                 region_dim: int = 1280, dropout: float = 0.1):
+                 region_dim: int = 1280, dropout: float = 0.1, gate: str = "match"):
         super().__init__()
         h = encoder.config.hidden_size
         self.encoder = encoder
         self.mode = mode
+        self.gate_mode = gate
         self.copy_top_k = 5
         self.weights = LossWeights()
         self.register_buffer("class_ids", class_ids)
@@ -129,6 +140,10 @@ class KeyphraseModel(nn.Module):
         self.class_attend = nn.Linear(h, h, bias=False)
         self.combine = nn.Linear(3 * h, h)
         self.switch = nn.Linear(3 * h, 3)
+        # the keyphrase -> region attention's own query projection: fixed (the target is detached, so
+        # nothing would train it), seeded apart from torch's stream, and not saved (rebuilt identically)
+        generator = torch.Generator().manual_seed(TARGET_SEED)
+        self.register_buffer("keyphrase_query", torch.randn(h, h, generator=generator) / math.sqrt(h), persistent=False)
 
     @property
     def embeddings(self) -> nn.Embedding:
@@ -167,7 +182,9 @@ class KeyphraseModel(nn.Module):
 
     def gate(self, inputs: Inputs, pooled: torch.Tensor, regions: torch.Tensor | None) -> torch.Tensor:
         """Coarse image-text gate [B]: the given probability, else the matching head (needs regions),
-        else 1."""
+        else 1; always 1 with gate=fixed."""
+        if self.gate_mode == "fixed":
+            return torch.ones_like(inputs.match, dtype=pooled.dtype)
         given = torch.nan_to_num(inputs.match, nan=-1.0)
         if regions is not None:
             head = torch.sigmoid(self.match_head(torch.cat([pooled, regions.mean(1)], -1))).squeeze(-1)
@@ -205,15 +222,18 @@ class KeyphraseModel(nn.Module):
 
     def region_target(self, memory: Memory, phrase_ids: torch.Tensor, phrase_mask: torch.Tensor,
                       pair_post: torch.Tensor) -> torch.Tensor:
-        """Keyphrase -> region attention [B, R] (detached target): each post's gold keyphrases'
-        mean word embedding as the query."""
+        """Keyphrase -> region attention [B, R] (detached target): each post's gold keyphrases' mean
+        word embedding, through the target's own fixed projection (independent of the student's
+        `region_query`), as the query over the projected regions."""
         assert memory.region_states is not None
         emb = _masked_mean(self.embeddings(phrase_ids), phrase_mask)  # [P, h]
         per_post = torch.zeros_like(memory.pooled).index_add(0, pair_post, emb)
         count = torch.zeros(memory.pooled.shape[0], device=emb.device).index_add(
             0, pair_post, torch.ones_like(pair_post, dtype=emb.dtype))
-        q = self.region_query(per_post / count.clamp_min(1)[:, None])
-        scores = (memory.region_states @ q.unsqueeze(-1)).squeeze(-1) / math.sqrt(q.shape[-1])
+        q = (per_post / count.clamp_min(1)[:, None]) @ self.keyphrase_query.to(emb.dtype).t()
+        # unscaled dot products: divided by sqrt(h) as the student's are, the target starts within a
+        # few percent of uniform and leaves the loss near zero from the first step
+        scores = (memory.region_states @ q.unsqueeze(-1)).squeeze(-1)
         return torch.softmax(scores, -1).detach()
 
     # ---------------------------------------------------------------- decoder side
@@ -294,22 +314,23 @@ def class_tensors(tokenizer: Any, classes: Sequence[str], max_tokens: int) -> tu
 
 def encode_inputs(tokenizer: Any, rows: Sequence[dict[str, Any]], spec: KeyphraseSpec,
                   regions: torch.Tensor | None = None, has_image: torch.Tensor | None = None) -> Inputs:
-    """`[CLS] post [SEP] OCR [SEP] entities [SEP]` per row (inputs=text: the post alone), cut to
-    max_length keeping the post first, then the entities, then the OCR."""
+    """`[CLS] post [SEP] OCR [SEP] entities [SEP]` per row (inputs=text: the post alone; ocr /
+    entities: the other part left empty), cut to max_length keeping the post first, then the
+    entities, then the OCR."""
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     posts = [r["post"] for r in rows]
-    ocrs = [(r.get("ocr") or "") if spec.inputs == "all" else "" for r in rows]
-    ents = [" ; ".join(r.get("visual_entities") or []) if spec.inputs == "all" else "" for r in rows]
+    ocrs = [(r.get("ocr") or "") if spec.uses("ocr") else "" for r in rows]
+    ents = [" ; ".join(r.get("visual_entities") or []) if spec.uses("entities") else "" for r in rows]
     enc = [tokenizer(x, add_special_tokens=False)["input_ids"] if any(x) else [[] for _ in x]
            for x in (posts, ocrs, ents)]
     seqs, segs = [], []
     for p, o, e in zip(*enc):
-        room = spec.max_length - (4 if spec.inputs == "all" else 2)
+        room = spec.max_length - (2 if spec.inputs == "text" else 4)
         p = p[:room]
         e = e[:room - len(p)]
         o = o[:room - len(p) - len(e)]
         ids, seg = [cls] + p + [sep], [POST] * (len(p) + 2)
-        if spec.inputs == "all":
+        if spec.inputs != "text":
             ids += o + [sep] + e + [sep]
             seg += [OCR] * (len(o) + 1) + [ENTITIES] * (len(e) + 1)
         seqs.append(ids)
@@ -456,7 +477,7 @@ def joint_ranking(beams: Sequence[tuple[str, float]], classes: Sequence[tuple[st
 
 def _assemble(encoder: nn.Module, tokenizer: Any, spec: KeyphraseSpec, dropout: float = 0.1) -> KeyphraseModel:
     ids, mask = class_tensors(tokenizer, spec.classes, spec.max_phrase_tokens)
-    model = KeyphraseModel(encoder, ids, mask, spec.mode, spec.region_dim, dropout)
+    model = KeyphraseModel(encoder, ids, mask, spec.mode, spec.region_dim, dropout, spec.gate)
     model.copy_top_k, model.eos_id = spec.copy_top_k, tokenizer.sep_token_id
     return model
 

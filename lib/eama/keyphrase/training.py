@@ -6,7 +6,9 @@ the export; this module supplies the keyphrase parts:
 * `KeyphraseTrainConfig`: the engine's keys + data, encoder, ablation settings and loss weights;
 * `split_holdout`: without --valid, a seeded share of the training posts (by a hash of sample_id,
   the same for every training seed) is held out for model selection, written once under the run;
-* `KeyphraseTask`: the model of `eama.keyphrase.model`, its per-post loss, and `evaluate`: beam
+* `KeyphraseTask`: the model of `eama.keyphrase.model`, its per-post loss (each step also logs the
+  mean of each part: `loss_part/classification`, `loss_part/generation`, and
+  `loss_part/region_attention`, the fine filter's error over the posts with an image), and `evaluate`: beam
   search on the held-out posts, every rank scoring its share and the metric's sums all-reduced;
   `dev_score` = mean(F1@1, F1@3, MAP@5) picks the exported epoch. The test set is never read here.
 """
@@ -24,6 +26,7 @@ from eama.engine import images as image_io
 from eama.engine import feature_cache, schema, storage
 from eama.engine.training import config as trainer_config
 from eama.engine.training import launch
+from eama.engine.training.metrics import RATIO_DENOMINATOR, RATIO_NUMERATOR
 from eama.engine.training.order import steps_per_epoch
 from eama.engine.training.task import ModelParts, TrainingTask, rank_share, sum_over_ranks
 from eama.keyphrase import metric
@@ -42,7 +45,8 @@ class KeyphraseTrainConfig(trainer_config.TrainerConfig):
     holdout_seed: int = 0  # which posts are held out (the same for every training seed)
     encoder: str = "minilm"  # minilm | mpnet | a Hugging Face id | a local or s3:// folder
     mode: str = "joint"  # joint (classifier + generator copying from it) | classify | generate
-    inputs: str = "all"  # text (the post alone) | all (post + OCR + visual entities)
+    inputs: str = "all"  # text (the post alone) | all (post + OCR + visual entities) | ocr (post + OCR) | entities (post + visual entities)
+    gate: str = "match"  # coarse noise filter: match (the image-text matching probability, given or from the matching head) | fixed (g = 1: the ablation)
     images: bool = True  # region features (EfficientNet-Lite0 7x7 grid) for rows that carry an image
     image_cache_mb: float = 1024  # per worker: region features kept per image, so each is decoded and encoded once, not every epoch; 0 = every step
     min_class_count: int = 1  # a training keyphrase joins the classifier's vocabulary from this many posts
@@ -80,6 +84,8 @@ def validate(cfg: KeyphraseTrainConfig) -> None:
         raise SystemExit(f"joint_rank must be one of {', '.join(kp_model.JOINT_RANKS)}, got {cfg.joint_rank!r}")
     if cfg.inputs not in kp_model.INPUTS:
         raise SystemExit(f"inputs must be one of {', '.join(kp_model.INPUTS)}, got {cfg.inputs!r}")
+    if cfg.gate not in kp_model.GATES:
+        raise SystemExit(f"gate must be one of {', '.join(kp_model.GATES)}, got {cfg.gate!r}")
     if cfg.zero_stage > 2:
         raise SystemExit("zero_stage must be 0, 1 or 2: the decoder's output layer is tied to the encoder's word "
                          "embeddings, which ZeRO-3 would partition outside their module")
@@ -180,12 +186,16 @@ def region_features(rows: list[dict[str, Any]], use: bool, cache: feature_cache.
     return out, torch.tensor(has)
 
 
+LOSS_PARTS = ("classification", "generation", "region_attention")  # logged per step as loss_part/<name>
+
+
 @dataclasses.dataclass
 class Batch:
     inputs: kp_model.Inputs
     targets: kp_model.Targets
     has_image: Any  # [B] long
     pairs: int
+    parts: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # loss part -> (sum, posts it covers)
 
 
 class KeyphraseTask(TrainingTask):
@@ -201,8 +211,10 @@ class KeyphraseTask(TrainingTask):
         self.spec = kp_model.KeyphraseSpec(
             classes=classes, mode=config.mode, inputs=config.inputs, images=config.images,
             max_length=config.max_length, max_phrase_tokens=config.max_phrase_tokens, copy_top_k=config.copy_top_k,
-            beam_size=config.beam_size, top_n=config.top_n, encoder=config.encoder, joint_rank=config.joint_rank)
-        self.length_columns = ("post",) if config.inputs == "text" else ("post", "ocr", "visual_entities")
+            beam_size=config.beam_size, top_n=config.top_n, encoder=config.encoder, joint_rank=config.joint_rank,
+            gate=config.gate)
+        self.length_columns = ("post",) + tuple(c for c, part in (("ocr", "ocr"), ("visual_entities", "entities"))
+                                                if self.spec.uses(part))
 
     def validate(self) -> None:
         validate(self.config)
@@ -248,17 +260,26 @@ class KeyphraseTask(TrainingTask):
         return Batch(inputs, targets, flag.to(self.device), int(targets.pair_post.numel()))
 
     def loss(self, engine: Any, batch: Batch) -> tuple[Any, Any, Any]:
-        total, _ = engine(batch.inputs, batch.targets)
+        total, parts = engine(batch.inputs, batch.targets)
+        posts = {"classification": total.shape[0], "generation": int((batch.targets.pair_post.bincount(
+            minlength=total.shape[0]) > 0).sum()), "region_attention": int(batch.has_image.sum())}
+        batch.parts = {k: (float(v.detach().sum()), posts[k]) for k, v in parts.items()}
         return total.sum() / self.config.micro_batch_size, total.detach(), batch.has_image
 
-    def counts(self, batch: Batch) -> Mapping[str, int]:
-        return {"keyphrases": batch.pairs}
+    def counts(self, batch: Batch) -> Mapping[str, float]:
+        """Keyphrases, and each loss part's sum and posts (logged as its mean; every key on every batch)."""
+        out: dict[str, float] = {"keyphrases": batch.pairs}
+        for name in LOSS_PARTS:
+            total, posts = batch.parts.get(name, (0.0, 0))
+            out[f"loss_part/{name}{RATIO_NUMERATOR}"], out[f"loss_part/{name}{RATIO_DENOMINATOR}"] = total, posts
+        return out
 
     def save_export(self, module: Any, state_dict: dict[str, Any], directory: str) -> None:
         kp_model.save_export(module, state_dict, self.tokenizer, self.spec, directory)
 
     def export_info(self) -> dict[str, Any]:
-        return {"encoder": self.config.encoder, "mode": self.config.mode, "inputs": self.config.inputs}
+        return {"encoder": self.config.encoder, "mode": self.config.mode, "inputs": self.config.inputs,
+                "gate": self.config.gate}
 
     def evaluate(self, engine: Any, step: int) -> Mapping[str, float] | None:
         """The metric on the held-out posts (beam search); every rank scores rows rank::world."""

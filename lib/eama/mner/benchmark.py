@@ -1,29 +1,39 @@
 """The MNER benchmark: ITA's text / caption (GA) / caption + CVA matrix on Twitter-2015 and -2017,
 and BGA-MNER's rows (bga, bga_no_scs, bga_no_cycle) with the captions as the image side (a caption
-proxy: these sets ship no images here).
+proxy: these sets ship no images here), and the controls the claims need: caption + CVA with every
+post's caption swapped for another post's (caption_shuffled, ITA's ITA-Random control), BGA without
+its generation losses (bga_no_gen) and ITA with its emission layer at BGA's rate
+(text_emission_bgalr), BGA with a keep budget on its samplers (bga_keep_budget), and ITA's schedule
+(text_ita_schedule, caption_cva_ita_schedule).
 
 Every run trains on train, selects its epoch on valid (mean of both evaluation views), tags test in
 both evaluation views (text-only input, and text+view input; BGA: text-only inference and inference
 with the caption proxy) with tag_entities, and scores it with
-the span scorer. A finished run leaves RESULTS/<run>.json (a folder kept in git) and is skipped by
-the next invocation, so the matrix can be spread over several sessions and machines. `table` prints mean ± std over seeds beside ITA's
-numbers; `throughput` compares tag_entities with the tagger's raw batched forward on the same rows. Runs checkpoint every epoch: one cut short
-resumes from its last finished epoch.
+the span scorer. A finished run leaves RESULTS/<run>.json (a folder kept in git, with the run's
+provenance) and is skipped by the next invocation, so the matrix can be spread over several sessions
+and machines. `table` prints mean ± std over seeds beside ITA's numbers (refusing to average runs of
+different versions unless told), the runs it averaged and each component's gain over its control
+under the "shown" rule; `report` writes that into the docs' marked block. `throughput` compares
+tag_entities with the tagger's raw batched forward on the same rows. Runs checkpoint every epoch:
+one cut short resumes from its last finished epoch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import statistics
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from eama.engine import benchmarks, exports, importing, schema, storage
+from eama.engine.config import ConfigError, UserError
 from eama.engine.training import config as trainer_config
 from eama.engine.training.metrics import read_metrics
 from eama.engine.training.order import steps_per_epoch
-from eama.mner import bga_tagger, conll, methods, report, spans, tagger, tagging, training
+from eama.mner import bga_tagger, bga_training, conll, methods, spans, tagger, tagging, training
+from eama.mner import report as scoring  # `report` below is this benchmark's docs report
 
 # ITA (NAACL 2022), Table 1: test F1, BERT-base-cased CRF rows (text-only eval / text+view eval).
 ITA_BERT = {
@@ -36,15 +46,44 @@ ITA_XLMR_ALL_CVA = {"twitter2015": (78.25, 78.03), "twitter2017": (89.47, 89.75)
 TEMPERATURE = {"twitter2015": 4.0, "twitter2017": 2.0}  # ITA's CVA temperatures
 # BGA-MNER (arXiv 2308.02570), Table 2: BERT-base + CLIP ViT-B/32, with images.
 BGA_PAPER = {"twitter2015": 76.31, "twitter2017": 87.71}
-# each config: train_mner settings (the rest are the benchmark's); BGA reads captions as its image side
+BGA_LR = training.MnerTrainConfig.bga_lr
+ITA_SCHEDULE = {"epochs": 10, "warmup_ratio": 0.05}  # ITA's 10 epochs, and a short warm-up (5% of the steps: our choice)
+# each config: train_mner settings (the rest, and epochs / lr where a config does not set them, are the
+# benchmark's); BGA reads captions as its image side
 CONFIGS: dict[str, dict[str, Any]] = {
     "text": {"view": "text"},
     "caption": {"view": "caption"},
     "caption_cva": {"view": "caption", "cva": True},
+    "caption_shuffled": {"view": "caption", "cva": True},  # on SHUFFLED data: each post reads another post's caption
+    "text_emission_bgalr": {"view": "text", "emission_lr": BGA_LR},
+    "caption_cva_emission_bgalr": {"view": "caption", "cva": True, "emission_lr": BGA_LR},
+    "text_ita_schedule": {"view": "text", **ITA_SCHEDULE},
+    "caption_cva_ita_schedule": {"view": "caption", "cva": True, **ITA_SCHEDULE},
     "bga": {"method": "bga", "vision": "none"},
     "bga_no_scs": {"method": "bga", "vision": "none", "scs": False},
     "bga_no_cycle": {"method": "bga", "vision": "none", "cycle_weight": 0.0},
+    "bga_no_gen": {"method": "bga", "vision": "none", "rec_weight": 0.0, "cycle_weight": 0.0},
+    "bga_keep_budget": {"method": "bga", "vision": "none", "keep_budget": 1.0},
 }
+SHUFFLED = ("caption_shuffled",)  # configs trained, selected and tested on the dataset with deranged captions
+# (treatment, control, what the gain measures): the comparisons the table judges with the "shown" rule
+COMPARISONS = (
+    ("caption", "text", "the caption view (GA)"),
+    ("caption_cva", "text", "caption + CVA"),
+    ("caption_cva", "caption", "CVA beside the caption"),
+    ("caption_cva", "caption_shuffled", "the caption's content (own caption vs another post's, same recipe)"),
+    ("caption_shuffled", "text", "a second segment with CVA whose content is another post's"),
+    ("text_emission_bgalr", "text", "the emission layer at bga_lr"),
+    ("bga", "text", "BGA-MNER"),
+    ("bga", "bga_no_gen", "BGA's generation losses (same layers and learning rates)"),
+    ("bga_no_gen", "text_emission_bgalr", "BGA's layers without generation (vs ITA at bga_lr)"),
+    ("bga", "bga_no_scs", "SCS"),
+    ("bga", "bga_no_cycle", "the cycle loss"),
+    ("bga_keep_budget", "bga", "SCS with a keep budget"),
+    ("text_ita_schedule", "text", "ITA's schedule (10 epochs, warm-up), text"),
+    ("caption_cva_ita_schedule", "caption_cva", "ITA's schedule (10 epochs, warm-up), caption + CVA"),
+)
+SCHEDULES = (("text_ita_schedule", "text"), ("caption_cva_ita_schedule", "caption_cva"))  # valid picks one of each pair
 SPLITS = ("train", "valid", "test")
 
 
@@ -56,10 +95,10 @@ class BenchmarkConfig:
     output: str = "bench_out/mner"  # imports, runs (checkpoints, exports) and tagged outputs
     results: str = "jobs/results/benchmark_mner"  # one JSON per finished run (kept in git, so later sessions skip it)
     datasets: str = "twitter2015,twitter2017"  # comma-separated
-    configs: str = "text,caption,caption_cva"  # text | caption (GA) | caption_cva (GA + CVA) | bga | bga_no_scs | bga_no_cycle
+    configs: str = "text,caption,caption_cva"  # comma-separated: text | caption (GA) | caption_cva (GA + CVA) | bga | bga_no_scs | bga_no_cycle, and the controls (docs/benchmarks.md)
     seeds: str = "0,1"  # comma-separated training seeds
     encoder: str = "minilm"  # minilm | mpnet | a Hugging Face id or folder
-    epochs: int = 5  # ITA trains 10
+    epochs: int = 5  # ITA trains 10 (the *_ita_schedule configs set their own)
     lr: float = 5e-5  # encoder learning rate (ITA: 5e-6 with XLM-R-large)
     micro_batch_size: int = 16  # posts per worker per forward pass
     group_by_length: int = 0  # > 0: micro-batches of posts of similar length, in random buckets of this many (the trainer's setting; recorded in each result)
@@ -72,6 +111,10 @@ class BenchmarkConfig:
     max_runs: int = 0  # stop after this many new runs (0 = all); finished ones never count
     throughput: bool = True  # also measure tag_entities against the raw forward (needs one finished run and launcher=ray)
     throughput_rows: int = 6000  # rows for the throughput comparison (test posts repeated with new ids)
+    shuffle_seed: int = 0  # seed of the caption derangement of caption_shuffled (one per dataset, for all its splits and training seeds)
+    mix_versions: bool = False  # let the table average runs of different or unknown code versions or settings (marked †)
+    report: bool = False  # train nothing: write the table of RESULTS into report_file's block <!-- NAME:begin --> ... <!-- NAME:end --> (NAME: the results folder's name) and print it
+    report_file: str = "docs/benchmarks.md"  # the markdown page holding the report's block
 
 
 def run_name(cfg: BenchmarkConfig, dataset: str, config: str, seed: int) -> str:
@@ -91,14 +134,66 @@ def import_dataset(cfg: BenchmarkConfig, dataset: str) -> dict[str, str]:
     return paths
 
 
+def derangement(values: Sequence[Any], seed: int) -> list[Any]:
+    """`values` reordered, seeded, so that no position keeps its own item (Sattolo's shuffle: one
+    cycle) nor, where a swap can avoid it, an equal one (two posts may share a caption)."""
+    n = len(values)
+    if n < 2:
+        raise UserError(f"cannot give each of {n} post(s) another post's caption")
+    rng = random.Random(seed)
+    order = list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = rng.randrange(i)
+        order[i], order[j] = order[j], order[i]
+    for i in range(n):
+        if values[order[i]] != values[i]:
+            continue
+        start = rng.randrange(n)
+        for j in ((start + k) % n for k in range(n)):
+            if values[order[j]] != values[i] and values[order[i]] != values[j]:
+                order[i], order[j] = order[j], order[i]
+                break
+    return [values[k] for k in order]
+
+
+def shuffled_dataset(cfg: BenchmarkConfig, dataset: str, data: dict[str, str]) -> dict[str, str]:
+    """The dataset with every post's caption replaced by another post's of the same split (a seeded
+    derangement, written once: the same shuffled captions for every config and training seed)."""
+    import pyarrow as pa
+
+    paths = {}
+    for split in SPLITS:
+        out = storage.join(cfg.output, "data", f"{dataset}-captions_deranged-{cfg.shuffle_seed}", split)
+        part = storage.join(out, "part-00000.parquet")
+        if not storage.exists(part):
+            table = pa.concat_tables([storage.read_table(f) for f in storage.list_files(data[split])])
+            captions = derangement(table.column("caption").to_pylist(), cfg.shuffle_seed)
+            at = table.schema.get_field_index("caption")
+            table = table.set_column(at, table.schema.field(at), pa.array(captions, table.schema.field(at).type))
+            storage.write_table_atomic(table, part, storage.ROW_GROUP_ROWS)
+        paths[split] = out
+    return paths
+
+
+def train_settings(cfg: BenchmarkConfig, dataset: str, config: str) -> dict[str, Any]:
+    """The training settings of a config: the benchmark's recipe, then what the config sets."""
+    if config not in CONFIGS:
+        raise config_error(config)
+    return {"epochs": cfg.epochs, "lr": cfg.lr, "temperature": TEMPERATURE.get(dataset, 2.0), **CONFIGS[config]}
+
+
+def config_error(name: str) -> ConfigError:
+    return ConfigError(f"unknown config {name!r}: configs are {', '.join(CONFIGS)}")
+
+
 def train_one(cfg: BenchmarkConfig, data: dict[str, str], dataset: str, config: str, seed: int) -> training.MnerTrainConfig:
     tcfg = training.MnerTrainConfig(
         train=data["train"], valid=data["valid"], output=storage.join(cfg.output, "runs"),
-        run_name=run_name(cfg, dataset, config, seed), encoder=cfg.encoder, **CONFIGS[config],
-        temperature=TEMPERATURE.get(dataset, 2.0), epochs=cfg.epochs, lr=cfg.lr, seed=seed,
+        run_name=run_name(cfg, dataset, config, seed), encoder=cfg.encoder, seed=seed,
         micro_batch_size=cfg.micro_batch_size, group_by_length=cfg.group_by_length,
         num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
-        torch_threads=cfg.torch_threads, launcher=cfg.launcher, use_gpu=cfg.use_gpu)
+        torch_threads=cfg.torch_threads, launcher=cfg.launcher, use_gpu=cfg.use_gpu,
+        **train_settings(cfg, dataset, config))
     # a checkpoint per epoch: an interrupted run resumes from its last epoch at the next invocation
     tcfg.checkpoint_every = steps_per_epoch(training.mner_files(data["train"])[1], tcfg)
     tcfg.keep_checkpoints = 1
@@ -126,7 +221,7 @@ def tag_and_score(cfg: BenchmarkConfig, model: str, test: str, out: str, view: s
     tag_cfg = tagging.TagConfig(input=test, output=storage.join(out, view), model=model, view=view,
                                 threads=cfg.tag_threads)
     manifest = tagging.run(tag_cfg)
-    scores = report.score_output(report.ScoreConfig(input=tag_cfg.output))
+    scores = scoring.score_output(scoring.ScoreConfig(input=tag_cfg.output))
     return {"f1": scores["f1"], "precision": scores["precision"], "recall": scores["recall"],
             "gold_spans": scores["gold_spans"], "per_type": scores["per_type"],
             "tag_seconds": manifest["wall_seconds"]}
@@ -174,39 +269,77 @@ def device_name(cfg: BenchmarkConfig) -> str:
 
 def run_matrix(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
     """Every (dataset, config, seed) run not finished yet; returns all finished results."""
-    done_dir = cfg.results
+    benchmarks.code_version()  # the code as this process loaded it, before the files can change under a long matrix
+    configs = benchmarks.split_list(cfg.configs)
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise config_error(unknown[0])
     new = 0
     for dataset in benchmarks.split_list(cfg.datasets):
-        data = None
+        data: dict[bool, dict[str, str]] = {}
         for seed in map(int, benchmarks.split_list(cfg.seeds)):  # every config once before any second seed
-            for config in benchmarks.split_list(cfg.configs):
+            for config in configs:
                 name = run_name(cfg, dataset, config, seed)
-                if benchmarks.is_done(done_dir, name):
+                if benchmarks.is_done(cfg.results, name):
                     continue
                 if cfg.max_runs and new >= cfg.max_runs:
                     return read_results(cfg)
-                data = data or import_dataset(cfg, dataset)
+                splits = prepared(cfg, dataset, config, data)
                 print(f"benchmark_mner: run {name}", flush=True)
-                started = time.time()
-                tcfg = train_one(cfg, data, dataset, config, seed)
-                train_wall = time.time() - started
-                history = read_metrics(trainer_config.run_dir(tcfg))
-                evals = [r for r in history if "eval/dev_f1" in r]
-                best = max(evals, key=lambda r: r["eval/dev_f1"])
-                model = trainer_config.export_dir(tcfg)
-                views = eval_views(config)
-                test = {v: tag_and_score(cfg, model, data["test"], storage.join(cfg.output, "tagged", name), v)
-                        for v in views}
-                result = {"run": name, "dataset": dataset, "config": config, "seed": seed, "encoder": cfg.encoder,
-                          "epochs": cfg.epochs, "lr": cfg.lr, "group_by_length": cfg.group_by_length,
-                          "launcher": cfg.launcher, "device": device_name(cfg),
-                          "selected_step": best["step"],
-                          "dev": {k.removeprefix("eval/"): v for k, v in best.items() if k.startswith("eval/")},
-                          "test": test, "train_seconds": round(sum(r["step_seconds"] for r in history), 1),
-                          "train_wall_seconds": round(train_wall, 1)}
-                benchmarks.save_result(done_dir, name, result)
+                benchmarks.save_result(cfg.results, name, one_run(cfg, splits, dataset, config, seed))
                 new += 1
     return read_results(cfg)
+
+
+def prepared(cfg: BenchmarkConfig, dataset: str, config: str, cache: dict[bool, dict[str, str]]) -> dict[str, str]:
+    """The splits a config trains and tests on: the imported dataset, or its caption-deranged copy
+    for the SHUFFLED configs (each prepared once per invocation, kept in `cache`)."""
+    shuffled = config in SHUFFLED
+    if False not in cache:
+        cache[False] = import_dataset(cfg, dataset)
+    if shuffled and True not in cache:
+        cache[True] = shuffled_dataset(cfg, dataset, cache[False])
+    return cache[shuffled]
+
+
+def one_run(cfg: BenchmarkConfig, data: dict[str, str], dataset: str, config: str, seed: int) -> dict[str, Any]:
+    """Train one (dataset, config, seed), tag test in its evaluation views; the result to save."""
+    name = run_name(cfg, dataset, config, seed)
+    started = time.time()
+    tcfg = train_one(cfg, data, dataset, config, seed)
+    train_wall = time.time() - started
+    history = read_metrics(trainer_config.run_dir(tcfg))
+    evals = [r for r in history if "eval/dev_f1" in r]
+    best = max(evals, key=lambda r: r["eval/dev_f1"])
+    model = trainer_config.export_dir(tcfg)
+    test = {v: tag_and_score(cfg, model, data["test"], storage.join(cfg.output, "tagged", name), v)
+            for v in eval_views(config)}
+    result = {"run": name, "dataset": dataset, "config": config, "seed": seed, "encoder": cfg.encoder,
+              "epochs": tcfg.epochs, "lr": tcfg.lr, "warmup_ratio": tcfg.warmup_ratio,
+              "group_by_length": cfg.group_by_length, "launcher": cfg.launcher, "device": device_name(cfg),
+              "selected_step": best["step"],
+              "dev": {k.removeprefix("eval/"): v for k, v in best.items() if k.startswith("eval/")},
+              "test": test, "train_seconds": round(sum(r["step_seconds"] for r in history), 1),
+              "train_wall_seconds": round(train_wall, 1),
+              "provenance": benchmarks.provenance(resolved(cfg, tcfg, config))}
+    rates = keep_rates(history, best["step"], tcfg.checkpoint_every)
+    return {**result, "keep_rates": rates} if rates else result
+
+
+def resolved(cfg: BenchmarkConfig, tcfg: training.MnerTrainConfig, config: str) -> dict[str, Any]:
+    """The settings a run's result records: its training config, and the derangement's seed where
+    the data were shuffled."""
+    settings = dataclasses.asdict(tcfg)
+    return {**settings, "shuffle_seed": cfg.shuffle_seed} if config in SHUFFLED else settings
+
+
+def keep_rates(history: list[dict[str, Any]], step: int, epoch_steps: int) -> dict[str, float]:
+    """BGA's samplers' keep rates (stage and modality -> share kept) over the selected epoch's steps."""
+    prefix = bga_training.KEEP_METRIC + "/"
+    window = [r for r in history if step - epoch_steps < r["step"] <= step]
+    keys = sorted({k for r in window for k in r if k.startswith(prefix)})
+    rates = {k.removeprefix(prefix): [r[k] for r in window if r.get(k) is not None] for k in keys}
+    return {k: round(statistics.fmean(v), 4) for k, v in rates.items() if v}
 
 
 def read_results(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
@@ -225,24 +358,107 @@ def collapsed(result: dict[str, Any]) -> bool:
     return result.get("dev", {}).get("dev_f1", 1.0) == 0.0
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    """Markdown: per encoder, dataset and config, test F1 mean ± std for both evaluation views
-    (collapsed runs named beside the mean, not in it)."""
-    lines = ["| encoder | dataset | config | test F1, text-only eval | test F1, text+caption eval | train s/run | "
-             "paper (ITA BERT-base T / I+T; BGA-MNER) |", "|---|---|---|---|---|---|---|"]
+Key = tuple[str, str, str]  # (encoder, dataset, config)
+
+
+def rows_by_key(results: list[dict[str, Any]]) -> dict[Key, list[dict[str, Any]]]:
+    """Results per (encoder, dataset, config), in the table's order (CONFIGS' order within a dataset)."""
+    order = list(CONFIGS)
     keys = sorted({(r["encoder"], r["dataset"], r["config"]) for r in results},
-                  key=lambda k: (k[0], k[1], list(CONFIGS).index(k[2]) if k[2] in CONFIGS else 9))
-    for enc, ds, conf in keys:
-        every = [r for r in results if (r["encoder"], r["dataset"], r["config"]) == (enc, ds, conf)]
+                  key=lambda k: (k[0], k[1], order.index(k[2]) if k[2] in order else len(order), k[2]))
+    return {k: sorted((r for r in results if (r["encoder"], r["dataset"], r["config"]) == k), key=lambda r: r["seed"])
+            for k in keys}
+
+
+def per_type(rows: list[dict[str, Any]]) -> str:
+    """Mean per-type F1 of the text-only evaluation ('-' where the results do not hold it)."""
+    found = [r["test"]["text"]["per_type"] for r in rows if r["test"]["text"].get("per_type")]
+    first = ("PER", "LOC", "ORG")  # ITA's order; OTHER / MISC last
+    types = sorted({t for p in found for t in p}, key=lambda t: (first.index(t) if t in first else len(first), t))
+    return ", ".join(f"{t} {100 * statistics.fmean(p[t]['f1'] for p in found if t in p):.2f}" for t in types) or "-"
+
+
+def table(results: list[dict[str, Any]], mix_versions: bool = False) -> str:
+    """Markdown: per encoder, dataset and config, test F1 mean ± std for both evaluation views
+    (collapsed runs named beside the mean, not in it) and the version averaged; then the runs each
+    row averaged, each component's gain over its control with the "shown" rule, BGA's keep rates and
+    which schedule valid picks. A row mixing versions is refused unless `mix_versions`."""
+    if not results:
+        return "No finished runs yet."
+    lines = ["| encoder | dataset | config | test F1, text-only eval | test F1, text+caption eval | train s/run | "
+             "paper (ITA BERT-base T / I+T; BGA-MNER) | per type, text-only eval (mean) | version |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    averaged = []
+    for (enc, ds, conf), every in rows_by_key(results).items():
         rows = [r for r in every if not collapsed(r)]
         failed = f" + {len(every) - len(rows)} collapsed (seed {', '.join(str(r['seed']) for r in every if collapsed(r))})" \
             if len(rows) < len(every) else ""
+        version = benchmarks.check_versions(f"{enc} {ds} {conf}", rows, mix_versions)
         text = [r["test"]["text"]["f1"] for r in rows]
         view = [r["test"][second_view(r)]["f1"] for r in rows if second_view(r)]
         secs = statistics.fmean(r["train_seconds"] for r in every)
-        lines.append(f"| {enc} | {ds} | {conf} | {benchmarks.mean_std(text)}{failed} | {benchmarks.mean_std(view)} | {secs:.0f} | "
-                     f"{BGA_PAPER[ds] if conf == 'bga' and ds in BGA_PAPER else _anchor(ITA_BERT.get((ds, conf)))} |")
-    return "\n".join(lines)
+        paper = BGA_PAPER[ds] if conf == "bga" and ds in BGA_PAPER else _anchor(ITA_BERT.get((ds, conf)))
+        lines.append(f"| {enc} | {ds} | {conf} | {benchmarks.mean_std(text)}{failed} | {benchmarks.mean_std(view)} | "
+                     f"{secs:.0f} | {paper} | {per_type(rows)} | {version} |")
+        averaged.append(benchmarks.runs_line(f"{enc} {ds} {conf}", rows, text))
+    parts = ["\n".join(lines), "Runs averaged (run, version, test F1 text-only eval):\n\n" + "\n".join(averaged)]
+    gains = comparisons(results)
+    if gains:
+        parts.append(benchmarks.gains_table(gains, "test F1 (text-only eval)"))
+    parts += [p for p in (keep_table(results), schedule_choice(results)) if p]
+    return "\n\n".join(parts)
+
+
+def comparisons(results: list[dict[str, Any]]) -> list[tuple[str, str, benchmarks.Gain]]:
+    """Each COMPARISONS pair present for an encoder and dataset: the gain in text-only test F1,
+    paired by seed (collapsed runs left out)."""
+    f1 = {k: {r["seed"]: r["test"]["text"]["f1"] for r in rows if not collapsed(r)}
+          for k, rows in rows_by_key(results).items()}
+    out = []
+    for enc, ds in dict.fromkeys((k[0], k[1]) for k in f1):
+        for treatment, control, what in COMPARISONS:
+            gain = benchmarks.seed_gain(f1.get((enc, ds, treatment), {}), f1.get((enc, ds, control), {}))
+            if gain:
+                out.append((f"{enc} {ds}", f"{what}: {treatment} vs {control}", gain))
+    return out
+
+
+def keep_table(results: list[dict[str, Any]]) -> str:
+    """BGA's keep rates (share of elements its samplers keep, per modality and stage, over the
+    selected epoch), mean over seeds; '' when no result holds them."""
+    rows = {k: [r["keep_rates"] for r in v if r.get("keep_rates")] for k, v in rows_by_key(results).items()}
+    rows = {k: v for k, v in rows.items() if v}
+    if not rows:
+        return ""
+    names = sorted({n for v in rows.values() for rates in v for n in rates})
+    lines = ["| encoder | dataset | config | " + " | ".join(f"kept, {n.replace('/', ' ')}" for n in names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for (enc, ds, conf), v in rows.items():
+        cells = [f"{statistics.fmean(r[n] for r in v if n in r):.3f}" if any(n in r for r in v) else "-" for n in names]
+        lines.append(f"| {enc} | {ds} | {conf} | " + " | ".join(cells) + " |")
+    return "SCS keep rates (share kept, selected epoch, mean over seeds):\n\n" + "\n".join(lines)
+
+
+def schedule_choice(results: list[dict[str, Any]]) -> str:
+    """Which of each SCHEDULES pair valid picks (mean dev_f1 over seeds; test is not read)."""
+    by = rows_by_key(results)
+    out = []
+    for enc, ds in dict.fromkeys((k[0], k[1]) for k in by):
+        for longer, shorter in SCHEDULES:
+            a, b = by.get((enc, ds, longer)), by.get((enc, ds, shorter))
+            if a and b:
+                dev_a, dev_b = (statistics.fmean(r["dev"]["dev_f1"] for r in x) for x in (a, b))
+                pick = longer if dev_a > dev_b else shorter
+                out.append(f"- {enc} {ds}: valid picks **{pick}** (mean valid F1 {100 * dev_a:.2f} for {longer} over "
+                           f"{len(a)} seeds, {100 * dev_b:.2f} for {shorter} over {len(b)})")
+    return "Schedule kept on valid (never on test):\n\n" + "\n".join(out) if out else ""
+
+
+def report(cfg: BenchmarkConfig) -> str:
+    """The table of every result in RESULTS, written into report_file's block named after the
+    results folder (no training); returns it."""
+    return benchmarks.write_report("benchmark_mner", cfg.results, BenchmarkConfig.results, cfg.report_file,
+                                   cfg.mix_versions, table)
 
 
 def export_of(cfg: BenchmarkConfig, result: dict[str, Any]) -> str:

@@ -16,7 +16,9 @@ One BGA layer:
 
 Losses (per post, `Losses`): reconstruction of the other modality's kept features (detached) by
 every generator level, and cycle consistency (text -> generated image -> regenerated text returns to
-the text, and image -> text -> image), as a cosine distance at aligned positions.
+the text, and image -> text -> image), as a cosine distance at aligned positions; and each post's
+keep rate (the share of its tokens / regions the samplers keep, averaged over stages and modalities,
+differentiable through the straight-through decisions), which a keep budget may penalise.
 
 Inference as the paper does it uses the text alone: the text -> image generator's features stand in
 for the image. With a real visual source (an image, or the caption proxy) its sampled features are
@@ -86,9 +88,11 @@ class ContextSampler(nn.Module):
         for scorer in self.scorers:  # start by keeping everything (positive scores)
             nn.init.constant_(scorer[-1].bias, 2.0)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def stages(self, x: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """The keep-mask [B, N] after every stage (the last is the sampler's output)."""
         keep = mask.to(x.dtype)
         has = mask.any(1)
+        out = []
         for scorer in self.scorers:
             context = masked_mean(x, keep).unsqueeze(1).expand_as(x)
             logits = scorer(torch.cat([x, context], -1)).squeeze(-1)
@@ -97,7 +101,11 @@ class ContextSampler(nn.Module):
             empty = has & (keep.detach().sum(1) == 0)
             best = F.one_hot(logits.detach().masked_fill(~mask, -torch.inf).argmax(1), x.shape[1]).to(x.dtype)
             keep = keep + best * empty.unsqueeze(1).to(x.dtype)
-        return keep
+            out.append(keep)
+        return out
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.stages(x, mask)[-1]
 
 
 class Generator(nn.Module):
@@ -161,10 +169,28 @@ def cycle_loss(t2v: Generate, v2t: Generate, text: torch.Tensor, text_keep: torc
             + feature_distance(back_v, regions.detach(), region_keep.detach()))
 
 
+KeepCounts = dict[str, tuple[torch.Tensor, torch.Tensor]]  # "text/stage1" -> (elements kept, elements there), batch sums
+
+
 @dataclasses.dataclass
 class Losses:
     reconstruction: torch.Tensor  # [B]
     cycle: torch.Tensor  # [B]
+    keep_rate: torch.Tensor | None = None  # [B] share of its elements a post's samplers keep (mean over stages and modalities; differentiable)
+    keep_counts: KeepCounts = dataclasses.field(default_factory=dict)  # detached, for the metrics
+
+
+def keep_stats(keeps: list[torch.Tensor], mask: torch.Tensor, modality: str,
+               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, KeepCounts]:
+    """Per-row keep rate [B] (mean over the stages of kept / there) of one modality's samplers, and
+    the kept / there counts per stage summed over `rows` (all rows when None)."""
+    there = mask.to(keeps[0].dtype)
+    if rows is not None:
+        there = there * rows.to(there.dtype).unsqueeze(1)
+    size = there.sum(1).clamp(min=1.0)
+    rate = sum((k * there).sum(1) / size for k in keeps) / len(keeps)
+    counts = {f"{modality}/stage{s + 1}": ((k.detach() * there).sum(), there.sum()) for s, k in enumerate(keeps)}
+    return rate, counts
 
 
 class BgaLayer(nn.Module):
@@ -185,23 +211,30 @@ class BgaLayer(nn.Module):
     def v2t(self, x: torch.Tensor, keep: torch.Tensor, count: int) -> torch.Tensor:
         return self.image_to_text(x, keep, count)[-1]
 
-    def sample(self, sampler: ContextSampler, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return sampler(x, mask) if self.spec.scs else mask.to(x.dtype)
+    def sample(self, sampler: ContextSampler, x: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's keep-mask (without SCS: the mask itself at every stage)."""
+        return sampler.stages(x, mask) if self.spec.scs else [mask.to(x.dtype)] * self.spec.scs_stages
 
     def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor, regions: torch.Tensor | None,
                 region_mask: torch.Tensor | None, use_real: torch.Tensor | None,
                 with_losses: bool) -> tuple[torch.Tensor, Losses | None]:
         slots = self.spec.region_slots
-        text_keep = self.sample(self.text_sampler, tokens, token_mask)
+        text_keeps = self.sample(self.text_sampler, tokens, token_mask)
+        text_keep = text_keeps[-1]
         generated = self.text_to_image(tokens, text_keep, slots)
         memory, pad = generated[-1], torch.zeros(tokens.shape[0], slots, dtype=torch.bool, device=tokens.device)
         losses = None
+        if with_losses:
+            zero = tokens.new_zeros(tokens.shape[0])
+            rate, counts = keep_stats(text_keeps, token_mask, "text")
+            losses = Losses(zero, zero, rate, counts)
         if regions is not None:
-            region_keep = self.sample(self.region_sampler, regions, region_mask)
+            region_keeps = self.sample(self.region_sampler, regions, region_mask)
+            region_keep = region_keeps[-1]
             real = region_keep * use_real.unsqueeze(1).to(region_keep.dtype)
             memory = torch.cat([regions * real.unsqueeze(-1), memory], 1)
             pad = torch.cat([real.detach() < 0.5, pad], 1)
-            if with_losses:
+            if losses is not None:
                 has = region_mask.any(1).to(tokens.dtype)
                 to_text = self.image_to_text(regions, region_keep, tokens.shape[1])
                 rec = sum(feature_distance(g, regions.detach(), region_keep.detach()) for g in generated) / len(generated)
@@ -210,7 +243,9 @@ class BgaLayer(nn.Module):
                 if self.spec.cycle:
                     cyc = cycle_loss(self.t2v, self.v2t, tokens, text_keep, regions, region_keep, slots,
                                      generated[-1], to_text[-1])
-                losses = Losses(rec * has, cyc * has)
+                visual_rate, visual_counts = keep_stats(region_keeps, region_mask, "visual", has > 0)
+                losses = Losses(rec * has, cyc * has, (losses.keep_rate + has * visual_rate) / (1 + has),
+                                {**losses.keep_counts, **visual_counts})
         return self.extractor(tokens, memory, pad), losses
 
 
@@ -267,21 +302,31 @@ class BgaTagger(nn.Module):
                 image_mask: torch.Tensor | None = None, proxy_ids: torch.Tensor | None = None,
                 proxy_mask: torch.Tensor | None = None, use_real: torch.Tensor | None = None,
                 with_losses: bool = False) -> torch.Tensor | tuple[torch.Tensor, Losses]:
-        """Emission scores [B, W, L]; with `with_losses` also the generation losses per post."""
+        """Emission scores [B, W, L]; with `with_losses` also the generation losses and keep rates per post."""
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         regions, region_mask = self.regions(image_features, image_mask, proxy_ids, proxy_mask, hidden.dtype)
         if regions is not None and use_real is None:
             use_real = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-        zero = hidden.new_zeros(hidden.shape[0])
-        total = Losses(zero, zero)
         token_mask = attention_mask.bool()
+        every: list[Losses] = []
         for layer in self.layers:
             hidden, losses = layer(hidden, token_mask, regions, region_mask, use_real, with_losses)
             if losses is not None:
-                total = Losses(total.reconstruction + losses.reconstruction, total.cycle + losses.cycle)
+                every.append(losses)
         emissions = self.emission(self.dropout(tagger.first_subtokens(hidden, word_index)))
         if not with_losses:
             return emissions
-        n = len(self.layers)
-        return emissions, Losses(total.reconstruction / n, total.cycle / n)
+        return emissions, mean_losses(every)
+
+
+def mean_losses(layers: list[Losses]) -> Losses:
+    """The layers' losses and keep rates averaged over the layers; their keep counts summed."""
+    n = len(layers)
+    counts: KeepCounts = {}
+    for losses in layers:
+        for key, (kept, there) in losses.keep_counts.items():
+            before = counts.get(key)
+            counts[key] = (kept, there) if before is None else (before[0] + kept, before[1] + there)
+    return Losses(sum(x.reconstruction for x in layers) / n, sum(x.cycle for x in layers) / n,
+                  sum(x.keep_rate for x in layers) / n, counts)

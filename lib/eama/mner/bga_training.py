@@ -6,7 +6,10 @@ evaluation, with BGA's model, inputs and loss.
   to its real features with probability `real_visual_prob`, else to the generated ones only, so
   the tagger learns both inference modes.
 * Loss per post: CRF NLL + rec_weight x reconstruction + cycle_weight x cycle consistency (the
-  generation losses only for posts with a visual source).
+  generation losses only for posts with a visual source) + keep_budget x the samplers' keep rate
+  (a sparsity term, 0 by default: without it nothing pushes SCS to drop anything).
+* Metrics: each step logs the share of elements the samplers keep, per stage and modality
+  (`scs_keep/text/stage1`, `scs_keep/visual/stage2`, ...; over every BGA layer).
 * Learning rates: `lr` for the encoder, `crf_lr` for the CRF's scores, `bga_lr` for the new layers.
 * Evaluation views on valid: `text` (the paper's inference, no visual input) and `visual`; model
   selection (`dev_f1`) reads the view `select_view` names: text (default), visual, or their mean.
@@ -21,10 +24,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from eama.engine import feature_cache
+from eama.engine.training.metrics import RATIO_DENOMINATOR, RATIO_NUMERATOR
 from eama.engine.training.task import ModelParts
 from eama.mner import bga_tagger, tagger, training
 
 log = logging.getLogger("eama.trainer")
+KEEP_METRIC = "scs_keep"  # metrics key prefix of the samplers' keep rates
+KEEP_MODALITIES = ("text", "visual")
 
 
 class BgaTask(training.MnerTask):
@@ -89,15 +95,27 @@ class BgaTask(training.MnerTask):
         emissions, losses = engine(**tagger.model_inputs(text), **batch["visual"], with_losses=True)
         nll = engine.module.crf.nll(emissions.float(), batch["gold"], text.word_mask)
         row_loss = nll + cfg.rec_weight * losses.reconstruction.float() + cfg.cycle_weight * losses.cycle.float()
+        if cfg.keep_budget:
+            row_loss = row_loss + cfg.keep_budget * losses.keep_rate.float()
+        batch["keep_counts"] = {k: (float(kept), float(there)) for k, (kept, there) in losses.keep_counts.items()}
         return row_loss.sum() / cfg.micro_batch_size, row_loss.detach(), batch["has_visual"].long()
 
-    def counts(self, batch: dict[str, Any]) -> Mapping[str, int]:
-        return {"words": batch["words"], "undecodable_images": batch["undecodable_images"]}
+    def counts(self, batch: dict[str, Any]) -> Mapping[str, float]:
+        """Words, undecodable images, and the samplers' kept / there counts per stage and modality
+        (every key on every batch, zeros where a batch has none: the step's counts are all-reduced)."""
+        out: dict[str, float] = {"words": batch["words"], "undecodable_images": batch["undecodable_images"]}
+        found = batch.get("keep_counts", {})
+        for modality in KEEP_MODALITIES:
+            for stage in range(1, self.settings.scs_stages + 1):
+                kept, there = found.get(f"{modality}/stage{stage}", (0.0, 0.0))
+                out[f"{KEEP_METRIC}/{modality}/stage{stage}{RATIO_NUMERATOR}"] = kept
+                out[f"{KEEP_METRIC}/{modality}/stage{stage}{RATIO_DENOMINATOR}"] = there
+        return out
 
     def export_info(self) -> dict[str, Any]:
         cfg: training.MnerTrainConfig = self.config  # type: ignore[assignment]
         return {"encoder": cfg.encoder, "method": "bga", "vision": cfg.vision, "scs": cfg.scs,
-                "cycle_weight": cfg.cycle_weight}
+                "cycle_weight": cfg.cycle_weight, "rec_weight": cfg.rec_weight, "keep_budget": cfg.keep_budget}
 
     def eval_views(self) -> list[str]:
         return list(bga_tagger.VIEWS)

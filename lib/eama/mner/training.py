@@ -4,7 +4,8 @@ The engine runs Ray Train + DeepSpeed, the deterministic order, checkpoints, res
 the export; this module supplies the MNER parts:
 
 * `MnerTrainConfig`: the engine's settings + data, encoder, view, CVA and ITA's two learning rates
-  (the encoder's `lr`, a much higher `crf_lr` for the CRF's transition scores), linear decay;
+  (the encoder's `lr`, a much higher `crf_lr` for the CRF's transition scores; `emission_lr`, when
+  set, gives the emission layer its own), linear decay;
 * `MnerTask.loss`: CRF negative log-likelihood of the text+view input; with `cva`, for every post
   that has a view, 0.5 x NLL(text+view) + 0.5 x T^2 x KL(teacher || student) over the CRF's posterior
   marginals at temperature T, the teacher being the text+view input (detached) and the student the
@@ -46,6 +47,7 @@ class MnerTrainConfig(trainer_config.TrainerConfig):
     eval_per_epoch: bool = True  # evaluate on valid after every epoch (else every eval_every steps / at the end)
     run_name: str = "mner"
     lr: float = 5e-5  # encoder and emission layer (ITA: 5e-6 for XLM-R-large)
+    emission_lr: float = 0.0  # ita: learning rate of the emission layer; 0 = lr (a control for BGA, whose emission layer trains at bga_lr)
     epochs: int = 5
     micro_batch_size: int = 16
     zero_stage: int = 2
@@ -69,6 +71,7 @@ class MnerTrainConfig(trainer_config.TrainerConfig):
     cycle_weight: float = 1.0  # bga: weight of the cycle-consistency loss (0: the "without cycle" ablation)
     real_visual_prob: float = 0.5  # bga: chance that a post with a visual source attends to it in training (else generated features only)
     bga_lr: float = 1e-3  # bga: learning rate of the new layers (BGA layers, projections, emission)
+    keep_budget: float = 0.0  # bga: weight of the samplers' keep rate in the loss (a sparsity term that makes SCS drop elements); 0 = none
     select_view: str = "text"  # bga: model selection on the valid F1 of text (the paper's inference) | visual | mean
 
 
@@ -86,6 +89,12 @@ def validate(cfg: MnerTrainConfig) -> None:
             raise SystemExit("real_visual_prob must be in [0, 1]")
         if min(cfg.bga_layers, cfg.scs_stages, cfg.generator_layers, cfg.proxy_tokens) < 1 or cfg.region_slots < 0:
             raise SystemExit("bga_layers, scs_stages, generator_layers and proxy_tokens must be >= 1, region_slots >= 0")
+        if cfg.emission_lr:
+            raise SystemExit("emission_lr is ITA's: method=bga trains its emission layer at bga_lr")
+    elif cfg.keep_budget:
+        raise SystemExit("keep_budget weighs BGA's samplers: it needs method=bga")
+    if cfg.emission_lr < 0 or cfg.keep_budget < 0:
+        raise SystemExit("emission_lr and keep_budget must be >= 0")
     if cfg.view not in tagger.VIEWS:
         raise SystemExit(f"view must be one of {', '.join(tagger.VIEWS)}, got {cfg.view!r}")
     if cfg.cva and cfg.view == "text":
@@ -198,9 +207,12 @@ class MnerTask(TrainingTask):
         self.labels = self.spec.labels
         self.valid_rows = read_rows(cfg.valid) if cfg.valid else []
         crf_params = list(self.model.crf.parameters())
-        crf_ids = {id(p) for p in crf_params}
-        rest = [p for p in self.model.parameters() if id(p) not in crf_ids]
+        apart = list(self.model.emission.parameters()) if cfg.emission_lr else []  # emission_lr: its own group
+        ids = {id(p) for p in crf_params + apart}
+        rest = [p for p in self.model.parameters() if id(p) not in ids]
         groups = [{"params": rest, "lr": cfg.lr}, {"params": crf_params, "lr": cfg.crf_lr, "weight_decay": 0.0}]
+        if apart:
+            groups.append({"params": apart, "lr": cfg.emission_lr})
         torch.manual_seed(cfg.seed)
         return ModelParts(self.model, parameters=groups)
 

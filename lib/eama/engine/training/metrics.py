@@ -49,11 +49,28 @@ class StepStats:
             dist.all_reduce(v)
         v = v.tolist()
         out: dict[str, Any] = {"loss": v[2 * n] / (world_size * grad_accum)}
-        out.update({k: int(x) for k, x in zip(keys, v[2 * n + 1:])})
+        out.update(with_ratios(dict(zip(keys, v[2 * n + 1:]))))
         for i, name in enumerate(group_names):
             out[f"loss/{name}"] = v[i] / v[n + i] if v[n + i] else None
             out[f"rows/{name}"] = int(v[n + i])
         return out
+
+
+RATIO_NUMERATOR, RATIO_DENOMINATOR = ":n", ":d"  # a count pair NAME:n, NAME:d is logged as NAME = n / d
+
+
+def with_ratios(counts: Mapping[str, float]) -> dict[str, Any]:
+    """A step's summed counts as logged: integers, except that each pair NAME:n / NAME:d becomes
+    NAME = their ratio over the whole step (None when NAME:d is 0), e.g. a share kept or a mean loss."""
+    out: dict[str, Any] = {}
+    for key, value in counts.items():
+        if key.endswith(RATIO_NUMERATOR):
+            name = key[:-len(RATIO_NUMERATOR)]
+            den = counts.get(name + RATIO_DENOMINATOR, 0)
+            out[name] = value / den if den else None
+        elif not key.endswith(RATIO_DENOMINATOR):
+            out[key] = int(value)
+    return out
 
 
 METRICS = "metrics"  # RUN/metrics/step-<last step>.jsonl: the records since the previous file

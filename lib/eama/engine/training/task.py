@@ -74,7 +74,8 @@ class TrainingTask(abc.ABC):
 
     def counts(self, batch: Any) -> Mapping[str, int]:
         """Quantities summed over a step's micro-batches and ranks into the step's metrics (the same
-        keys for every batch). 'tokens' also gives tokens_per_s and, on GPU, MFU."""
+        keys for every batch). 'tokens' also gives tokens_per_s and, on GPU, MFU; a pair 'NAME:n' /
+        'NAME:d' is logged as the ratio NAME (a keep rate)."""
         return {}
 
     @abc.abstractmethod
