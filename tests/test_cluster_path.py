@@ -309,7 +309,8 @@ def test_ray_job_submit_to_a_local_head_and_an_overlapping_run_exits_3(tmp_path)
         assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower()
 
         first, second, third = (f"eama-{name}-{uuid.uuid4().hex[:6]}" for name in ("first", "second", "third"))
-        submitted = _submit(env, first, corpus, output, False, "device=cuda", "wait_for_resources_seconds=600")
+        submitted = _submit(env, first, corpus, output, False, "device=cuda", "mllm_actors=1",
+                            "wait_for_resources_seconds=600")
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         deadline = time.time() + 300
         while leases.holder(str(output)) is None:  # the first run holds the output

@@ -124,6 +124,24 @@ class PromptCounter:
         return [len(x) + self.image_tokens for x in ids]
 
 
+def budget_batches(heads: Sequence[int], tails: Sequence[int], new_tokens: int, budget: int) -> list[list[int]]:
+    """Consecutive requests (numbered) in batches whose KV cache stays within `budget` tokens: rows x
+    (longest head + longest tail + new_tokens), the left padding included (a request continuing a
+    cached head pads head and tail apart; without one its head is 0). A request over the budget
+    alone is a batch of one; budget 0: one batch."""
+    batches: list[list[int]] = []
+    head = tail = 0
+    for i, (h, t) in enumerate(zip(heads, tails)):
+        grown = max(head, h), max(tail, t)
+        if batches and (not budget or (len(batches[-1]) + 1) * (sum(grown) + new_tokens) <= budget):
+            batches[-1].append(i)
+            head, tail = grown
+        else:
+            batches.append([i])
+            head, tail = h, t
+    return batches
+
+
 def text_limit(model_config: Any) -> int:
     """The language model's position limit from a model's config (text_config for image-text ones)."""
     text = getattr(model_config, "text_config", None) or model_config

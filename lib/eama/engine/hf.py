@@ -1,15 +1,26 @@
 """Loading Hugging Face image-text-to-text models, the system-neutral part: where a model is
 (hub id, local folder, s3:// folder downloaded once per node), how it is loaded (AutoProcessor +
 AutoModelForImageTextToText, safetensors only, trust_remote_code off unless asked, bf16 on GPU and
-fp32 on CPU), what identifies it (hub commit or a hash of its files), and how a family wraps a
-prompt. Systems add their own presets and test models on top (news/models.py).
+fp32 on CPU), what identifies it (hub commit, a hash of its files, or for an s3:// folder a hash of
+its object listing), and how a family wraps a prompt. Systems add their own presets and test models
+on top (news/models.py).
+
+An s3:// model on a node: the processes that load it at once (actors, training ranks) take one
+file lock; the first downloads into a temp folder renamed into place when complete, the others find
+it there. The folder is named by the URI and the listing, so a model rewritten in place is a new
+download, and the driver labels a run's rows from the listing alone (model_label), never
+downloading the weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
+import json
 import os
+import shutil
+import tempfile
 from typing import TYPE_CHECKING, Any
 
 from eama.engine import exports, storage
@@ -51,15 +62,69 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
+LISTING_FILE = ".eama-s3-listing"  # in a downloaded folder: the listing fingerprint it was downloaded at
+
+
+def s3_listing(uri: str) -> list[tuple[str, int, str]]:
+    """(key under the folder, size, ETag) of every object of an s3:// folder, sorted."""
+    fs, root = storage.filesystem(uri), storage.strip(uri).rstrip("/")
+    found = storage.with_retries(f"list {uri}", lambda: fs.find(root, detail=True))
+    return sorted((path[len(root) + 1:], int(info.get("size") or 0), str(info.get("ETag") or info.get("etag") or ""))
+                  for path, info in found.items() if info.get("type") != "directory")
+
+
+def listing_fingerprint(uri: str) -> str:
+    """What identifies an s3:// model folder, from one listing (no object is read): a hash of its
+    keys, sizes and ETags. The same files copied to another prefix keep it; a rewritten file changes it."""
+    listing = s3_listing(uri)
+    if not listing:
+        raise FileNotFoundError(f"no model files under {uri}")
+    return "s3:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
 def download(uri: str) -> str:
-    """Copy an s3:// folder into the cache once per node (keyed by the URI); return the local path."""
-    local = os.path.join(cache_dir(), "s3", hashlib.sha256(uri.encode()).hexdigest()[:16])
-    marker = os.path.join(local, ".complete")
-    if not os.path.exists(marker):
-        fs = storage.filesystem(uri)
-        fs.get(storage.strip(uri).rstrip("/") + "/", local, recursive=True)
-        open(marker, "w").close()
+    """Copy an s3:// folder into this node's cache once; return the local path. Named by the URI and
+    its listing fingerprint; concurrent callers on a node take one file lock, the first downloads
+    into a temp folder and renames it into place when complete (a download cut short leaves only a
+    temp folder, removed by the next one)."""
+    import filelock
+
+    tag = listing_fingerprint(uri)
+    local = os.path.join(cache_dir(), "s3", hashlib.sha256(f"{uri}\0{tag}".encode()).hexdigest()[:16])
+    if os.path.isdir(local):
+        return local
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    with filelock.FileLock(local + ".lock"):
+        if os.path.isdir(local):  # another process finished it while this one waited
+            return local
+        for stale in glob.glob(local + ".tmp-*"):  # only a dead process leaves one while the lock is free
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(local) + ".tmp-", dir=os.path.dirname(local))
+        try:
+            fs = storage.filesystem(uri)
+            storage.with_retries(f"download {uri}", lambda: fs.get(storage.strip(uri).rstrip("/") + "/", tmp + "/",
+                                                                   recursive=True))
+            with open(os.path.join(tmp, LISTING_FILE), "w") as fh:
+                fh.write(tag)
+            os.rename(tmp, local)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return local
+
+
+def config_folder(location: str) -> str:
+    """A folder holding the model's config.json: an s3:// model's fetched alone (one GET, cached by
+    URI and listing), any other location as it is."""
+    location = exports.resolve_export(location)
+    if not location.startswith("s3://"):
+        return location
+    key = hashlib.sha256(f"{location}\0{listing_fingerprint(location)}".encode()).hexdigest()[:16]
+    folder = os.path.join(cache_dir(), "s3-config", key)
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        storage.write_bytes_atomic(os.path.join(folder, "config.json"),
+                                   storage.read_bytes(storage.join(location, "config.json")))
+    return folder
 
 
 def resolve(location: str) -> str:
@@ -70,12 +135,16 @@ def resolve(location: str) -> str:
 
 
 def fingerprint(location: str, config: Any) -> str:
-    """The hub commit when known, else a cheap hash of the local weights files (sizes + sampled bytes)."""
+    """The hub commit when known; for a folder downloaded from S3 its listing fingerprint (what the
+    driver labelled the run with); else a cheap hash of the local weights files (sizes + sampled bytes)."""
     commit = getattr(config, "_commit_hash", None)
     if commit:
         return commit
     if not os.path.isdir(location):
         return "unknown"
+    if os.path.exists(os.path.join(location, LISTING_FILE)):
+        with open(os.path.join(location, LISTING_FILE)) as fh:
+            return fh.read().strip()
     h = hashlib.sha256()
     for fname in sorted(os.listdir(location)):
         if not fname.endswith((".safetensors", ".json")):
@@ -91,9 +160,12 @@ def fingerprint(location: str, config: Any) -> str:
 
 
 def model_label(name: str, location: str, revision: str | None = None) -> str:
-    """'name@revision', else 'name@hash-of-files' for a local folder, else the name (hub id, no revision)."""
+    """'name@revision', else 'name@s3:hash-of-listing' for an s3:// model (nothing downloaded),
+    'name@hash-of-files' for a local folder, else the name (hub id, no revision)."""
     if revision:
         return f"{name}@{revision}"
+    if location.startswith("s3://"):
+        return f"{name}@{listing_fingerprint(exports.resolve_export(location))}"
     if os.path.isdir(location):
         from transformers import AutoConfig
 

@@ -79,9 +79,11 @@ class RunnerConfig:
 @dataclasses.dataclass
 class Stage:
     """One step of a job. A function stage runs as Ray tasks; a class stage (actors > 0) runs as an
-    actor pool whose members construct the class once (load a model) and call it per batch.
-    A stage takes and returns a pyarrow batch in the job's work schema, one row out per row in;
-    rows whose error_stage is set must pass through unchanged."""
+    actor pool whose members construct the class once (load a model) and call it per batch. A GPU
+    pool with min_actors < actors starts with min_actors and grows to `actors` as GPUs join
+    (min_actors 0: the run decides from the GPUs up when it starts, gpu_pools). A stage takes and
+    returns a pyarrow batch in the job's work schema, one row out per row in; rows whose
+    error_stage is set must pass through unchanged."""
 
     name: str
     fn: Callable[..., pa.Table] | type
@@ -90,9 +92,11 @@ class Stage:
     cpus: float = 0.25
     gpus: float = 0.0
     batch_size: int | None = None  # None: the job's batch_size
+    min_actors: int = 0  # the pool's lower bound; 0: `actors` for a CPU pool, gpu_pools decides for a GPU one
 
     def describe(self) -> str:
-        kind = f"{self.actors} actors x {self.cpus} CPU" if self.actors else f"tasks x {self.cpus} CPU"
+        low = f"{self.min_actors}-" if 0 < self.min_actors < self.actors else ""
+        kind = f"{low}{self.actors} actors x {self.cpus} CPU" if self.actors else f"tasks x {self.cpus} CPU"
         return kind + (f" + {self.gpus} GPU" if self.gpus else "")
 
 
@@ -430,38 +434,58 @@ def demand(stages: Sequence[Stage]) -> list[dict[str, float]]:
     return out
 
 
-def ensure_resources(stages: Sequence[Stage], timeout: float, poll: float = 5.0) -> bool:
-    """Ask the autoscaler for the GPUs the plan's actor pools need and wait until the cluster has
-    them (a GPU worker group that scales from zero starts only when asked). True when it asked:
-    the caller withdraws the request when the job ends (withdraw_resources)."""
+def gpu_pools(stages: Sequence[Stage]) -> list[Stage]:
+    """The stages with each GPU pool's lower bound set (unless given): the replicas the GPUs up now
+    hold, at least one (resources.min_replicas; pools in stage order share the GPUs). A pool
+    larger than that starts small and grows as the autoscaler adds GPUs."""
     import ray
 
-    need = sum(st.actors * st.gpus for st in stages)
-    if need <= 0 or ray.cluster_resources().get("GPU", 0) >= need:
+    from eama.engine import resources
+
+    have, out = ray.cluster_resources().get("GPU", 0.0), []
+    for st in stages:
+        if st.actors and st.gpus and not st.min_actors:
+            st = dataclasses.replace(st, min_actors=resources.min_replicas(st.actors, st.gpus, have))
+        have -= (st.min_actors or st.actors) * st.gpus
+        out.append(st)
+    return out
+
+
+def ensure_resources(stages: Sequence[Stage], timeout: float, poll: float = 5.0) -> bool:
+    """Ask the autoscaler for the GPUs of the plan's actor pools at full size, then wait until the
+    cluster has what they start with (min_actors; a GPU worker group that scales from zero starts
+    only when asked). True when it asked: the caller withdraws the request when the job ends
+    (withdraw_resources)."""
+    import ray
+
+    full = sum(st.actors * st.gpus for st in stages)
+    if full <= 0 or ray.cluster_resources().get("GPU", 0) >= full:
         return False
     from ray.autoscaler.sdk import request_resources
 
     request_resources(bundles=demand(stages))
     try:
-        wait_for_gpus(need, timeout, poll)
+        wait_for_gpus(sum((st.min_actors or st.actors) * st.gpus for st in stages), timeout, poll, full)
     except BaseException:
         withdraw_resources()
         raise
     return True
 
 
-def wait_for_gpus(need: float, timeout: float, poll: float) -> None:
-    """Block until the cluster has `need` GPUs (SystemExit after `timeout` seconds)."""
+def wait_for_gpus(need: float, timeout: float, poll: float, full: float = 0.0) -> None:
+    """Block until the cluster has `need` GPUs (SystemExit after `timeout` seconds); `full`: what
+    the pools grow to, for the messages."""
     import ray
 
     deadline, last_log = time.time() + timeout, 0.0
+    grows = f" to start (its pools grow to {full:g})" if full > need else ""
     while (have := ray.cluster_resources().get("GPU", 0)) < need:
         if time.time() > deadline:
-            raise SystemExit(f"the plan needs {need:g} GPUs; asked the autoscaler, but after {timeout:.0f} s the "
-                             f"cluster has {have:g}. Check the GPU worker type in ray_cluster.yaml (max_workers, "
+            raise SystemExit(f"the plan needs {need:g} GPUs{grows}; asked the autoscaler, but after {timeout:.0f} s "
+                             f"the cluster has {have:g}. Check the GPU worker type in ray_cluster.yaml (max_workers, "
                              f"quota) or set mllm_actors / device to what the cluster has.")
         if time.time() - last_log > 30:
-            log.info("waiting for the autoscaler: %g of %g GPUs", have, need)
+            log.info("waiting for the autoscaler: %g of %g GPUs%s", have, need, grows)
             last_log = time.time()
         time.sleep(poll)
     log.info("the cluster has the %g GPUs the plan needs", need)
@@ -506,7 +530,7 @@ def build_dataset(job: BatchJob, cfg: RunnerConfig, items: list[Row], run_id: st
         if st.actors:  # a dead actor is restarted and its tasks retried, both bounded
             ds = ds.map_batches(type(label, (ActorStage,), {}),
                                 fn_constructor_kwargs={"cls": st.fn, "kwargs": st.kwargs, **guard},
-                                compute=ray.data.ActorPoolStrategy(size=st.actors), max_restarts=cfg.actor_restarts,
+                                compute=pool_strategy(st), max_restarts=cfg.actor_restarts,
                                 max_task_retries=retries(rows), **common)
         else:
             ds = ds.map_batches(task_stage(label), fn_kwargs={"fn": st.fn, "kwargs": st.kwargs, **guard},
@@ -514,6 +538,15 @@ def build_dataset(job: BatchJob, cfg: RunnerConfig, items: list[Row], run_id: st
     return ds.map_batches(commit_batch, batch_size=cfg.commit_rows, batch_format="pyarrow",
                           fn_kwargs={"job": job, "output": cfg.output, "run_id": run_id, "generation": generation,
                                      "versions": versions or {}}, max_retries=retries(1), **io)
+
+
+def pool_strategy(st: Stage) -> Any:
+    """A fixed actor pool, or one growing from min_actors to actors."""
+    import ray.data
+
+    if 0 < st.min_actors < st.actors:
+        return ray.data.ActorPoolStrategy(min_size=st.min_actors, max_size=st.actors)
+    return ray.data.ActorPoolStrategy(size=st.actors)
 
 
 def stream(job: BatchJob, cfg: RunnerConfig, plan: Plan, run_id: str, lease: output_lease.Lease,
@@ -551,6 +584,7 @@ def run(job: BatchJob, cfg: RunnerConfig, run_id: str | None = None) -> dict[str
     with output_lease.Lease(cfg.output, run_id, cfg.lease_seconds) as lease:
         led = ledger.Ledger.open_for_run(cfg.output, lease.generation, cfg.overwrite)
         plan = plan_run(job, cfg, led)
+        job = dataclasses.replace(job, stages=gpu_pools(job.stages))
         led.commit_settled(run_id, lease.generation, plan.file_errors, plan.carried, plan.versions)
         log_plan(job, plan)
         progress = Progress(plan.pending_rows)

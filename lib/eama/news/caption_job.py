@@ -7,7 +7,7 @@ import logging
 import os
 from typing import Any
 
-from eama.engine import config, console, generation, images, resources, runner, schema, storage
+from eama.engine import config, console, generation, hf, images, resources, runner, schema, storage
 from eama.news import captioning, demo
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class CaptionCorpusConfig(generation.EngineConfig, runner.RunnerConfig):
     mllm_threads: int = 0  # torch threads per MLLM actor on CPU; 0 = the CPUs the plan reserves (at least 1)
     ner_actors: int = 0  # 0 = fill the CPUs the MLLM and I/O leave
     generate_batch_size: int = 8  # samples per generate call inside an MLLM actor
+    hf_token_budget: int = 8192  # engine=hf: KV-cache tokens one generate call holds, prompts x (width + answer); 0 = no limit
     max_new_tokens: int = 48  # caption length limit in tokens
     selection_max_new_tokens: int = 32  # limit for each selection answer (eama mode)
     share_image_prefix: bool = True  # eama on engine=hf: one KV cache of image + news context for a sample's three prompts
@@ -55,8 +56,8 @@ def validate(cfg: CaptionCorpusConfig) -> None:
             raise config.ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.engine not in generation.ENGINES:
         raise config.ConfigError(f"engine must be one of {', '.join(generation.ENGINES)}, got {cfg.engine!r}")
-    if cfg.max_model_len < 0 or cfg.vllm_kv_cache_gib < 0:
-        raise config.ConfigError("max_model_len and vllm_kv_cache_gib must be >= 0")
+    if min(cfg.max_model_len, cfg.vllm_kv_cache_gib, cfg.hf_token_budget) < 0:
+        raise config.ConfigError("max_model_len, vllm_kv_cache_gib and hf_token_budget must be >= 0")
     if cfg.gpus_per_mllm <= 0 or min(cfg.mllm_actors, cfg.ner_actors, cfg.mllm_threads, cfg.selection_groups) < 0:
         raise config.ConfigError("gpus_per_mllm must be > 0 and mllm_actors, ner_actors, mllm_threads, "
                                  "selection_groups >= 0")
@@ -72,30 +73,27 @@ def validate(cfg: CaptionCorpusConfig) -> None:
 
 
 def model_label(cfg: CaptionCorpusConfig) -> str:
-    """'name@revision-or-fingerprint', computed once on the driver (local and tiny models hashed)."""
+    """'name@revision-or-fingerprint', computed once on the driver (hf.model_label: local and tiny
+    models hashed, an s3:// model by its object listing, never downloaded here)."""
     from eama.news import models
 
-    if cfg.revision:
-        return f"{cfg.model}@{cfg.revision}"
-    location = models.resolve(cfg.model)
-    if os.path.isdir(location):
-        from transformers import AutoConfig
-
-        return f"{cfg.model}@{models.fingerprint(location, AutoConfig.from_pretrained(location))}"
-    return cfg.model
+    location = cfg.model if storage.is_remote(cfg.model) else models.resolve(cfg.model)
+    return hf.model_label(cfg.model, location, cfg.revision)
 
 
 PRESET_FAMILIES = {"instructblip-vicuna-7b": "instructblip", "llava-1.5-7b": "llava"}
 
 
 def family_of(model: str, trust_remote_code: bool = False, revision: str | None = None) -> str:
-    """The model_type of `model` (a preset, tiny model, folder or hub id), read on the driver."""
+    """The model_type of `model` (a preset, tiny model, folder, hub id or s3:// folder, whose
+    config.json alone is fetched), read on the driver."""
     from eama.news import models
 
     if model in PRESET_FAMILIES or model in models.TINY:
         return PRESET_FAMILIES.get(model) or model.removeprefix("tiny-")
     try:
-        return generation.model_family(models.resolve(model), trust_remote_code, revision)
+        location = hf.config_folder(model) if storage.is_remote(model) else models.resolve(model)
+        return generation.model_family(location, trust_remote_code, revision)
     except OSError as exc:  # a hub id out of reach from the driver
         log.warning("could not read %s's config on the driver (%s)", model, exc)
         return "unknown"
@@ -134,6 +132,7 @@ def caption_job(cfg: CaptionCorpusConfig, plan: resources.StagePlan, label: str,
     captioner = captioning.CaptionerConfig(
         model=cfg.model, mode=cfg.mode, device=plan.device, engine=engine, max_new_tokens=cfg.max_new_tokens,
         max_model_len=cfg.max_model_len, vllm_kv_cache_gib=cfg.vllm_kv_cache_gib,
+        hf_token_budget=cfg.hf_token_budget,
         selection_max_new_tokens=cfg.selection_max_new_tokens, generate_batch_size=cfg.generate_batch_size,
         share_image_prefix=cfg.share_image_prefix, selection_groups=cfg.selection_groups, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
         threads=cfg.mllm_threads or max(1, int(plan.mllm_cpus)),

@@ -106,6 +106,7 @@ class CaptionerConfig:
     selection_groups: int = 0  # eama: candidate groups selected over per sample (0: the whole article)
     max_model_len: int = 0  # prompt + answer tokens allowed; 0 = the model's own limit
     vllm_kv_cache_gib: float = 0.0
+    hf_token_budget: int = 8192  # hf: KV-cache tokens one generate call holds (generation.budget_batches); 0 = none
     trust_remote_code: bool = False
     revision: str | None = None
     threads: int = 1
@@ -145,10 +146,10 @@ class Captioner:
             torch.set_num_threads(max(1, cfg.threads))
         self.cfg = cfg
         if engine is None and lm is not None:
-            engine = engines.HfEngine(lm, cfg.share_image_prefix, cfg.max_model_len)
+            engine = engines.HfEngine(lm, cfg.share_image_prefix, cfg.max_model_len, cfg.hf_token_budget)
         self.engine = engine or engines.load_engine(
             cfg.engine, cfg.model, cfg.device, cfg.share_image_prefix, cfg.max_model_len, cfg.vllm_kv_cache_gib,
-            cfg.trust_remote_code, cfg.revision)
+            cfg.trust_remote_code, cfg.revision, cfg.hf_token_budget)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()

@@ -14,21 +14,27 @@ prompt) and by vLLM's automatic prefix cache, which reports the tokens it served
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
-from eama.engine import generation
+from eama.engine import generation, isolation
 from eama.news import models, prompts
 
 Lists = Sequence[tuple[str, Sequence[str]]]
 
 
 class HfEngine:
-    """transformers' generate over a loaded model (models.generate_text)."""
+    """transformers' generate over a loaded model (models.generate_text). The requests of one call
+    are cut into generate batches of at most `token_budget` KV-cache tokens (rows x padded width
+    with the answer; generation.budget_batches), and a batch that runs out of memory is halved
+    (isolation.halve_on_oom, the rule every stage runs under; a request that does not fit alone
+    raises, for the caller's rows to be halved or failed)."""
 
     name = "hf"
 
-    def __init__(self, lm: models.LoadedModel, share_heads: bool = True, max_model_len: int = 0) -> None:
-        self.lm, self.tokenizer = lm, lm.tokenizer
+    def __init__(self, lm: models.LoadedModel, share_heads: bool = True, max_model_len: int = 0,
+                 token_budget: int = 0) -> None:
+        self.lm, self.tokenizer, self.token_budget = lm, lm.tokenizer, token_budget
         self.shares_heads = share_heads and models.shares_image_prefix(lm)
         self.counter = generation.PromptCounter(lm.processor, lm.family)
         self.token_limit = max_model_len or generation.text_limit(lm.model.config)
@@ -41,8 +47,27 @@ class HfEngine:
 
     def generate(self, instructions: list[str], images: list[Any], max_new_tokens: int, lists: Lists | None = None,
                  prefix: tuple[Any, list[int]] | None = None) -> generation.Generated:
-        texts = models.generate_text(self.lm, instructions, images, max_new_tokens, lists, prefix=prefix)
-        return generation.Generated(texts, self.prompt_tokens(instructions), [0] * len(texts))
+        tokens = self.prompt_tokens(instructions)
+        heads = models.head_tokens(*prefix) if prefix is not None else [0] * len(tokens)
+        call = functools.partial(self._generate, instructions=instructions, images=images,
+                                 max_new_tokens=max_new_tokens, lists=lists, prefix=prefix)
+        texts: list[str] = []
+        for batch in generation.budget_batches(heads, [t - h for t, h in zip(tokens, heads)], max_new_tokens,
+                                               self.token_budget):
+            texts += isolation.halve_on_oom(batch, call, _reraise, lambda parts: [t for part in parts for t in part])
+        return generation.Generated(texts, tokens, [0] * len(texts))
+
+    def _generate(self, batch: list[int], instructions: list[str], images: list[Any], max_new_tokens: int,
+                  lists: Lists | None, prefix: tuple[Any, list[int]] | None) -> list[str]:
+        """The answers to the requests numbered `batch`, in one generate call."""
+        return models.generate_text(self.lm, [instructions[i] for i in batch], [images[i] for i in batch],
+                                    max_new_tokens, [lists[i] for i in batch] if lists else None,
+                                    prefix=(prefix[0], [prefix[1][i] for i in batch]) if prefix is not None else None)
+
+
+def _reraise(batch: list[int], exc: BaseException) -> list[str]:
+    """A request out of memory alone: its rows are the caller's to halve (runner.isolate) or fail."""
+    raise exc
 
 
 class VllmEngine:
@@ -67,8 +92,10 @@ class VllmEngine:
 
 
 def load_engine(engine: str, model: str, device: str = "cpu", share_heads: bool = True, max_model_len: int = 0,
-                kv_cache_gib: float = 0.0, trust_remote_code: bool = False, revision: str | None = None) -> Any:
-    """The engine `engine` ('hf' or 'vllm', as generation.choose_engine decided) over `model`."""
+                kv_cache_gib: float = 0.0, trust_remote_code: bool = False, revision: str | None = None,
+                token_budget: int = 0) -> Any:
+    """The engine `engine` ('hf' or 'vllm', as generation.choose_engine decided) over `model`
+    (`token_budget`: the HF engine's most KV-cache tokens a generate call holds, 0 = no limit)."""
     if engine == "vllm":
         from eama.engine import vllm_engine
 
@@ -77,4 +104,4 @@ def load_engine(engine: str, model: str, device: str = "cpu", share_heads: bool 
         return VllmEngine(vllm_engine.VllmGenerator(location, family, device, max_model_len, kv_cache_gib,
                                                     trust_remote_code, revision))
     lm = models.load_model(model, device=device, trust_remote_code=trust_remote_code, revision=revision)
-    return HfEngine(lm, share_heads, max_model_len)
+    return HfEngine(lm, share_heads, max_model_len, token_budget)

@@ -337,11 +337,18 @@ def image_prefix(lm: LoadedModel, images: list[Any], contexts: Sequence[str]) ->
     return ImagePrefix(cache, inputs["input_ids"], mask, head_ids)
 
 
+def head_tokens(prefix: ImagePrefix, rows: Sequence[int]) -> list[int]:
+    """The tokens of each row's cached head (image tokens expanded, padding left out)."""
+    return prefix.attention_mask.sum(-1)[list(rows)].tolist()
+
+
 def continue_prefix(lm: LoadedModel, prefix: ImagePrefix, rows: list[int], prompts: list[str]) -> dict[str, Any]:
     """generate() inputs for `prompts`, the i-th continuing image `rows[i]` of `prefix`: the head's
     tokens and cache, then the prompt's own tokens (those after its head), left-padded, so padding
-    sits between head and tail; positions follow the attention mask and skip it. Raises
-    PrefixMismatch when a prompt's tokens do not start with its head's."""
+    sits between head and tail; positions follow the attention mask and skip it. Only these rows'
+    part of the cache is copied: their rows, without the padding columns none of their heads uses
+    (the HF engine keeps a call's rows x width within hf_token_budget). Raises PrefixMismatch when
+    a prompt's tokens do not start with its head's."""
     from transformers import DynamicCache
 
     tok, tails = lm.tokenizer, []
@@ -355,11 +362,12 @@ def continue_prefix(lm: LoadedModel, prefix: ImagePrefix, rows: list[int], promp
     tail_mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=lm.device,
                              dtype=prefix.attention_mask.dtype)
     idx = torch.tensor(rows, device=lm.device)
+    start = prefix.attention_mask.shape[1] - max(head_tokens(prefix, rows))  # left padding: heads end together
     cache = DynamicCache(config=lm.model.config)
     for layer, past in enumerate(prefix.cache.layers):
-        cache.update(past.keys[idx], past.values[idx], layer)
-    return {"input_ids": torch.cat([prefix.input_ids[idx], tail_ids], 1),
-            "attention_mask": torch.cat([prefix.attention_mask[idx], tail_mask], 1),
+        cache.update(past.keys[idx, :, start:], past.values[idx, :, start:], layer)
+    return {"input_ids": torch.cat([prefix.input_ids[idx, start:], tail_ids], 1),
+            "attention_mask": torch.cat([prefix.attention_mask[idx, start:], tail_mask], 1),
             "past_key_values": cache}
 
 
