@@ -79,12 +79,14 @@ JOB_CONFIGS = {
     "benchmark_caption": "BenchConfig", "benchmark_train": "BenchConfig",
     "image_views": None, "train_mner": None, "tag_entities": None, "evaluate_mner": None, "benchmark_mner": None,
     "train_keyphrase": None, "extract_keyphrases": None, "evaluate_keyphrases": None, "benchmark_keyphrase": None,
+    "enrich_posts": None,
 }
 
 
 @pytest.mark.parametrize("job", sorted(JOB_CONFIGS))
 def test_every_job_yaml_validates_against_its_config(job):
     """Each jobs/configs/<job>.yaml names only keys its job knows, with the right types."""
+    from eama.engine import enrichment
     from eama.keyphrase import benchmark as kp_benchmark
     from eama.keyphrase import extraction, training as kp_training
     from eama.keyphrase import report as kp_report
@@ -99,13 +101,13 @@ def test_every_job_yaml_validates_against_its_config(job):
                   "benchmark_mner": benchmark.BenchmarkConfig,
                   "train_keyphrase": kp_training.KeyphraseTrainConfig, "extract_keyphrases": extraction.ExtractConfig,
                   "evaluate_keyphrases": kp_report.ScoreConfig, "benchmark_keyphrase": kp_benchmark.BenchmarkConfig,
-                  }.get(job)
+                  "enrich_posts": enrichment.EnrichConfig}.get(job)
     if schema_cls is None:
         schema_cls = getattr(load_job(job), JOB_CONFIGS[job])
     cfg = config.build_config(schema_cls, path)
     if job in ("caption_corpus", "import_corpus", "demo", "benchmark_caption", "image_views", "train_mner",
                "tag_entities", "evaluate_mner", "benchmark_mner", "train_keyphrase", "extract_keyphrases",
-               "evaluate_keyphrases", "benchmark_keyphrase"):
+               "evaluate_keyphrases", "benchmark_keyphrase", "enrich_posts"):
         assert cfg == schema_cls()  # these files document the defaults
 
 
@@ -380,8 +382,8 @@ def test_plan_on_a_gpu_cluster_puts_one_model_per_gpu():
     assert plan.ner_actors * plan.ner_cpus + plan.mllm_actors * plan.mllm_cpus <= 192 - 2
     trf = resources.plan_stages(cpus=192, gpus=8, ner_on_gpu=True)
     assert trf.ner_gpus > 0 and trf.mllm_actors * trf.mllm_gpus + trf.ner_actors * trf.ner_gpus <= 8
-    cold = resources.plan_stages(cpus=8, gpus=0, device="cuda")  # GPU workers not up yet: still one GPU actor
-    assert (cold.device, cold.mllm_actors, cold.mllm_gpus) == ("cuda", 1, 1.0)
+    cold = resources.plan_stages(cpus=8, gpus=0, device="cuda", mllm_actors=4)  # GPU workers not up yet
+    assert (cold.device, cold.mllm_actors, cold.mllm_gpus) == ("cuda", 4, 1.0)  # the pool grows to 4 (test_gpu_plan)
 
 
 @pytest.mark.parametrize("job", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "jobs").glob("*.py")))

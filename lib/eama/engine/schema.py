@@ -193,6 +193,58 @@ KEYPHRASE_OUTPUT = pa.schema(
 )
 
 
+# enrich_posts: posts in any of the post contracts above (MNER rows with `tokens`, keyphrase rows
+# with `post`, or plain `text`), with or without an image, in one input contract.
+POST_TEXT_COLUMNS = ("tokens", "post", "text")  # an input file needs at least one of them
+ENRICH_INPUT = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("tokens", pa.list_(pa.string())),  # the post as tagged words (MNER contract)
+        pa.field("post", pa.string()),  # the post as one tokenized string (keyphrase contract)
+        pa.field("text", pa.string()),  # the post as raw text, tokenized by enrich_posts
+        pa.field("tags", pa.list_(pa.string())),
+        pa.field("keyphrases", pa.list_(pa.string())),
+        pa.field("image_id", pa.string()),
+        pa.field("image", pa.binary()),
+        pa.field("image_uri", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("ocr", pa.string()),
+        pa.field("object_tags", pa.list_(pa.string())),
+        pa.field("visual_entities", pa.list_(pa.string())),
+        pa.field("image_text_match", pa.float32()),
+    ]
+)
+ENRICH_REQUIRED = ("sample_id",)
+
+# What enrich_posts writes: one row per post, its views, its entities and its keyphrases, and the
+# model behind each (views_model: the view stages; mner_model / keyphrase_model: the exports).
+ENRICHED_POST = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("tokens", pa.list_(pa.string())),
+        pa.field("post", pa.string()),
+        pa.field("tags", pa.list_(pa.string())),
+        pa.field("keyphrases", pa.list_(pa.string())),
+        pa.field("image_id", pa.string()),
+        pa.field("image_uri", pa.string()),
+        pa.field("has_image", pa.bool_()),
+        pa.field("caption", pa.string()),
+        pa.field("ocr", pa.string()),
+        pa.field("object_tags", pa.list_(pa.string())),
+        pa.field("visual_entities", pa.list_(pa.string())),
+        pa.field("predicted_tags", pa.list_(pa.string())),
+        pa.field("entities", pa.list_(ENTITY)),
+        pa.field("predicted_keyphrases", pa.list_(pa.string())),
+        pa.field("predicted_scores", pa.list_(pa.float32())),
+        pa.field("views_model", pa.string()),
+        pa.field("mner_model", pa.string()),
+        pa.field("keyphrase_model", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("source_file", pa.string()),
+    ]
+)
+
+
 class SchemaError(ValueError):
     """A shard does not match the contract; the message names the file and the column."""
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from eama.engine import exports, resources, runner, schema
+from eama.engine import enrichment, exports, resources, runner, schema
+from eama.engine import views as image_views
 from eama.keyphrase import model as kp_model
 from eama.keyphrase import training
 
@@ -69,9 +70,12 @@ def check_post(row: Row) -> str | None:
 
 
 class Extractor:
-    """One model replica per actor: length-sorted batches of posts -> ranked keyphrases."""
+    """One model replica per actor: length-sorted batches of posts -> ranked keyphrases.
+    In enrich_posts (`decoded`) the region features come from the pixels decoded upstream, and a
+    post with no visual entities of its own reads its ImageNet labels (object_tags) as them."""
 
-    def __init__(self, model: str, config: dict[str, Any], device: str, threads: int):
+    def __init__(self, model: str, config: dict[str, Any], device: str, threads: int, work: pa.Schema = WORK,
+                 decoded: bool = False):
         import torch
 
         if device == "cpu":
@@ -79,19 +83,57 @@ class Extractor:
         cfg = ExtractConfig(**config)
         self.model, self.tokenizer, spec = kp_model.load(model, device)
         self.spec = effective_spec(spec, cfg)
-        self.device, self.batch_size = device, cfg.extract_batch_size
+        self.device, self.batch_size, self.work, self.decoded = device, cfg.extract_batch_size, work, decoded
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         todo = sorted(runner.pending(rows), key=lambda r: len(r["post"]))
         runner.isolate(todo, self.batch_size, self.extract, "extract")
-        return pa.Table.from_pylist(rows, schema=WORK)
+        return pa.Table.from_pylist(rows, schema=self.work)
 
     def extract(self, chunk: list[Row]) -> None:
-        ranked = training.predict_rows(self.model, self.tokenizer, chunk, self.spec, self.spec.images, self.device)
+        if not self.decoded:
+            ranked = training.predict_rows(self.model, self.tokenizer, chunk, self.spec, self.spec.images, self.device)
+        else:
+            import torch
+
+            for r in chunk:
+                r["visual_entities"] = r.get("visual_entities") or r.get("object_tags")
+            regions, has = regions_of_pictures(chunk) if self.spec.images else (None, None)
+            with torch.no_grad():
+                ranked = kp_model.predict(self.model, self.tokenizer, chunk, self.spec, regions, has, self.device)
         for r, found in zip(chunk, ranked):
             r["predicted_keyphrases"] = [p for p, _ in found]
             r["predicted_scores"] = [s for _, s in found]
+
+
+def regions_of_pictures(rows: list[Row]) -> tuple[Any, Any]:
+    """The region grid of each row's decoded picture (engine/views.picture), zeros and has=False
+    for rows without one; (None, None) when no row has a picture."""
+    import torch
+
+    from eama.engine import vision
+
+    pictures = [image_views.picture(r) for r in rows]
+    shown = [i for i, p in enumerate(pictures) if p is not None]
+    if not shown:
+        return None, None
+    out = torch.zeros(len(rows), 49, vision.HEAD_CHANNELS)
+    out[shown] = vision.feature_grid([pictures[i] for i in shown])
+    return out, torch.tensor([p is not None for p in pictures])
+
+
+def post_model(model: str, settings: dict[str, Any] | None = None, threads: int = 0) -> enrichment.PostModel:
+    """The keyphrase model as an enrich_posts stage; `settings`: ExtractConfig's decoding keys."""
+    spec = effective_spec(kp_model.read_spec(model), ExtractConfig(**(settings or {})))
+
+    def make(work: pa.Schema, pool: resources.ModelPool) -> runner.Stage:
+        return runner.Stage("extract", Extractor, {"model": model, "config": settings or {}, "device": pool.device,
+                                                    "threads": threads or pool.threads, "work": work, "decoded": True},
+                            actors=pool.actors, cpus=pool.cpus, gpus=pool.gpus)
+
+    views = {"all": ("ocr", "tags"), "ocr": ("ocr",), "entities": ("tags",)}.get(spec.inputs, ())  # tags: entities
+    return enrichment.PostModel("extract", "keyphrase_model", model, views, spec.images, check_post, make)
 
 
 def emit(row: Row, model: str, run_id: str) -> list[Row]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from eama.engine import exports, resources, runner, schema
+from eama.engine import enrichment, exports, resources, runner, schema
 from eama.mner import methods, spans, tagger
 
 Row = dict[str, Any]
@@ -60,31 +60,38 @@ def check_post(row: Row) -> str | None:
 
 
 class Tagger:
-    """One tagger replica per actor: length-sorted batches of posts -> BIO tags and entities."""
+    """One tagger replica per actor: length-sorted batches of posts -> BIO tags and entities.
+    With `text_without_image` (enrich_posts) a post without an image is tagged on its text alone."""
 
-    def __init__(self, model: str, view: str, device: str, batch_size: int, threads: int):
+    def __init__(self, model: str, view: str, device: str, batch_size: int, threads: int,
+                 work: pa.Schema = WORK, text_without_image: bool = False):
         import torch
 
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
         self.model, self.tokenizer, self.spec = methods.load(model, device)
         self.view = self.spec.view if view == "model" else view
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size, self.work, self.text_without_image = device, batch_size, work, text_without_image
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         todo = sorted(runner.pending(rows), key=lambda r: len(r["tokens"]))
         runner.isolate(todo, self.batch_size, self.tag, "tag")
-        return pa.Table.from_pylist(rows, schema=WORK)
+        return pa.Table.from_pylist(rows, schema=self.work)
+
+    def view_of(self, row: Row) -> str:
+        return "text" if self.text_without_image and not enrichment.has_image(row) else self.view
 
     def tag(self, chunk: list[Row]) -> None:
         import torch
 
-        with torch.inference_mode():
-            predicted = methods.tag_with(self.model, self.tokenizer, self.spec, chunk, self.view, self.device)
-        for r, tags in zip(chunk, predicted):
-            r["predicted_tags"] = tags
-            r["entities"] = spans.entities(r["tokens"], spans.bio_spans(tags))
+        for view in dict.fromkeys(self.view_of(r) for r in chunk):
+            part = [r for r in chunk if self.view_of(r) == view]
+            with torch.inference_mode():
+                predicted = methods.tag_with(self.model, self.tokenizer, self.spec, part, view, self.device)
+            for r, tags in zip(part, predicted):
+                r["predicted_tags"] = tags
+                r["entities"] = spans.entities(r["tokens"], spans.bio_spans(tags))
 
 
 def emit(row: Row, model: str, view: str, run_id: str) -> list[Row]:
@@ -108,6 +115,33 @@ def tag_job(cfg: TagConfig, plan: resources.ModelPool, view: str, run_id: str) -
         prepare=check_post, stats=count_entities, io_cpus=plan.io_cpus,
         describe={"model": cfg.model, "view": view},
     )
+
+
+def views_read(spec: tagger.TaggerSpec, view: str) -> tuple[str, ...]:
+    """The image views a tagger reads in `view`: ITA's view columns; BGA's caption proxy (visual)."""
+    if spec.method == "bga":
+        return ("caption",) if view == "visual" and (spec.bga or {}).get("caption_proxy") else ()
+    return {"text": (), "caption": ("caption",), "ocr": ("ocr",), "tags": ("tags",),
+            "all": ("caption", "ocr", "tags")}[view]
+
+
+def post_model(model: str, view: str = "model", batch_size: int = 64, threads: int = 0) -> enrichment.PostModel:
+    """The tagger as an enrich_posts stage: tags each post in `view` (model: the one it was trained
+    with), text-only where the post has no image."""
+    spec = tagger.read_spec(model)
+    view = spec.view if view == "model" else view
+    if view not in methods.views_of(spec):
+        raise SystemExit(f"{model}: a {spec.method} tagger tags in view {' | '.join(methods.views_of(spec))}, "
+                         f"not {view!r}")
+
+    def make(work: pa.Schema, pool: resources.ModelPool) -> runner.Stage:
+        return runner.Stage("tag", Tagger, {"model": model, "view": view, "device": pool.device,
+                                            "batch_size": batch_size, "threads": threads or pool.threads,
+                                            "work": work, "text_without_image": True},
+                            actors=pool.actors, cpus=pool.cpus, gpus=pool.gpus)
+
+    reads_images = spec.method == "bga" and view == "visual" and (spec.bga or {}).get("vision", "none") != "none"
+    return enrichment.PostModel("tag", "mner_model", model, views_read(spec, view), reads_images, check_post, make)
 
 
 def run(cfg: TagConfig) -> dict[str, Any]:
