@@ -92,35 +92,16 @@ class Extractor:
         return pa.Table.from_pylist(rows, schema=self.work)
 
     def extract(self, chunk: list[Row]) -> None:
-        if not self.decoded:
-            ranked = training.predict_rows(self.model, self.tokenizer, chunk, self.spec, self.spec.images, self.device)
-        else:
-            import torch
-
+        pictures = None
+        if self.decoded:
             for r in chunk:
                 r["visual_entities"] = r.get("visual_entities") or r.get("object_tags")
-            regions, has = regions_of_pictures(chunk) if self.spec.images else (None, None)
-            with torch.no_grad():
-                ranked = kp_model.predict(self.model, self.tokenizer, chunk, self.spec, regions, has, self.device)
+            pictures = [image_views.picture(r) for r in chunk]
+        ranked = training.predict_rows(self.model, self.tokenizer, chunk, self.spec, self.spec.images, self.device,
+                                       pictures=pictures)
         for r, found in zip(chunk, ranked):
             r["predicted_keyphrases"] = [p for p, _ in found]
             r["predicted_scores"] = [s for _, s in found]
-
-
-def regions_of_pictures(rows: list[Row]) -> tuple[Any, Any]:
-    """The region grid of each row's decoded picture (engine/views.picture), zeros and has=False
-    for rows without one; (None, None) when no row has a picture."""
-    import torch
-
-    from eama.engine import vision
-
-    pictures = [image_views.picture(r) for r in rows]
-    shown = [i for i, p in enumerate(pictures) if p is not None]
-    if not shown:
-        return None, None
-    out = torch.zeros(len(rows), 49, vision.HEAD_CHANNELS)
-    out[shown] = vision.feature_grid([pictures[i] for i in shown])
-    return out, torch.tensor([p is not None for p in pictures])
 
 
 def post_model(model: str, settings: dict[str, Any] | None = None, threads: int = 0) -> enrichment.PostModel:

@@ -162,24 +162,29 @@ def class_vocabulary(path: str, min_count: int) -> list[str]:
     return [k for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_count]
 
 
-def region_features(rows: list[dict[str, Any]], use: bool, cache: feature_cache.FeatureCache | None = None
-                    ) -> tuple[Any, Any]:
+def region_features(rows: list[dict[str, Any]], use: bool, cache: feature_cache.FeatureCache | None = None,
+                    pictures: list[Any] | None = None) -> tuple[Any, Any]:
     """([B, 49, 1280] grid features, [B] has-image) when `use` and a row has an image, else (None,
-    None); with `cache`, an image's grid is computed once and kept."""
+    None); with `cache`, an image's grid is computed once and kept. `pictures`: each row's image
+    already decoded (None: the row has none), used instead of decoding its `image` bytes."""
     import torch
 
-    if not use or not any(r.get("image") for r in rows):
+    has = [p is not None for p in pictures] if pictures is not None else [bool(r.get("image")) for r in rows]
+    if not use or not any(has):
         return None, None
     from eama.engine import vision
 
-    has = [bool(r.get("image")) for r in rows]
     with_image = [i for i, h in enumerate(has) if h]
 
+    def picture(i: int) -> Any:
+        return pictures[i] if pictures is not None else image_io.open_image(rows[i]["image"]).convert("RGB")
+
     def compute(todo: list[int]) -> dict[int, Any]:
-        grid = vision.feature_grid([image_io.open_image(rows[with_image[j]]["image"]).convert("RGB") for j in todo])
+        grid = vision.feature_grid([picture(with_image[j]) for j in todo])
         return dict(zip(todo, grid))
 
-    found = feature_cache.lookup(cache, [feature_cache.image_key(rows[i]["image"]) for i in with_image], compute)
+    keys = [None if pictures is not None else feature_cache.image_key(rows[i]["image"]) for i in with_image]
+    found = feature_cache.lookup(cache, keys, compute)
     out = torch.zeros(len(rows), 49, vision.HEAD_CHANNELS)
     for j, grid in found.items():
         out[with_image[j]] = grid
@@ -310,12 +315,13 @@ class KeyphraseTask(TrainingTask):
 
 
 def predict_rows(model: Any, tokenizer: Any, rows: list[dict[str, Any]], spec: kp_model.KeyphraseSpec,
-                 images: bool, device: Any, cache: feature_cache.FeatureCache | None = None
-                 ) -> list[list[tuple[str, float]]]:
-    """Ranked keyphrases of rows (region features computed, or taken from `cache`, where a row has an image)."""
+                 images: bool, device: Any, cache: feature_cache.FeatureCache | None = None,
+                 pictures: list[Any] | None = None) -> list[list[tuple[str, float]]]:
+    """Ranked keyphrases of rows (region features computed, or taken from `cache`, where a row has an
+    image; `pictures`: the rows' images already decoded, as region_features takes them)."""
     import torch
 
-    regions, has = region_features(rows, images and spec.images, cache)
+    regions, has = region_features(rows, images and spec.images, cache, pictures)
     with torch.no_grad():
         return kp_model.predict(model, tokenizer, rows, spec, regions, has, device)
 
