@@ -113,6 +113,10 @@ def test_the_plan_keeps_cpus_for_reads_on_two_cpus_and_puts_replicas_on_gpus():
     v, m = small.views, small.models
     actors = v.ocr_actors * v.ocr_cpus + v.tag_actors * v.tag_cpus + v.caption_actors * v.caption_cpus
     assert actors + 2 * m.actors * m.cpus <= 2 - 0.75  # the read / decode / write tasks keep 0.75 CPU
+    no_caption = resources.plan_enrich(2, 0, ("ocr", "tags"), 2)  # OCR takes what the others leave,
+    assert no_caption.views.ocr_actors == 2  # a thread per CPU, so no core idles behind one OCR actor
+    v = no_caption.views
+    assert v.ocr_actors * v.ocr_cpus + v.tag_actors * v.tag_cpus + 2 * m.actors * m.cpus <= 2 - 0.75
     big = resources.plan_enrich(64, 8, ("ocr", "caption"), 2, device="cuda", model_device="auto")
     assert big.views.caption_actors == 8 and big.views.caption_gpus == 1.0
     assert big.models.device == "cpu"  # the captioner holds every GPU

@@ -104,6 +104,8 @@ def test_views_plan_leaves_cpu_for_io_and_puts_the_captioner_on_gpus():
     assert big.device == "cuda" and big.caption_actors == 8 and big.caption_gpus == 1.0 and big.ocr_actors >= 1
     no_caption = resources.plan_views(2, 0, ("ocr", "tags"), device="cuda")
     assert no_caption.caption_actors == 0 and no_caption.device == "cpu"
+    assert no_caption.ocr_actors == 2  # OCR, the heavy view, gets a thread per CPU: no idle core
+    assert resources.plan_views(4, 0, ("ocr",)).ocr_actors == 4  # never more OCR threads than CPUs
 
 
 def test_caption_without_a_model_is_a_one_line_config_error(tmp_path):

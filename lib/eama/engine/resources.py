@@ -125,7 +125,8 @@ def plan_views(cpus: float, gpus: float, views: tuple[str, ...], device: str = "
     run (caption, ocr, tags). 0 actors means "derive it". Small machines (<= 4 CPUs) give every
     actor a fraction of a CPU and keep 0.75 CPU for the read / decode / write tasks; larger ones
     give the captioner one replica per GPU (device=cuda on a cluster with no GPU up needs
-    caption_actors, gpu_replicas), the tagger 2 CPUs per 16 left and OCR, the CPU-heavy view, the rest."""
+    caption_actors, gpu_replicas), the tagger 2 CPUs per 16 left; OCR, the CPU-heavy view, gets the
+    rest on every machine (on 2 CPUs with ocr + tags: two OCR actors, not one and an idle core)."""
     use_gpu = "caption" in views and (device == "cuda" or (device == "auto" and gpus >= gpus_per_caption))
     small = cpus <= 4
     io_cpus = 0.25 if small else 1.0
@@ -147,7 +148,7 @@ def plan_views(cpus: float, gpus: float, views: tuple[str, ...], device: str = "
     ocr_n, ocr_cpus = 0, 0.0
     if "ocr" in views:
         ocr_cpus = 0.5 if small else 2.0
-        ocr_n = ocr_actors or (1 if small else max(1, int(left // ocr_cpus)))
+        ocr_n = ocr_actors or max(1, min(int(left // ocr_cpus), int(cpus)))  # a thread each: no more than CPUs
     return ViewsPlan(io_cpus, ocr_n, ocr_cpus, tag_n, tag_cpus, cap_n, float(cap_cpus), float(cap_gpus),
                      "cuda" if use_gpu else "cpu")
 
@@ -211,7 +212,8 @@ def plan_enrich(cpus: float, gpus: float, views: tuple[str, ...], model_stages: 
     models) take their share first (a GPU slice each on cuda, else a quarter of the CPUs, one
     replica per 4; on a small machine one replica of 0.25 CPU), the view stages get the rest as
     image_views would, and on a small machine (<= 4 CPUs) every actor is cut to 0.25 CPU so the
-    read / decode / write tasks keep 0.75 CPU however many pools run."""
+    read / decode / write tasks keep 0.75 CPU however many pools run, and OCR, the heaviest view,
+    gets as many 0.25-CPU actors as the rest leaves (one thread each, at most one per CPU)."""
     small = cpus <= 4
     caption_gpus = gpus_per_caption * gpu_replicas(caption_actors, gpus, gpus_per_caption, "caption_actors") if (
         "caption" in views and (device == "cuda" or (device == "auto" and gpus >= gpus_per_caption))) else 0.0
@@ -229,6 +231,10 @@ def plan_enrich(cpus: float, gpus: float, views: tuple[str, ...], model_stages: 
     plan = plan_views(max(1.0, cpus - taken) if not small else cpus, gpus, views, device, caption_actors,
                       gpus_per_caption, ocr_actors)
     if small:
-        plan = dataclasses.replace(plan, ocr_cpus=min(plan.ocr_cpus, 0.25), tag_cpus=min(plan.tag_cpus, 0.25),
-                                   caption_cpus=min(plan.caption_cpus, 0.25))
+        share = 0.25
+        plan = dataclasses.replace(plan, ocr_cpus=min(plan.ocr_cpus, share), tag_cpus=min(plan.tag_cpus, share),
+                                   caption_cpus=min(plan.caption_cpus, share))
+        if "ocr" in views and not ocr_actors:  # OCR fills what the I/O reserve and the other pools leave
+            left = cpus - 0.75 - taken - plan.tag_actors * plan.tag_cpus - plan.caption_actors * plan.caption_cpus
+            plan = dataclasses.replace(plan, ocr_actors=max(1, min(int(left / share + 1e-9), int(cpus))))
     return EnrichPlan(plan, models)
