@@ -152,13 +152,12 @@ def validate(cfg: EnrichConfig) -> None:
             raise config.ConfigError(f"{key} must be one of {', '.join(DEVICES)}, got {getattr(cfg, key)!r}")
     image_views.check_settings(cfg, image_views.parse_views(cfg.views, allow_empty=True), cfg.caption_model,
                                "--caption-model")  # --views caption asks for a captioner
-    if not cfg.input or (not storage.exists(cfg.input) and not any(ch in cfg.input for ch in "*?[")):
-        raise config.ConfigError(f"input not found: {cfg.input or '(none given: --input)'}")
-    for key in ("mner_model", "keyphrase_model", "caption_model"):
+    runner.check_input(cfg.input, config.ConfigError)
+    for key in ("mner_model", "keyphrase_model"):
         path = exports.resolve_export(getattr(cfg, key))
-        if path and key != "caption_model" and not storage.is_remote(path) and not os.path.isdir(path):
-            raise config.ConfigError(f"{key} not found: {path}")
-        setattr(cfg, key, storage.absolute(path) if path and os.path.isdir(path) else path)
+        setattr(cfg, key, runner.model_folder(path, key, config.ConfigError) if path else path)
+    path = exports.resolve_export(cfg.caption_model)  # a hub id, a preset or a folder
+    cfg.caption_model = storage.absolute(path) if path and os.path.isdir(path) else path
     runner.validate(cfg)
 
 

@@ -155,18 +155,29 @@ class ModelJobConfig(RunnerConfig):
 def validate_model_job(cfg: ModelJobConfig, job: str, trained_by: str) -> None:
     """The checks every model job needs before Ray starts (SystemExit naming what is wrong); makes
     the model path absolute, as the actors may run in another directory."""
-    import os
-
     if not cfg.model:
         raise SystemExit(f"{job} needs --model (a {trained_by} export folder)")
     if cfg.device not in ("auto", "cuda", "cpu"):
         raise SystemExit(f"device must be auto, cuda or cpu, got {cfg.device!r}")
-    if not cfg.input or (not storage.exists(cfg.input) and not any(ch in cfg.input for ch in "*?[")):
-        raise SystemExit(f"input not found: {cfg.input or '(none given: --input)'}")
-    if not storage.is_remote(cfg.model) and not os.path.isdir(cfg.model):
-        raise SystemExit(f"model not found: {cfg.model}")
-    cfg.model = storage.absolute(cfg.model)
+    check_input(cfg.input)
+    cfg.model = model_folder(cfg.model)
     validate(cfg)
+
+
+def check_input(path: str, error: type[SystemExit] = SystemExit) -> None:
+    """`error` naming the input unless it exists (a glob is left to the listing)."""
+    if not path or (not storage.exists(path) and not any(ch in path for ch in "*?[")):
+        raise error(f"input not found: {path or '(none given: --input)'}")
+
+
+def model_folder(path: str, key: str = "model", error: type[SystemExit] = SystemExit) -> str:
+    """A model location made absolute (the actors may run in another directory); `error` naming
+    `key` when a local folder is missing (s3:// and hub locations are checked when loaded)."""
+    import os
+
+    if not storage.is_remote(path) and not os.path.isdir(path):
+        raise error(f"{key} not found: {path}")
+    return storage.absolute(path)
 
 
 def validate(cfg: RunnerConfig) -> None:
