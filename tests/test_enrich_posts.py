@@ -184,6 +184,42 @@ def test_one_pass_enriches_every_post_and_equals_the_separate_jobs(exports, post
 
 
 @pytest.mark.slow
+def test_the_caption_view_comes_from_the_captioning_model_and_the_tagger_reads_it(exports, posts, ray_local, tmp_path):
+    from eama.news import models
+
+    captioner = models.resolve("tiny-llava")  # the MLLM through the same loader as a hub id or s3:// model
+    real = list(posts["real"].values())
+    picked = [r for r in real if r["image"] is not None][:3] + [r for r in real if r["image"] is None][:1]
+    src = tmp_path / "in"
+    src.mkdir()
+    given = [{k: r[k] for k in ("sample_id", "tokens", "image", "caption")} for r in picked]
+    pq.write_table(pa.Table.from_pylist(given), src / "part-0.parquet")
+    out = tmp_path / "out"
+    manifest = load_job("enrich_posts").main(enrich_args(exports, src, out, "--views", "caption", "--caption-model",
+                                                         captioner, "max_new_tokens=6"))
+    rows, errors = committed(out)
+    assert manifest["views"] == ["caption"] and not errors and len(rows) == 4
+    by_id = {r["sample_id"]: r for r in rows}
+    for r in picked:
+        done = by_id[r["sample_id"]]
+        if r["image"] is not None:  # the MLLM's caption replaces the given BLIP-2 one
+            assert isinstance(done["caption"], str) and done["caption"] != r["caption"], done["caption"]
+            assert done["views_model"].startswith(f"caption={captioner}@sha256:")
+        assert done["ocr"] is None and done["object_tags"] is None  # views not asked for are not computed
+
+    # tag_entities on the same rows holding the pass's captions tags them alike
+    folder = tmp_path / "mner"
+    folder.mkdir()
+    image_rows = [{"sample_id": r["sample_id"], "tokens": r["tokens"], "image": r["image"],
+                   "caption": by_id[r["sample_id"]]["caption"]} for r in picked if r["image"] is not None]
+    pq.write_table(pa.Table.from_pylist(image_rows, schema=schema.MNER_SAMPLE), folder / "part-0.parquet")
+    load_job("tag_entities").main(["--model", exports["mner"], "--input", str(folder), "--output",
+                                   str(tmp_path / "tagged"), "--view", "model"])
+    for t in pq.read_table(tmp_path / "tagged").to_pylist():
+        assert by_id[t["sample_id"]]["predicted_tags"] == t["predicted_tags"], t["sample_id"]
+
+
+@pytest.mark.slow
 def test_a_killed_pass_reruns_exactly_once(exports, posts, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "jobs" / "enrich_posts.py"), *enrich_args(exports, posts["input"], out, "commit_rows=4")]
