@@ -150,14 +150,18 @@ def three_jobs(cfg: EnrichBenchConfig, corpus: str) -> dict[str, Any]:
     common = [f"commit_rows={cfg.commit_rows}", "--overwrite"]
     t0 = time.time()
     image_views(["--input", corpus, "--output", out["views"], "--views", "ocr,tags", *common])
+    walls = {"image_views": time.time() - t0}
     tag(["--model", cfg.mner_model, "--input", out["views"], "--output", out["tagged"], *common])
+    walls["tag_entities"] = time.time() - t0 - walls["image_views"]
     viewed = pq.read_table(out["views"], columns=["sample_id", "tokens", "image", "ocr", "object_tags"])
     kp = pa.table({"sample_id": viewed["sample_id"],
                    "post": [" ".join(t) for t in viewed["tokens"].to_pylist()], "image": viewed["image"],
                    "ocr": viewed["ocr"], "visual_entities": viewed["object_tags"]})
     os.makedirs(out["kp_in"], exist_ok=True)
     pq.write_table(schema.conform(kp, schema.KEYPHRASE_SAMPLE), os.path.join(out["kp_in"], "part-0.parquet"))
+    t1 = time.time()
     m = extract(["--model", cfg.keyphrase_model, "--input", out["kp_in"], "--output", out["keyphrases"], *common])
+    walls["extract_keyphrases"] = time.time() - t1
     keyphrases = {r["sample_id"]: r for r in pq.read_table(out["keyphrases"]).to_pylist()}
     joined = [{**r, **keyphrases[r["sample_id"]]} for r in pq.read_table(out["tagged"]).to_pylist()
               if r["sample_id"] in keyphrases]  # the join a user writes (Arrow joins no list columns)
@@ -166,11 +170,14 @@ def three_jobs(cfg: EnrichBenchConfig, corpus: str) -> dict[str, Any]:
     images_in_extract = rows if kp_model.read_spec(cfg.keyphrase_model).images else 0
     return {"wall_s": wall, "rows": rows, "rows_per_s": rows / wall,
             "bytes_read": sum(parquet_bytes(p) for p in (corpus, out["views"], out["views"], out["kp_in"])),
-            "decoded_per_post": (rows + images_in_extract) / max(1, rows), "extract_manifest": m["run_id"]}
+            "decoded_per_post": (rows + images_in_extract) / max(1, rows), "extract_manifest": m["run_id"],
+            "job_wall_s": walls}
 
 
-def stages_alone(cfg: EnrichBenchConfig, corpus: str) -> dict[str, float]:
-    """rows/s of each stage of the one pass run alone, in this process, on the same rows."""
+def stages_alone(cfg: EnrichBenchConfig, corpus: str) -> tuple[dict[str, float], dict[str, float]]:
+    """rows/s of each stage of the one pass run alone, one instance in this process, on the same
+    rows; and each pool's rate as planned on 2 CPUs (one instance's rate x the pool's actors, at
+    most the CPUs: one thread an actor; task stages count as one instance per CPU)."""
     models = [tagging.post_model(cfg.mner_model), extraction.post_model(cfg.keyphrase_model)]
     ecfg = enrichment.EnrichConfig(input=corpus, output="-")
     views_ = enrichment.needed_views(ecfg, models)
@@ -180,13 +187,14 @@ def stages_alone(cfg: EnrichBenchConfig, corpus: str) -> dict[str, float]:
     for r in rows:
         enrichment.prepare_post(r, [m.check for m in models])
     table = pa.Table.from_pylist(rows, schema=built.work_schema)
-    rates = {}
+    rates, pools = {}, {}
     for stage in built.stages:
         fn = stage.fn(**stage.kwargs) if isinstance(stage.fn, type) else (lambda b, s=stage: s.fn(b, **s.kwargs))
         t0 = time.time()
         table = fn(table)
         rates[stage.name] = table.num_rows / (time.time() - t0)
-    return rates
+        pools[stage.name] = rates[stage.name] * min(stage.actors or 2, 2)
+    return rates, pools
 
 
 def run(cfg: EnrichBenchConfig) -> dict[str, Any]:
@@ -197,17 +205,22 @@ def run(cfg: EnrichBenchConfig) -> dict[str, Any]:
     ray.init()
     one = one_pass(cfg, corpus)
     three = three_jobs(cfg, corpus)
-    alone = stages_alone(cfg, corpus)
+    alone, pools = stages_alone(cfg, corpus)
     slowest = min(alone, key=alone.get)
+    slowest_pool = min(pools, key=pools.get)
     print(f"\nenrich_posts benchmark: {one['rows']} posts, each with an image (2-CPU figures depend on the machine)\n")
     print("| | one pass | three jobs | one pass / three jobs |\n|---|---|---|---|")
     for key, name in (("wall_s", "wall time, s"), ("rows_per_s", "rows/s"), ("decoded_per_post", "images decoded per post"),
                       ("bytes_read", "Parquet bytes read")):
         print(f"| {name} | {one[key]:.4g} | {three[key]:.4g} | {one[key] / three[key]:.2f}x |")
+    print("\nthe three jobs: " + ", ".join(f"{k} {v:.0f} s" for k, v in three["job_wall_s"].items()))
     print(f"\none pass steady state {one['steady_rows_per_s']:.2f} rows/s; slowest stage alone: {slowest} "
           f"{alone[slowest]:.2f} rows/s (ratio {one['steady_rows_per_s'] / alone[slowest]:.2f}); stages alone: "
           + ", ".join(f"{k} {v:.1f}" for k, v in alone.items()))
+    print(f"slowest pool as planned: {slowest_pool} {pools[slowest_pool]:.2f} rows/s (ratio "
+          f"{one['steady_rows_per_s'] / pools[slowest_pool]:.2f}); pools: " + ", ".join(f"{k} {v:.1f}" for k, v in pools.items()))
     result = {"one_pass": one, "three_jobs": three, "stages_alone": alone, "slowest_stage": slowest,
+              "pools_alone": pools, "slowest_pool": slowest_pool,
               **benchmarks.provenance(dataclasses.asdict(cfg))}
     benchmarks.save_result(cfg.results, "benchmark_enrich", result)
     return result
