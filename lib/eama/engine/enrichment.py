@@ -22,13 +22,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import re
 from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
-from eama.engine import config, exports, faults, images, resources, runner, schema, storage
+from eama.engine import config, exports, faults, images, resources, runner, schema
 from eama.engine import views as image_views
 
 log = logging.getLogger("eama.enrich")
@@ -156,8 +155,7 @@ def validate(cfg: EnrichConfig) -> None:
     for key in ("mner_model", "keyphrase_model"):
         path = exports.resolve_export(getattr(cfg, key))
         setattr(cfg, key, runner.model_folder(path, key, config.ConfigError) if path else path)
-    path = exports.resolve_export(cfg.caption_model)  # a hub id, a preset or a folder
-    cfg.caption_model = storage.absolute(path) if path and os.path.isdir(path) else path
+    cfg.caption_model = image_views.caption_location(cfg.caption_model)
     runner.validate(cfg)
 
 

@@ -119,6 +119,12 @@ class ViewsPlan:
     device: str  # where the captioner runs: "cuda" or "cpu"
 
 
+def ocr_replicas(left: float, share: float, cpus: float) -> int:
+    """OCR actors of `share` CPU each in the `left` CPUs; each runs one thread, so never more
+    than the machine's CPUs; at least one."""
+    return max(1, min(int(left / share + 1e-9), int(cpus)))
+
+
 def plan_views(cpus: float, gpus: float, views: tuple[str, ...], device: str = "auto", caption_actors: int = 0,
                gpus_per_caption: float = 1.0, ocr_actors: int = 0) -> ViewsPlan:
     """Plan image_views' actor pools for `cpus` CPUs and `gpus` GPUs; `views` names the pools that
@@ -148,7 +154,7 @@ def plan_views(cpus: float, gpus: float, views: tuple[str, ...], device: str = "
     ocr_n, ocr_cpus = 0, 0.0
     if "ocr" in views:
         ocr_cpus = 0.5 if small else 2.0
-        ocr_n = ocr_actors or max(1, min(int(left // ocr_cpus), int(cpus)))  # a thread each: no more than CPUs
+        ocr_n = ocr_actors or ocr_replicas(left, ocr_cpus, cpus)
     return ViewsPlan(io_cpus, ocr_n, ocr_cpus, tag_n, tag_cpus, cap_n, float(cap_cpus), float(cap_gpus),
                      "cuda" if use_gpu else "cpu")
 
@@ -236,5 +242,5 @@ def plan_enrich(cpus: float, gpus: float, views: tuple[str, ...], model_stages: 
                                    caption_cpus=min(plan.caption_cpus, share))
         if "ocr" in views and not ocr_actors:  # OCR fills what the I/O reserve and the other pools leave
             left = cpus - 0.75 - taken - plan.tag_actors * plan.tag_cpus - plan.caption_actors * plan.caption_cpus
-            plan = dataclasses.replace(plan, ocr_actors=max(1, min(int(left / share + 1e-9), int(cpus))))
+            plan = dataclasses.replace(plan, ocr_actors=ocr_replicas(left, share, cpus))
     return EnrichPlan(plan, models)

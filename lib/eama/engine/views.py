@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from eama.engine import config, exports, faults, generation, hf, images, isolation, resources, runner
+from eama.engine import config, exports, faults, generation, hf, images, isolation, resources, runner, storage
 
 Row = dict[str, Any]
 
@@ -59,6 +59,16 @@ def parse_views(text: str, allow_empty: bool = False) -> tuple[str, ...]:
     if bad or not (names or allow_empty):
         raise config.ConfigError(f"views must be a comma-separated subset of {', '.join(VIEWS)}, got {text!r}")
     return tuple(v for v in VIEWS if v in names)
+
+
+def caption_location(model: str) -> str:
+    """Where the caption view's model is loaded from, the same for every actor: RUN/export resolved
+    to the export it points to now, a local folder made absolute (the actors may run in another
+    directory), a hub id, preset or s3:// URI as given."""
+    import os
+
+    path = exports.resolve_export(model)
+    return storage.absolute(path) if path and os.path.isdir(path) else path
 
 
 def check_settings(cfg: ViewSettings, views: tuple[str, ...], caption_model: str, model_key: str) -> None:

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import pyarrow as pa
 
-from eama.engine import config, exports, faults, images, resources, runner, schema, storage
+from eama.engine import config, faults, images, resources, runner, schema
 from eama.engine import views as image_views
 from eama.engine.views import VIEWS, ocr_engine, read_text  # noqa: F401 (this job's view names and OCR)
 
@@ -51,9 +50,7 @@ def validate(cfg: ImageViewsConfig) -> tuple[str, ...]:
         raise config.ConfigError(f"device must be auto, cuda or cpu, got {cfg.device!r}")
     if not cfg.input:
         raise config.ConfigError("an input path is needed (--input)")
-    cfg.model = exports.resolve_export(cfg.model)  # RUN/export: the export it points to now, for every actor
-    if cfg.model and os.path.isdir(cfg.model):
-        cfg.model = storage.absolute(cfg.model)  # the actors may run in another directory
+    cfg.model = image_views.caption_location(cfg.model)
     runner.validate(cfg)
     return views
 
@@ -131,8 +128,7 @@ def run(cfg: ImageViewsConfig) -> dict[str, Any]:
     import ray
 
     views = validate(cfg)
-    if not storage.exists(cfg.input) and not any(ch in cfg.input for ch in "*?["):
-        raise SystemExit(f"input not found: {cfg.input}")
+    runner.check_input(cfg.input)
     label = views_label(cfg, views)
     if not ray.is_initialized():
         ray.init()
