@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -406,12 +407,17 @@ def test_simulated_multi_node_cluster(tmp_path):
     assert len(set(rows.column("sample_id").to_pylist())) == 16
 
 
-def test_benchmark_prints_every_stage_and_the_eama_cost(capsys):
-    """The benchmark job runs on CPU and reports each MLLM variant's time and LM work side by side."""
+def test_benchmark_prints_every_stage_and_the_eama_cost(capsys, tmp_path):
+    """The benchmark job runs on CPU and reports each MLLM variant's time and LM work side by side;
+    the engines' table is kept as JSON with the code and config that measured it."""
     bench = load_job("benchmark_caption")
     bench.main(["samples=8", "batch_size=4", "max_new_tokens=6", "selection_max_new_tokens=4", "repeats=1",
-                "end_to_end=false", "engine=hf"])
+                "end_to_end=false", "engine=hf", f"results={tmp_path}"])
     out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "benchmark_caption_engines-tiny-llava.json").read_text())
+    assert [(r["engine"], r["mode"], r["samples"]) for r in saved["rows"]] == [("hf", "plain", 8), ("hf", "eama", 8)]
+    assert all(r["seconds"] > 0 and r["prompt_tokens"] > 0 for r in saved["rows"])
+    assert saved["provenance"]["config"]["engine"] == "hf" and saved["provenance"]["commit"]
     assert "| hf | plain |" in out and "| hf | eama |" in out  # the engines side by side (vLLM's where installed)
     for stage in ("decode (CPU task)", "spaCy articles (actor)", "MLLM plain", "MLLM eama", "MLLM eama, no prefix reuse",
                   "spaCy captions (actor)"):

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from eama.engine import config, images, resources, schema, storage
+from eama.engine import benchmarks, config, images, resources, schema, storage
 from eama.news import caption_job, candidates, captioning, demo, engines, models
 
 
@@ -39,6 +39,7 @@ class BenchConfig:
     max_model_len: int = 0  # for engine: the engines' token limit (0: the model's own)
     hf_token_budget: int = 8192  # the HF engine's KV-cache tokens per generate call (caption_corpus's key)
     variants: bool = True  # the stage table with the HF MLLM variants (false: with engine, the engines' table only)
+    results: str = ""  # with engine: a folder (local or s3://) that keeps the engines' table as JSON, with its provenance
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -193,15 +194,17 @@ def bench_engine(cfg: BenchConfig, name: str, shaped: models.LoadedModel | None,
 
 
 def compare_engines(cfg: BenchConfig, annotated: pa.Table, names: list[str],
-                    shaped: models.LoadedModel | None = None) -> None:
+                    shaped: models.LoadedModel | None = None) -> list[dict[str, Any]]:
     """The MLLM stage (plain and eama) on each engine over the same rows: median seconds of
     `repeats` runs, each starting with an empty prefix cache, and the prompt tokens the engine
     computed or found in its prefix cache (vLLM reports those; transformers shares each sample's
-    head explicitly, counted in the LM token positions above). Each row prints when measured."""
+    head explicitly, counted in the LM token positions above). Each row prints when measured; the
+    rows are returned."""
     if not names or set(names) - {"hf", "vllm"}:
         raise config.ConfigError(f"engine takes a comma-separated list of hf, vllm; got {cfg.engine!r}")
     n = annotated.num_rows
     results: dict[tuple[str, str], float] = {}
+    measured: list[dict[str, Any]] = []
     print("\n| engine | mode | seconds | samples/s | prompt tokens | from the prefix cache | hit rate |\n"
           "|---|---|---:|---:|---:|---:|---:|", flush=True)
     with tempfile.TemporaryDirectory() as folder:
@@ -223,6 +226,10 @@ def compare_engines(cfg: BenchConfig, annotated: pa.Table, names: list[str],
                 prompt = sum(out.column("mllm_prompt_tokens").to_pylist())
                 cached = sum(out.column("mllm_cached_tokens").to_pylist())
                 rate = f"{cached / prompt:.0%}" if name == "vllm" else "n/a (explicit head sharing)"
+                measured.append({"engine": name, "mode": mode, "seconds": round(results[name, mode], 3),
+                                 "all_seconds": [round(t, 3) for t in times], "samples": n,
+                                 "samples_per_s": round(n / results[name, mode], 4), "prompt_tokens": prompt,
+                                 "cached_tokens": cached if name == "vllm" else None})
                 print(f"| {name} | {mode} | {results[name, mode]:.2f} | {n / results[name, mode]:.2f} | {prompt} "
                       f"| {cached} | {rate} |", flush=True)
             if hasattr(engine, "generator"):
@@ -234,10 +241,12 @@ def compare_engines(cfg: BenchConfig, annotated: pa.Table, names: list[str],
         a, b = names
         print(f"\n{b} / {a} samples/s: plain {results[a, 'plain'] / results[b, 'plain']:.2f}x, "
               f"eama {results[a, 'eama'] / results[b, 'eama']:.2f}x")
+    return measured
 
 
 def run(cfg: BenchConfig) -> None:
     """Measure and print every table for `cfg`."""
+    benchmarks.code_version()  # the code as it is when the run starts
     if cfg.device == "cuda":
         import torch
 
@@ -264,8 +273,13 @@ def run(cfg: BenchConfig) -> None:
     if cfg.variants:
         stage_tables(cfg, rows, annotated, lm, [("decode (CPU task)", t_decode), ("spaCy articles (actor)", t_ner)])
     if cfg.engine:
-        compare_engines(cfg, annotated, [e.strip() for e in cfg.engine.split(",") if e.strip()],
-                        lm if cfg.shape else None)
+        measured = compare_engines(cfg, annotated, benchmarks.split_list(cfg.engine), lm if cfg.shape else None)
+        if cfg.results:
+            name = "benchmark_caption_engines-" + (f"{cfg.shape}-{cfg.num_layers or 'all'}layers" if cfg.shape
+                                                   else os.path.basename(cfg.model.rstrip("/")))
+            benchmarks.save_result(cfg.results, name, {"rows": measured, "input_rows": table.num_rows,
+                                                       "provenance": benchmarks.provenance(dataclasses.asdict(cfg))})
+            print(f"\nsaved {benchmarks.result_path(cfg.results, name)}")
     if cfg.device == "cuda":
         rates = token_rates(lm, decoded.to_pylist(), cfg.batch_size, cfg.max_new_tokens)
         import torch
