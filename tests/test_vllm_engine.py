@@ -29,12 +29,13 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 384  # max_model_len of the shared engine: the long article below must be cut to fit
 KV_GIB = 0.25
+THREADS = 2  # the shared engine's CPU threads, as a 2-CPU replica's plan gives them
 NEW = dict(max_new_tokens=16, selection_max_new_tokens=12, generate_batch_size=4)
 
 
 @pytest.fixture(scope="module")
 def vllm_engine():
-    engine = engines.load_engine("vllm", "tiny-llava", max_model_len=LIMIT, kv_cache_gib=KV_GIB)
+    engine = engines.load_engine("vllm", "tiny-llava", max_model_len=LIMIT, kv_cache_gib=KV_GIB, threads=THREADS)
     yield engine
     engine.generator.close()
 
@@ -71,6 +72,42 @@ def test_auto_picks_vllm_on_gpus_for_llava_only():
         "hf", "auto: vLLM does not serve instructblip models")
     with pytest.raises(config.ConfigError, match="vLLM does not serve instructblip"):
         generation.choose_engine("vllm", "instructblip", "0.32.0")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in os.listdir(f"/proc/{parent}/task"):
+            with open(f"/proc/{parent}/task/{task}/children") as fh:
+                kids = [int(k) for k in fh.read().split()]
+            found += kids
+            todo += kids
+    return found
+
+
+@needs_vllm
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads thread affinities from Linux /proc")
+def test_a_cpu_engine_runs_its_planned_threads_unpinned(vllm_engine):
+    """vLLM's CPU default pins its threads to the first cores and keeps one back for its scheduler
+    (one core of two here); the replica's engine instead runs the planned threads on any CPU, and
+    the caller's environment is as it was."""
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    every = os.sched_getaffinity(0)
+    engine_procs = []
+    for pid in descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
+        except FileNotFoundError:
+            continue
+        if env.get(b"VLLM_CPU_OMP_THREADS_BIND") == b"nobind":
+            engine_procs.append(pid)
+            assert env[b"OMP_NUM_THREADS"] == str(THREADS).encode()
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                assert os.sched_getaffinity(int(tid)) == every, f"thread {tid} of engine process {pid} is pinned"
+    assert engine_procs, "no engine process started with the replica's thread settings"
 
 
 @needs_vllm

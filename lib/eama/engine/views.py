@@ -214,7 +214,8 @@ class Captioner(ViewStage):
 
             location = hf.resolve(model)
             self.vllm = vllm_engine.VllmGenerator(location, generation.model_family(location, trust_remote_code, revision),
-                                                  device, max_model_len, kv_cache_gib, trust_remote_code, revision)
+                                                  device, max_model_len, kv_cache_gib, trust_remote_code, revision,
+                                                  max(1, threads))
         else:
             self.lm = hf.load_image_text_model(model, device=device, trust_remote_code=trust_remote_code,
                                                revision=revision)

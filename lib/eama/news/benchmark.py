@@ -183,14 +183,14 @@ def bench_engine(cfg: BenchConfig, name: str, shaped: models.LoadedModel | None,
     on it as built, vLLM on a copy saved to `folder` (the layout vLLM loads)."""
     if shaped is None:
         return engines.load_engine(name, cfg.model, cfg.device, max_model_len=cfg.max_model_len,
-                                   token_budget=cfg.hf_token_budget)
+                                   token_budget=cfg.hf_token_budget, threads=os.cpu_count() or 1)
     if name == "hf":
         return engines.HfEngine(shaped, max_model_len=cfg.max_model_len, token_budget=cfg.hf_token_budget)
     from eama.engine import published_layout
 
     if not os.path.exists(os.path.join(folder, "config.json")):
         published_layout.save_image_text_model(shaped.model, shaped.processor, folder)
-    return engines.load_engine(name, folder, cfg.device, max_model_len=cfg.max_model_len)
+    return engines.load_engine(name, folder, cfg.device, max_model_len=cfg.max_model_len, threads=os.cpu_count() or 1)
 
 
 def compare_engines(cfg: BenchConfig, annotated: pa.Table, names: list[str],

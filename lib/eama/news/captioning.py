@@ -149,7 +149,7 @@ class Captioner:
             engine = engines.HfEngine(lm, cfg.share_image_prefix, cfg.max_model_len, cfg.hf_token_budget)
         self.engine = engine or engines.load_engine(
             cfg.engine, cfg.model, cfg.device, cfg.share_image_prefix, cfg.max_model_len, cfg.vllm_kv_cache_gib,
-            cfg.trust_remote_code, cfg.revision, cfg.hf_token_budget)
+            cfg.trust_remote_code, cfg.revision, cfg.hf_token_budget, max(1, cfg.threads))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()

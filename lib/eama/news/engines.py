@@ -93,15 +93,16 @@ class VllmEngine:
 
 def load_engine(engine: str, model: str, device: str = "cpu", share_heads: bool = True, max_model_len: int = 0,
                 kv_cache_gib: float = 0.0, trust_remote_code: bool = False, revision: str | None = None,
-                token_budget: int = 0) -> Any:
+                token_budget: int = 0, threads: int = 0) -> Any:
     """The engine `engine` ('hf' or 'vllm', as generation.choose_engine decided) over `model`
-    (`token_budget`: the HF engine's most KV-cache tokens a generate call holds, 0 = no limit)."""
+    (`token_budget`: the HF engine's most KV-cache tokens a generate call holds, 0 = no limit;
+    `threads`: a CPU vLLM engine's threads, 0 = vLLM's own choice; the HF engine runs the caller's)."""
     if engine == "vllm":
         from eama.engine import vllm_engine
 
         location = models.resolve(model)
         family = generation.model_family(location, trust_remote_code, revision)
         return VllmEngine(vllm_engine.VllmGenerator(location, family, device, max_model_len, kv_cache_gib,
-                                                    trust_remote_code, revision))
+                                                    trust_remote_code, revision, threads))
     lm = models.load_model(model, device=device, trust_remote_code=trust_remote_code, revision=revision)
     return HfEngine(lm, share_heads, max_model_len, token_budget)
