@@ -15,6 +15,7 @@ import pytest
 
 from conftest import run_on_cluster
 from eama.engine import config, resources, runner
+from eama.news import benchmark, gpu_cost
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,3 +135,37 @@ def test_a_cold_cluster_asks_for_the_whole_pool_and_runs_on_the_first_gpu(tmp_pa
     assert out["PLAN"] == "1-3 actors x 0.25 CPU + 1.0 GPU"
     assert json.loads(out["ROWS"]) == sorted(f"TEXT OF S{k} on GPU 0" for k in range(12)) and out["ERRORS"] == "0"
     assert out["AFTER"] == "[]"
+
+
+def test_the_cost_model_gives_the_figures_worked_by_hand():
+    """docs/cluster.md's rules, worked by hand for 955 computed prompt tokens, 990 KV tokens a
+    sequence and 32 decoding steps: vLLM on an H100 holds (0.9 x 80 - 13.5) GB / 0.519 GB = 112
+    sequences, a step reads 71.6 GB at 2,345 GB/s (30.5 ms), so 8.7 ms a sample; prefill is
+    (955 x 13.48 + 350) GFLOP at 494.5 TFLOPS = 26.7 ms; 28.2 samples/s, 7.8 GPU-hours for 793k.
+    transformers: 8 rows at the 25 ms floor, 32 x 25 / 8 = 100 ms; 7.5 samples/s."""
+    work = gpu_cost.Work(computed_tokens=955, kv_tokens=990, decode_steps=32)
+    vllm = gpu_cost.estimate(gpu_cost.GPUS["h100"], "vllm", work, 793_000)
+    assert vllm["batch"] == 112
+    assert (round(vllm["prefill_ms"], 1), round(vllm["decode_ms"], 1)) == (26.7, 8.7)
+    assert (round(vllm["samples_per_s"], 1), round(vllm["gpu_hours"], 1)) == (28.2, 7.8)
+    hf = gpu_cost.estimate(gpu_cost.GPUS["h100"], "hf", work, 793_000)
+    assert (hf["batch"], hf["decode_ms"], round(hf["samples_per_s"], 1)) == (8, 100.0, 7.5)
+    # a longer sequence leaves the token budget fewer rows: 8192 // 1722 = 4
+    assert gpu_cost.estimate(gpu_cost.GPUS["h100"], "hf", gpu_cost.Work(1690, 1722, 32), 1)["batch"] == 4
+    # the measured totals: 12 samples, 20,285 prompt tokens, none cached, one prompt and 32 steps each
+    measured = gpu_cost.measured_work(20_285, 0, 12, 1, 32)
+    assert (round(measured.computed_tokens), round(measured.kv_tokens), measured.decode_steps) == (1690, 1722, 32)
+
+
+def test_the_benchmark_feeds_the_cost_model_vllms_counts_per_mode():
+    """eama sends two selection prompts a candidate group and the caption prompt: with 1.5 groups a
+    sample that is 4 prompts and 1.5 x 2 x 24 + 32 = 104 decoding steps; the cached prompt tokens
+    are not computed. Without vLLM's counts there is no cost table."""
+    cfg = benchmark.BenchConfig(max_new_tokens=32, selection_max_new_tokens=24)
+    rows = [{"engine": "vllm", "mode": "plain", "prompt_tokens": 2000, "cached_tokens": 0, "samples": 2},
+            {"engine": "vllm", "mode": "eama", "prompt_tokens": 8000, "cached_tokens": 5000, "samples": 2},
+            {"engine": "hf", "mode": "eama", "prompt_tokens": 8000, "cached_tokens": None, "samples": 2}]
+    works = benchmark.corpus_work(cfg, rows, groups=1.5)
+    assert works["plain"] == gpu_cost.Work(1000, 1032, 32)
+    assert works["eama"] == gpu_cost.Work(1500, 1000 + 104 / 4, 104)
+    assert benchmark.corpus_work(cfg, rows[2:], groups=1.5) == {}

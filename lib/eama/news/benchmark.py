@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from eama.engine import benchmarks, config, images, resources, schema, storage
-from eama.news import caption_job, candidates, captioning, demo, engines, models
+from eama.news import caption_job, candidates, captioning, demo, engines, gpu_cost, models
 
 
 @dataclasses.dataclass
@@ -39,6 +39,7 @@ class BenchConfig:
     max_model_len: int = 0  # for engine: the engines' token limit (0: the model's own)
     hf_token_budget: int = 8192  # the HF engine's KV-cache tokens per generate call (caption_corpus's key)
     variants: bool = True  # the stage table with the HF MLLM variants (false: with engine, the engines' table only)
+    corpus_images: int = 793_000  # with engine=...vllm: GPU-hours to caption this many images by the cost model (0: none)
     results: str = ""  # with engine: a folder (local or s3://) that keeps the engines' table as JSON, with its provenance
 
 
@@ -244,6 +245,20 @@ def compare_engines(cfg: BenchConfig, annotated: pa.Table, names: list[str],
     return measured
 
 
+def corpus_work(cfg: BenchConfig, measured: list[dict[str, Any]], groups: float) -> dict[str, gpu_cost.Work]:
+    """The cost model's work per sample in each mode, from vLLM's rows (which count the cached
+    prompt tokens): plain sends one prompt; eama two selection prompts a candidate group and the
+    caption prompt, every answer taken to its token limit. Empty without a vLLM row. transformers
+    is given the same work: it computes each group's head once, about what vLLM's cache leaves."""
+    rows = {r["mode"]: r for r in measured if r["engine"] == "vllm"}
+    if set(rows) != {"plain", "eama"}:
+        return {}
+    steps = {"plain": (1, cfg.max_new_tokens),
+             "eama": (2 * groups + 1, 2 * groups * cfg.selection_max_new_tokens + cfg.max_new_tokens)}
+    return {mode: gpu_cost.measured_work(r["prompt_tokens"], r["cached_tokens"], r["samples"], *steps[mode])
+            for mode, r in rows.items()}
+
+
 def run(cfg: BenchConfig) -> None:
     """Measure and print every table for `cfg`."""
     benchmarks.code_version()  # the code as it is when the run starts
@@ -274,10 +289,16 @@ def run(cfg: BenchConfig) -> None:
         stage_tables(cfg, rows, annotated, lm, [("decode (CPU task)", t_decode), ("spaCy articles (actor)", t_ner)])
     if cfg.engine:
         measured = compare_engines(cfg, annotated, benchmarks.split_list(cfg.engine), lm if cfg.shape else None)
+        works = corpus_work(cfg, measured, statistics.mean(groups))
+        if works and cfg.corpus_images > 0:
+            print(f"\nGPU cost model (an estimate from the work per sample vLLM measured here, LLaVA-1.5-7B in bf16; "
+                  f"docs/cluster.md):\n\n{gpu_cost.table(works, cfg.corpus_images)}")
         if cfg.results:
             name = "benchmark_caption_engines-" + (f"{cfg.shape}-{cfg.num_layers or 'all'}layers" if cfg.shape
                                                    else os.path.basename(cfg.model.rstrip("/")))
             benchmarks.save_result(cfg.results, name, {"rows": measured, "input_rows": table.num_rows,
+                                                       "mean_groups": statistics.mean(groups),
+                                                       "work_per_sample": {m: dataclasses.asdict(w) for m, w in works.items()},
                                                        "provenance": benchmarks.provenance(dataclasses.asdict(cfg))})
             print(f"\nsaved {benchmarks.result_path(cfg.results, name)}")
     if cfg.device == "cuda":
