@@ -38,6 +38,7 @@ class BenchConfig:
     engine: str = ""  # e.g. hf,vllm: also time the MLLM stage on each engine side by side (plain and eama)
     max_model_len: int = 0  # for engine: the engines' token limit (0: the model's own)
     hf_token_budget: int = 8192  # the HF engine's KV-cache tokens per generate call (caption_corpus's key)
+    selection_groups: int = 0  # for engine: eama selects over this many candidate groups (caption_corpus's key; 0 = all)
     variants: bool = True  # the stage table with the HF MLLM variants (false: with engine, the engines' table only)
     corpus_images: int = 793_000  # with engine=...vllm: GPU-hours to caption this many images by the cost model (0: none)
     results: str = ""  # with engine: a folder (local or s3://) that keeps the engines' table as JSON, with its provenance
@@ -215,7 +216,7 @@ def compare_engines(cfg: BenchConfig, annotated: pa.Table, names: list[str],
                 cap = captioning.Captioner(captioning.CaptionerConfig(
                     model=cfg.model, mode=mode, device=cfg.device, engine=name, max_new_tokens=cfg.max_new_tokens,
                     selection_max_new_tokens=cfg.selection_max_new_tokens, generate_batch_size=cfg.batch_size,
-                    threads=os.cpu_count() or 1), engine=engine)
+                    selection_groups=cfg.selection_groups, threads=os.cpu_count() or 1), engine=engine)
                 cap(annotated.slice(0, 1))  # warm-up: first-call costs, one row
                 times, out = [], None
                 for _ in range(max(1, cfg.repeats)):
@@ -289,13 +290,15 @@ def run(cfg: BenchConfig) -> None:
         stage_tables(cfg, rows, annotated, lm, [("decode (CPU task)", t_decode), ("spaCy articles (actor)", t_ner)])
     if cfg.engine:
         measured = compare_engines(cfg, annotated, benchmarks.split_list(cfg.engine), lm if cfg.shape else None)
-        works = corpus_work(cfg, measured, statistics.mean(groups))
+        shown = [min(g, cfg.selection_groups) if cfg.selection_groups > 0 else g for g in groups]
+        works = corpus_work(cfg, measured, statistics.mean(shown))
         if works and cfg.corpus_images > 0:
             print(f"\nGPU cost model (an estimate from the work per sample vLLM measured here, LLaVA-1.5-7B in bf16; "
                   f"docs/cluster.md):\n\n{gpu_cost.table(works, cfg.corpus_images)}")
         if cfg.results:
             name = "benchmark_caption_engines-" + (f"{cfg.shape}-{cfg.num_layers or 'all'}layers" if cfg.shape
-                                                   else os.path.basename(cfg.model.rstrip("/")))
+                                                   else os.path.basename(cfg.model.rstrip("/"))) + (
+                f"-groups{cfg.selection_groups}" if cfg.selection_groups > 0 else "")
             benchmarks.save_result(cfg.results, name, {"rows": measured, "input_rows": table.num_rows,
                                                        "mean_groups": statistics.mean(groups),
                                                        "work_per_sample": {m: dataclasses.asdict(w) for m, w in works.items()},
