@@ -40,7 +40,7 @@ class BenchConfig:
     hf_token_budget: int = 8192  # the HF engine's KV-cache tokens per generate call (caption_corpus's key)
     selection_groups: int = 0  # for engine: eama selects over this many candidate groups (caption_corpus's key; 0 = all)
     variants: bool = True  # the stage table with the HF MLLM variants (false: with engine, the engines' table only)
-    corpus_images: int = 793_000  # with engine=...vllm: GPU-hours to caption this many images by the cost model (0: none)
+    corpus_images: int = 793_000  # with --shape llava-1.5-7b and engine=...vllm: GPU-hours to caption this many images by the cost model (0: none)
     results: str = ""  # with engine: a folder (local or s3://) that keeps the engines' table as JSON, with its provenance
 
 
@@ -292,7 +292,7 @@ def run(cfg: BenchConfig) -> None:
         measured = compare_engines(cfg, annotated, benchmarks.split_list(cfg.engine), lm if cfg.shape else None)
         shown = [min(g, cfg.selection_groups) if cfg.selection_groups > 0 else g for g in groups]
         works = corpus_work(cfg, measured, statistics.mean(shown))
-        if works and cfg.corpus_images > 0:
+        if works and cfg.corpus_images > 0 and cfg.shape == "llava-1.5-7b":  # the model's constants are that shape's
             print(f"\nGPU cost model (an estimate from the work per sample vLLM measured here, LLaVA-1.5-7B in bf16; "
                   f"docs/cluster.md):\n\n{gpu_cost.table(works, cfg.corpus_images)}")
         if cfg.results:
