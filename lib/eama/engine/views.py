@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,6 @@ def caption_location(model: str) -> str:
     """Where the caption view's model is loaded from, the same for every actor: RUN/export resolved
     to the export it points to now, a local folder made absolute (the actors may run in another
     directory), a hub id, preset or s3:// URI as given."""
-    import os
-
     path = exports.resolve_export(model)
     return storage.absolute(path) if path and os.path.isdir(path) else path
 
