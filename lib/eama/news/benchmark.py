@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from eama.engine import benchmarks, config, images, resources, schema, storage
-from eama.news import caption_job, candidates, captioning, demo, engines, gpu_cost, models
+from eama.news import caption_job, candidates, captioning, demo, engines, gpu_cost, models, prompts
 
 
 @dataclasses.dataclass
@@ -94,8 +94,6 @@ def in_batches(fn: Callable[[pa.Table], pa.Table], table: pa.Table, size: int) -
 def token_rates(lm: models.LoadedModel, rows: list[dict], batch: int, max_new: int) -> dict[str, float]:
     """Prefill and decode tokens/s of batched greedy generation vs a batch-1 loop (plain prompts)."""
     import torch
-
-    from eama.news import prompts
 
     instr = [prompts.caption_prompt(prompts.plain_context(r["article"], r["headline"])) for r in rows]
     imgs = [images.load_rgb(r["image_rgb"]) for r in rows]
@@ -284,8 +282,8 @@ def run(cfg: BenchConfig) -> None:
               for r in annotated.to_pylist()]
     print(f"\n{table.num_rows} rows of {cfg.input or 'demo data'}, model {label} on {cfg.device}, batch "
           f"{cfg.batch_size}, max_new_tokens {cfg.max_new_tokens} / selection {cfg.selection_max_new_tokens}; "
-          f"MLLM rows: median of {max(1, cfg.repeats)} interleaved runs; candidate groups per sample (10 "
-          f"sentences / 30 entities each): mean {statistics.mean(groups):.2f}, max {max(groups)}", flush=True)
+          f"MLLM rows: median of {max(1, cfg.repeats)} interleaved runs; candidate groups per sample ("
+          f"{prompts.MAX_CANDIDATE_SENTENCES} sentences / {prompts.MAX_CANDIDATE_ENTITIES} entities each): mean {statistics.mean(groups):.2f}, max {max(groups)}", flush=True)
     if cfg.variants:
         stage_tables(cfg, rows, annotated, lm, [("decode (CPU task)", t_decode), ("spaCy articles (actor)", t_ner)])
     if cfg.engine:
@@ -301,6 +299,8 @@ def run(cfg: BenchConfig) -> None:
                 f"-groups{cfg.selection_groups}" if cfg.selection_groups > 0 else "")
             benchmarks.save_result(cfg.results, name, {"rows": measured, "input_rows": table.num_rows,
                                                        "mean_groups": statistics.mean(groups),
+                                                       "candidate_limits": {"sentences": prompts.MAX_CANDIDATE_SENTENCES,
+                                                                            "entities": prompts.MAX_CANDIDATE_ENTITIES},
                                                        "work_per_sample": {m: dataclasses.asdict(w) for m, w in works.items()},
                                                        "provenance": benchmarks.provenance(dataclasses.asdict(cfg))})
             print(f"\nsaved {benchmarks.result_path(cfg.results, name)}")

@@ -3,7 +3,9 @@
 Training shows one group of candidates per prompt (at most MAX_CANDIDATE_SENTENCES numbered
 sentences and MAX_CANDIDATE_ENTITIES listed entities). Inference selects over the whole article by
 asking the same questions once per group (`selection_groups`); group 0 is what training's
-captioning and entity-selection prompts show, so the caption prompt keeps that layout.
+captioning and entity-selection prompts show, so the caption prompt keeps that layout. The limits
+are set so that nearly every article is one group: its selection prompts and its caption prompt
+then share one context, which an engine computes once.
 """
 
 from __future__ import annotations
@@ -46,12 +48,15 @@ def chunks(items: Sequence, size: int) -> list[list]:
     return [list(items[k : k + size]) for k in range(0, len(items), size)]
 
 
-def selection_groups(sentences: Sequence[str], entities: Sequence[dict], max_groups: int = 0) -> list[Group]:
-    """The whole article's candidates cut into prompt-sized groups, the k-th sentence chunk beside
-    the k-th entity chunk; at most `max_groups` (0: all). Always at least one group (group 0 is
-    `candidate_sentence_ids` / `candidate_entities`), possibly with nothing to select."""
-    sents = chunks(visual_sentence_ids(sentences, entities), prompts.MAX_CANDIDATE_SENTENCES)
-    names = chunks(unique_texts(entities), prompts.MAX_CANDIDATE_ENTITIES)
+def selection_groups(sentences: Sequence[str], entities: Sequence[dict], max_groups: int = 0,
+                     sentence_limit: int = 0, entity_limit: int = 0) -> list[Group]:
+    """The whole article's candidates cut into groups of at most `sentence_limit` sentences and
+    `entity_limit` entities (0: prompts.MAX_CANDIDATE_*, what one training prompt shows), the k-th
+    sentence chunk beside the k-th entity chunk; at most `max_groups` (0: all). Always at least one
+    group (with the default limits group 0 is `candidate_sentence_ids` / `candidate_entities`),
+    possibly with nothing to select."""
+    sents = chunks(visual_sentence_ids(sentences, entities), sentence_limit or prompts.MAX_CANDIDATE_SENTENCES)
+    names = chunks(unique_texts(entities), entity_limit or prompts.MAX_CANDIDATE_ENTITIES)
     pairs = itertools.zip_longest(sents, names, fillvalue=[])
     groups = [Group(s, e) for s, e in pairs] or [Group([], [])]
     return groups[:max_groups] if max_groups > 0 else groups

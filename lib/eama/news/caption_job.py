@@ -37,7 +37,7 @@ class CaptionCorpusConfig(generation.EngineConfig, runner.RunnerConfig):
     max_new_tokens: int = 48  # caption length limit in tokens
     selection_max_new_tokens: int = 32  # limit for each selection answer (eama mode)
     share_image_prefix: bool = True  # eama on engine=hf: one KV cache of image + news context for a sample's three prompts
-    selection_groups: int = 0  # eama: groups of 10 sentences / 30 entities selected over per sample (0: the whole article)
+    selection_groups: int = 0  # eama: groups of 25 sentences / 60 entities selected over per sample (0: the whole article)
     max_image_side: int = images.DEFAULT_MAX_SIDE  # longer image side after normalising, pixels
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS  # larger images are refused before decoding
     max_article_words: int = 5000  # articles are cut to this many words before spaCy

@@ -135,7 +135,8 @@ class Captioner:
     prefix cache. The caption continues group 0's.
     Mode 'plain': image + truncated article -> caption ('Base').
     A context longer than the model allows is cut (prompts.fit_words, the same rule on both
-    engines); a row that does not fit even then is an error naming its tokens."""
+    engines); candidates that overrun it even with no article passage are asked about in smaller
+    groups; a row that does not fit with one candidate is an error naming its tokens."""
 
     def __init__(self, cfg: CaptionerConfig, lm: Any = None, engine: Any = None):
         import torch
@@ -187,10 +188,10 @@ class Captioner:
         self._write_captions(wave, [p for _, p in fitted])
 
     def _caption_eama(self, chunk: list[Row]) -> None:
-        groups = {id(r): candidates.selection_groups(r["sentences"] or [], r["article_entities"] or [],
-                                                     self.cfg.selection_groups) for r in chunk}
-        contexts = {id(r): [self._context(r, g, caption=k == 0) for k, g in enumerate(groups[id(r)])] for r in chunk}
-        chunk = [r for r in chunk if all(c is not None for c in contexts[id(r)])]
+        plans = {id(r): self._plan(r) for r in chunk}
+        chunk = [r for r in chunk if plans[id(r)] is not None]
+        groups = {id(r): plans[id(r)][0] for r in chunk}
+        contexts = {id(r): plans[id(r)][1] for r in chunk}
         imgs = {id(r): images.load_rgb(r["image_rgb"]) for r in chunk}
         wave = Wave([], [])
         # one wave per group index, group 0 last: every row has one, and its context heads the
@@ -219,17 +220,38 @@ class Captioner:
         return max(t + n for t, (_, n) in zip(tokens, asks)) - self.engine.token_limit
 
     def _fit(self, build: Callable[[int], str], budget: int, asks: Callable[[str], list[tuple[str, int]]],
-             row: Row) -> str | None:
-        """build(b) cut to fit the model (prompts.fit_words); None, with the row failed naming its
-        tokens, when nothing fits."""
+             row: Row, fail_row: bool = True) -> str | None:
+        """build(b) cut to fit the model (prompts.fit_words); None when nothing fits, with the row
+        failed naming its tokens unless `fail_row` is false."""
         fitted = prompts.fit_words(build, budget, lambda text: self._over(asks(text)))
-        if fitted is None:
+        if fitted is None and fail_row:
             need = self._over(asks(build(0))) + self.engine.token_limit
             fail(row, "mllm", f"prompt too long: {need} tokens (prompt and answer, with no article text) "
                               f"exceed the model's limit of {self.engine.token_limit} (max_model_len)")
         return fitted
 
-    def _context(self, r: Row, group: candidates.Group, caption: bool) -> str | None:
+    def _plan(self, r: Row) -> tuple[list[candidates.Group], list[str]] | None:
+        """A row's candidate groups and the context of each. The groups are as large as one prompt
+        holds, halved while some group's prompts overrun the model even with no article passage;
+        None, with the row failed naming its tokens, when single candidates still do not fit."""
+        limits = (prompts.MAX_CANDIDATE_SENTENCES, prompts.MAX_CANDIDATE_ENTITIES)
+        while True:
+            last = limits == (1, 1)
+            groups = candidates.selection_groups(r["sentences"] or [], r["article_entities"] or [],
+                                                 self.cfg.selection_groups, *limits)
+            contexts = []
+            for k, group in enumerate(groups):
+                context = self._context(r, group, caption=k == 0, fail_row=last)
+                if context is None:
+                    break
+                contexts.append(context)
+            else:
+                return groups, contexts
+            if last:
+                return None
+            limits = (max(1, limits[0] // 2), max(1, limits[1] // 2))
+
+    def _context(self, r: Row, group: candidates.Group, caption: bool, fail_row: bool = True) -> str | None:
         """The news context of a row's prompts about `group` (and of its caption prompt, for group 0),
         its article cut so that each of them fits."""
         sel, cap = self.cfg.selection_max_new_tokens, self.cfg.max_new_tokens
@@ -241,7 +263,7 @@ class Captioner:
 
         return self._fit(lambda budget: prompts.news_context(r["article"], r["headline"], r["sentences"] or [],
                                                              group.sentence_ids, group.entities, budget),
-                         prompts.WORD_BUDGET - prompts.SELECTION_WORDS, asks, r)
+                         prompts.WORD_BUDGET - prompts.SELECTION_WORDS, asks, r, fail_row)
 
     def _caption_prompt(self, r: Row, context: str) -> str:
         """The caption prompt with the row's selections, as many of their words as fit."""
