@@ -18,6 +18,8 @@ import pyarrow as pa
 from eama.engine import benchmarks, config, images, resources, schema, storage
 from eama.news import caption_job, candidates, captioning, demo, engines, gpu_cost, models, prompts
 
+CPUS = os.cpu_count() or 1  # the benchmark runs every stage in this process, on every core
+
 
 @dataclasses.dataclass
 class BenchConfig:
@@ -156,7 +158,7 @@ def steady_state(cfg: BenchConfig, rows: list[dict], slowest_rate: float, mllm: 
     alone, both with this process's threads and with the threads the pipeline gives its MLLM actor."""
     import torch
 
-    plan = resources.plan_stages(os.cpu_count() or 1, 0)
+    plan = resources.plan_stages(CPUS, 0)
     threads, before = cfg.mllm_threads or max(1, int(plan.mllm_cpus)), torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -183,14 +185,14 @@ def bench_engine(cfg: BenchConfig, name: str, shaped: models.LoadedModel | None,
     on it as built, vLLM on a copy saved to `folder` (the layout vLLM loads)."""
     if shaped is None:
         return engines.load_engine(name, cfg.model, cfg.device, max_model_len=cfg.max_model_len,
-                                   token_budget=cfg.hf_token_budget, threads=os.cpu_count() or 1)
+                                   token_budget=cfg.hf_token_budget, threads=CPUS)
     if name == "hf":
         return engines.HfEngine(shaped, max_model_len=cfg.max_model_len, token_budget=cfg.hf_token_budget)
     from eama.engine import published_layout
 
     if not os.path.exists(os.path.join(folder, "config.json")):
         published_layout.save_image_text_model(shaped.model, shaped.processor, folder)
-    return engines.load_engine(name, folder, cfg.device, max_model_len=cfg.max_model_len, threads=os.cpu_count() or 1)
+    return engines.load_engine(name, folder, cfg.device, max_model_len=cfg.max_model_len, threads=CPUS)
 
 
 def compare_engines(cfg: BenchConfig, annotated: pa.Table, names: list[str],
@@ -214,7 +216,7 @@ def compare_engines(cfg: BenchConfig, annotated: pa.Table, names: list[str],
                 cap = captioning.Captioner(captioning.CaptionerConfig(
                     model=cfg.model, mode=mode, device=cfg.device, engine=name, max_new_tokens=cfg.max_new_tokens,
                     selection_max_new_tokens=cfg.selection_max_new_tokens, generate_batch_size=cfg.batch_size,
-                    selection_groups=cfg.selection_groups, threads=os.cpu_count() or 1), engine=engine)
+                    selection_groups=cfg.selection_groups, threads=CPUS), engine=engine)
                 cap(annotated.slice(0, 1))  # warm-up: first-call costs, one row
                 times, out = [], None
                 for _ in range(max(1, cfg.repeats)):
@@ -325,7 +327,7 @@ def stage_tables(cfg: BenchConfig, rows: list[dict], annotated: pa.Table, lm: mo
     captioners = {label: captioning.Captioner(captioning.CaptionerConfig(
         model=cfg.model, mode=mode, device=cfg.device, max_new_tokens=cfg.max_new_tokens,
         selection_max_new_tokens=cfg.selection_max_new_tokens, generate_batch_size=cfg.batch_size,
-        share_image_prefix=share, selection_groups=groups, threads=os.cpu_count() or 1,
+        share_image_prefix=share, selection_groups=groups, threads=CPUS,
         hf_token_budget=cfg.hf_token_budget), lm=lm)
         for label, (mode, share, groups) in variants.items()}
     counter = TokenCounter(lm)
