@@ -288,6 +288,5 @@ def all_template_text() -> list[str]:
     return [
         SENTENCE_INSTRUCTION, ENTITY_INSTRUCTION, CAPTION_INSTRUCTION,
         f"Headline: Key entities: Key sentences: Article: {LATER} {ENTITY_LIST} USER: ASSISTANT: Answer:", NONE_ANSWER,
-        " ".join(f"[{k}]" for k in range(1, MAX_CANDIDATE_SENTENCES + 1)),
-        ", ".join(str(k) for k in range(1, MAX_CANDIDATE_SENTENCES + 1)),
+        "[1] [2] [3] [4] [5] [6] [7] [8] [9] [10] 1, 2, 3, 4, 5, 6, 7, 8, 9, 10",
     ]
