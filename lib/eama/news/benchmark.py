@@ -285,7 +285,8 @@ def run(cfg: BenchConfig) -> None:
     print(f"\n{table.num_rows} rows of {cfg.input or 'demo data'}, model {label} on {cfg.device}, batch "
           f"{cfg.batch_size}, max_new_tokens {cfg.max_new_tokens} / selection {cfg.selection_max_new_tokens}; "
           f"MLLM rows: median of {max(1, cfg.repeats)} interleaved runs; candidate groups per sample ("
-          f"{prompts.MAX_CANDIDATE_SENTENCES} sentences / {prompts.MAX_CANDIDATE_ENTITIES} entities each): mean {statistics.mean(groups):.2f}, max {max(groups)}", flush=True)
+          f"{prompts.MAX_CANDIDATE_SENTENCES} sentences / {prompts.MAX_CANDIDATE_ENTITIES} entities each): "
+          f"mean {statistics.mean(groups):.2f}, max {max(groups)}", flush=True)
     if cfg.variants:
         stage_tables(cfg, rows, annotated, lm, [("decode (CPU task)", t_decode), ("spaCy articles (actor)", t_ner)])
     if cfg.engine:
