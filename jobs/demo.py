@@ -38,7 +38,7 @@ class DemoConfig:
     eval_samples: int = 48  # generated held-out samples (another seed)
     nyt: str = ""  # a GoodNews-style folder (caption.json + images/) to import and caption
     train_steps: int = 700  # optimizer steps of each training (eama and Base)
-    lr: float = 4e-3  # peak learning rate (cosine decay); a tiny model from scratch takes a high one
+    lr: float = 2e-3  # peak learning rate (cosine decay); a tiny model from scratch takes a high one
     micro_batch_size: int = 8  # rows per worker per step
     num_workers: int = 2  # Ray Train workers
     zero_stage: int = 2  # DeepSpeed ZeRO stage (3 partitions the parameters too: about 1.8x the step time of this tiny model on CPU)
